@@ -1,0 +1,1 @@
+"""Benchmarks: ``python bench/latency.py`` / ``spiritlm-edge bench``."""

@@ -1,0 +1,1 @@
+"""The language model to GGUF (and llama.cpp quantization); int8 / fp16 ONNX variants."""

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRISPEECH_CLIP = REPO.parent / "shared" / "data" / "librispeech-7143-88743-0029.flac"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests, saying why, where no CUDA device is visible."""
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (onnxruntime-gpu with CUDAExecutionProvider); none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def librispeech_clip() -> Path:
+    """The shared LibriSpeech clip (falls back to the copy shipped as package data)."""
+    if LIBRISPEECH_CLIP.is_file():
+        return LIBRISPEECH_CLIP
+    return REPO / "runtime" / "data" / LIBRISPEECH_CLIP.name
+
+
+@pytest.fixture(scope="session")
+def tiny_base_checkpoints(tmp_path_factory) -> Path:
+    from spiritlm_edge.export.tiny import make_tiny_checkpoints
+
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("ckpt-base"), "base", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_expressive_checkpoints(tmp_path_factory) -> Path:
+    from spiritlm_edge.export.tiny import make_tiny_checkpoints
+
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("ckpt-expressive"), "expressive", seed=0)
