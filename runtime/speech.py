@@ -1,0 +1,138 @@
+"""``SpeechTokenizer``: speech <-> unit strings with the bundle's ONNX engines.
+
+The method names are the reference's (``encode_units``, ``encode_string``, ``decode``),
+so code written against Spirit LM's speech tokenizer runs unchanged::
+
+    tokenizer = SpeechTokenizer.from_bundle("bundle/")
+    units = tokenizer.encode_units("question.wav")   # {"hubert": "78 42 ...", ...}
+    prompt = tokenizer("question.wav")               # "[Hu78][Hu42]..."
+    audio = tokenizer.decode(prompt, speaker_id=2)   # float32, 16 kHz
+    for chunk in tokenizer.decode_stream(iter_of_unit_tokens):
+        play(chunk)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from spiritlm_edge.runtime.audio import AudioInput, load_audio
+from spiritlm_edge.runtime.bundle import Bundle
+from spiritlm_edge.runtime.errors import UnitsError
+from spiritlm_edge.runtime.units import iter_unit_frames, string_to_units, units_to_string
+
+
+def _ids(stream: str | Sequence[int] | np.ndarray | None) -> list[int] | None:
+    if stream is None:
+        return None
+    if isinstance(stream, str):
+        try:
+            return [int(x) for x in stream.split()]
+        except ValueError:
+            raise UnitsError(f"Unit stream {stream[:60]!r} is not space-separated integers.") from None
+    return [int(x) for x in stream]
+
+
+class SpeechTokenizer:
+    """The speech side of a bundle: HuBERT units (+ pitch and style for Expressive) in,
+    unit HiFi-GAN out. Engines are ONNX Runtime sessions created once and reused."""
+
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        providers: Sequence[str] | None = None,
+        n_threads: int | None = None,
+    ):
+        from spiritlm_edge.runtime.hubert import HubertEngine
+        from spiritlm_edge.runtime.vocoder import Vocoder
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.variant = self.bundle.variant
+        self.hubert = HubertEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
+        self.pitch = self.style = None
+        if self.variant == "expressive":
+            from spiritlm_edge.runtime.pitch import PitchEngine
+            from spiritlm_edge.runtime.style import StyleEngine
+
+            self.pitch = PitchEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
+            self.style = StyleEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
+        self.vocoder = Vocoder.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
+
+    @classmethod
+    def from_bundle(cls, bundle, providers=None, n_threads=None) -> "SpeechTokenizer":
+        return cls(bundle, providers=providers, n_threads=n_threads)
+
+    @property
+    def has_pitch(self) -> bool:
+        return self.pitch is not None
+
+    @property
+    def has_style(self) -> bool:
+        return self.style is not None
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def encode_units(self, audio: AudioInput, sample_rate: int | None = None) -> dict[str, str]:
+        """Unit streams of ``audio`` as space-separated ids, like the reference:
+        ``{"hubert": ...}`` and, for Expressive, ``"pitch"`` and ``"style"``."""
+        samples = load_audio(audio, sample_rate)
+        units = {"hubert": " ".join(map(str, self.hubert(samples)))}
+        if self.pitch is not None:
+            units["pitch"] = " ".join(map(str, self.pitch(samples)))
+        if self.style is not None:
+            units["style"] = " ".join(map(str, self.style(samples)))
+        return units
+
+    def encode_string(self, audio: AudioInput, sample_rate: int | None = None) -> str:
+        """The LM's view of ``audio``: ``[St..][Pi..][Hu..]...`` (spec section 5)."""
+        units = self.encode_units(audio, sample_rate)
+        return units_to_string(units, has_pitch=self.has_pitch, has_style=self.has_style)
+
+    __call__ = encode_string
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def decode(
+        self,
+        units: str | dict,
+        speaker_id: int = 2,
+        dur_pred: bool = True,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Speech (float32, 16 kHz) from a unit string or a units dict.
+
+        ``seed`` fixes the choice of a common style when the units have pitch but no
+        style (spec section 5).
+        """
+        if isinstance(units, str):
+            units = string_to_units(units, rng=seed)
+        if not isinstance(units, dict) or "hubert" not in units:
+            raise UnitsError("decode() takes a unit string or a dict with a 'hubert' stream.")
+        hubert = _ids(units["hubert"])
+        if not hubert:
+            raise UnitsError("There are no [Hu*] units to synthesise.")
+        return self.vocoder.decode(
+            hubert,
+            pitch=_ids(units.get("pitch")) if self.has_pitch else None,
+            style=_ids(units.get("style")) if self.has_style else None,
+            speaker_id=speaker_id,
+            dur_pred=dur_pred,
+        )
+
+    def decode_stream(
+        self,
+        unit_tokens: Iterable[str],
+        speaker_id: int = 2,
+        dur_pred: bool = True,
+        chunk_frames: int | None = None,
+        seed: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Audio chunks as unit tokens (``"[Hu12]"``, ``"[Pi3]"``, ...) arrive, e.g. from
+        the LM's token stream. The concatenated chunks equal ``decode`` of the same units."""
+        frames = iter_unit_frames(unit_tokens, rng=seed)
+        if not self.has_pitch:
+            frames = ((hubert, None, None) for hubert, _, _ in frames)
+        kwargs = {} if chunk_frames is None else {"chunk_frames": chunk_frames}
+        yield from self.vocoder.stream(frames, speaker_id=speaker_id, dur_pred=dur_pred, **kwargs)
