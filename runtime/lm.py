@@ -1,0 +1,586 @@
+"""``LanguageModel``: the Spirit LM language model on llama.cpp (llama-cpp-python).
+
+It runs our GGUF (see ``quant/gguf_convert.py``) with llama-cpp-python's low-level API:
+one model, one context, one reusable batch and a llama.cpp sampler chain per call::
+
+    lm = LanguageModel.from_bundle("bundle/")
+    ids = lm.tokenizer.encode("[Text]The capital of France is")
+    for token_id in lm.generate(ids, max_new_tokens=20, output_modality="text"):
+        print(lm.tokenizer.decode([token_id]), end="")
+
+* The modality constraint (spec section 2) is a logit-bias sampler (-inf on the banned
+  ids) at the head of llama.cpp's sampler chain: no Python work per token.
+* The KV cache is kept between calls: a new prompt that extends the previous one (a
+  conversation) only prefills the new tokens; a prompt that diverges rewinds the cache
+  to the common prefix.
+* A GGUF is checked before llama.cpp sees it (header, our ``spiritlm.*`` metadata, file
+  size against the tensor table) so a truncated or foreign file is a clear error, never
+  a crash inside llama.cpp.
+* llama.cpp's "extra" CPU buffer types (weight repacking for AMX/AVX-512 kernels) are off
+  by default: with them a 7B Q4_K_M model segfaulted inside ``llama_decode`` on a
+  Sapphire Rapids CPU (llama-cpp-python 0.3.36); without them it runs stably.
+  ``use_extra_bufts=True`` turns them back on for those who measured it is safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from spiritlm_edge.runtime.errors import BundleError, ModelError
+from spiritlm_edge.runtime.units import OutputModality, SpeechVocab, forbidden_token_ids
+
+log = logging.getLogger(__name__)
+llama_log = logging.getLogger("spiritlm_edge.llama_cpp")
+
+GGUF_MAGIC = b"GGUF"
+SPIRITLM_FORMAT_VERSION = 1
+DEFAULT_ALIGNMENT = 32
+# ggml type id -> (elements per block, bytes per block); enough to size every tensor of
+# the files llama.cpp's quantizer writes.
+GGML_TYPE_SIZES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+    9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
+    15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
+    21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
+    27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
+}
+# GGUF metadata value types -> struct format (scalars)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+          6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+@dataclass
+class GGUFInfo:
+    """What :func:`read_gguf` learned from a GGUF file without loading its tensors."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape, ggml type, offset)
+    data_offset: int
+    expected_bytes: int
+    file_bytes: int = field(default=0)
+
+
+class _Reader:
+    def __init__(self, f, size: int, path: Path):
+        self.f, self.size, self.path = f, size, path
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.f.tell() + n > self.size:
+            raise BundleError(
+                f"{self.path} is truncated or corrupted (its GGUF header runs past the end of the "
+                "file). Copy it again or rebuild it with `spiritlm-edge export lm`."
+            )
+        return self.f.read(n)
+
+    def scalar(self, fmt: str):
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        raw = self.take(self.scalar("Q"))
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            item_type, count = self.scalar("I"), self.scalar("Q")
+            if item_type in _NUMPY:
+                dtype = np.dtype(_NUMPY[item_type]).newbyteorder("<")
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
+            return [self.value(item_type) for _ in range(count)]
+        raise BundleError(f"{self.path}: unknown GGUF metadata type {vtype}; the file is corrupted.")
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFInfo:
+    """Parse a GGUF's header, metadata and tensor table; check the file holds all tensor data."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"GGUF file {path} does not exist.")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        r = _Reader(f, size, path)
+        if size < 24 or r.take(4) != GGUF_MAGIC:
+            raise BundleError(f"{path} is not a GGUF file (no GGUF magic). Export the LM with `spiritlm-edge export lm`.")
+        version = r.scalar("I")
+        if version not in (2, 3):
+            raise BundleError(f"{path} is GGUF version {version}; only versions 2 and 3 are supported.")
+        n_tensors, n_kv = r.scalar("Q"), r.scalar("Q")
+        if n_tensors > size or n_kv > size:
+            raise BundleError(f"{path} has an impossible GGUF header (corrupted file).")
+        metadata = {}
+        for _ in range(n_kv):
+            key = r.string()
+            metadata[key] = r.value(r.scalar("I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = r.string()
+            n_dims = r.scalar("I")
+            if n_dims > 8:
+                raise BundleError(f"{path}: tensor {name!r} has {n_dims} dimensions (corrupted file).")
+            shape = tuple(r.scalar("Q") for _ in range(n_dims))
+            tensors[name] = (shape, r.scalar("I"), r.scalar("Q"))
+        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_offset = -(-f.tell() // alignment) * alignment
+    end = data_offset
+    for name, (shape, ggml_type, offset) in tensors.items():
+        if ggml_type not in GGML_TYPE_SIZES:
+            raise BundleError(f"{path}: tensor {name!r} has ggml type {ggml_type}, unknown to spiritlm-edge.")
+        block, block_bytes = GGML_TYPE_SIZES[ggml_type]
+        n = math.prod(shape)
+        end = max(end, data_offset + offset + n // block * block_bytes)
+    if size < end:
+        raise BundleError(
+            f"{path} is truncated: its tensors need {end} bytes but the file has {size}. "
+            "Copy it again or rebuild it with `spiritlm-edge export lm`."
+        )
+    return GGUFInfo(path, version, metadata, tensors, data_offset, end, size)
+
+
+def read_spiritlm_gguf(path: str | os.PathLike) -> GGUFInfo:
+    """:func:`read_gguf`, and check it is a Spirit LM GGUF written by our converter."""
+    info = read_gguf(path)
+    meta = info.metadata
+    if "spiritlm.format_version" not in meta:
+        raise BundleError(
+            f"{info.path} is a GGUF without Spirit LM metadata (spiritlm.* keys): it was not made by "
+            "spiritlm-edge, so its speech tokens and tokenizer are unknown. Convert the checkpoint "
+            "with `spiritlm-edge export lm`."
+        )
+    if int(meta["spiritlm.format_version"]) > SPIRITLM_FORMAT_VERSION:
+        raise BundleError(
+            f"{info.path} has spiritlm.format_version {meta['spiritlm.format_version']}; this "
+            f"spiritlm-edge reads up to {SPIRITLM_FORMAT_VERSION}. Upgrade spiritlm-edge."
+        )
+    if meta.get("general.architecture") != "llama":
+        raise BundleError(f"{info.path}: architecture {meta.get('general.architecture')!r}, expected 'llama'.")
+    return info
+
+
+def vocab_from_metadata(meta: dict[str, Any], n_vocab: int) -> SpeechVocab:
+    """The speech-token layout recorded by the converter."""
+    pitch = int(meta["spiritlm.token.pitch_count"])
+    style = int(meta["spiritlm.token.style_count"])
+    text_id = int(meta["spiritlm.token.text"])
+    return SpeechVocab(
+        n_text=text_id,
+        text_id=text_id,
+        speech_id=int(meta["spiritlm.token.speech"]),
+        hubert_start=int(meta["spiritlm.token.hubert_first"]),
+        hubert_count=int(meta["spiritlm.token.hubert_count"]),
+        pitch_start=int(meta["spiritlm.token.pitch_first"]) if pitch else None,
+        pitch_count=pitch,
+        style_start=int(meta["spiritlm.token.style_first"]) if style else None,
+        style_count=style,
+        size=n_vocab,
+    )
+
+
+# ggml log levels (NONE, DEBUG, INFO, WARN, ERROR; 5 = continue the previous line). llama.cpp
+# is chatty: its INFO goes to DEBUG and its warnings (mostly advice) to INFO.
+_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
+_log_callback = None
+_log_listeners: list = []
+
+
+def install_llama_logging() -> None:
+    """Route llama.cpp's log (stderr by default) into the ``spiritlm_edge.llama_cpp`` logger.
+
+    Listeners in ``_log_listeners`` also see every line (the quantizer's progress uses it).
+    """
+    global _log_callback
+    import llama_cpp
+
+    if _log_callback is not None:
+        return
+
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        lvl = last[0] if level == 5 else _LOG_LEVELS.get(level, logging.DEBUG)
+        last[0] = lvl
+        message = text.decode("utf-8", errors="replace")
+        for listener in list(_log_listeners):
+            listener(message)
+        if llama_log.isEnabledFor(lvl) and message.strip():
+            llama_log.log(lvl, "%s", message.rstrip())
+
+    _log_callback = callback  # keep a reference: llama.cpp holds the C pointer
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def default_threads() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:  # psutil is a dependency, but be safe on exotic platforms
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+class LanguageModel:
+    """The Spirit LM LM on llama.cpp: prefill, constrained generation, KV-cache reuse."""
+
+    def __init__(
+        self,
+        gguf_path: str | os.PathLike,
+        *,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_gpu_layers: int | None = None,
+        use_extra_bufts: bool = False,
+        flash_attn: bool | None = None,
+        kv_cache: str = "f16",
+    ):
+        import llama_cpp
+
+        from spiritlm_edge.runtime.providers import lm_gpu_settings
+
+        # n_gpu_layers None: every layer where llama.cpp has a GPU backend, else 0
+        gpu = lm_gpu_settings(n_gpu_layers, kv_cache=kv_cache, flash_attn=flash_attn)
+
+        self._llama = llama_cpp
+        self.info = read_spiritlm_gguf(gguf_path)
+        self.path = self.info.path
+        meta = self.info.metadata
+        self.variant = str(meta["spiritlm.variant"])
+        train_ctx = int(meta.get("llama.context_length", 4096))
+        if n_ctx <= 0:
+            n_ctx = train_ctx
+        if n_ctx > train_ctx:
+            raise ModelError(f"n_ctx={n_ctx} exceeds the model's trained context length {train_ctx}.")
+        if n_batch <= 0:
+            raise ModelError(f"n_batch must be positive, got {n_batch}.")
+        install_llama_logging()
+        llama_cpp.llama_backend_init()
+
+        self.model_params = llama_cpp.llama_model_default_params()
+        self.model_params.n_gpu_layers = gpu["n_gpu_layers"]
+        # see module docstring: repacked (AMX) buffers crashed llama_decode on a 7B Q4_K_M
+        self.model_params.use_extra_bufts = bool(use_extra_bufts)
+        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
+        if not model:
+            raise BundleError(
+                f"llama.cpp could not load {self.path} (see the spiritlm_edge.llama_cpp log, -v). "
+                "Rebuild the GGUF with `spiritlm-edge export lm`."
+            )
+        self._model = model
+        self.n_threads = int(n_threads or default_threads())
+        self.context_params = llama_cpp.llama_context_default_params()
+        self.context_params.n_ctx = int(n_ctx)
+        self.context_params.n_batch = int(n_batch)
+        self.context_params.n_ubatch = int(n_batch)
+        self.context_params.n_threads = self.n_threads
+        self.context_params.n_threads_batch = int(n_threads_batch or self.n_threads)
+        self.context_params.no_perf = True
+        self.context_params.flash_attn_type = gpu["flash_attn_type"]
+        self.context_params.type_k = gpu["type_k"]
+        self.context_params.type_v = gpu["type_v"]
+        ctx = llama_cpp.llama_init_from_model(model, self.context_params)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            self._model = None
+            raise ModelError(
+                f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch} "
+                "(out of memory?). Try a smaller n_ctx."
+            )
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_batch = int(n_batch)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        self.vocab = vocab_from_metadata(meta, self.n_vocab)
+        self.eos_id = int(meta.get("tokenizer.ggml.eos_token_id", 2))
+        self.bos_id = int(meta.get("tokenizer.ggml.bos_token_id", 1))
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._cached: list[int] = []  # tokens whose keys/values are in the cache, from position 0
+        self._tokenizer = None
+        self.stop_reason: str | None = None
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, **kwargs) -> "LanguageModel":
+        return cls(path, **kwargs)
+
+    @classmethod
+    def from_bundle(cls, bundle, **kwargs) -> "LanguageModel":
+        """From a bundle directory (or :class:`Bundle`) holding an ``lm`` component."""
+        from spiritlm_edge.runtime.bundle import Bundle
+
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle(bundle)
+        return cls(bundle.path("lm"), **kwargs)
+
+    @property
+    def tokenizer(self):
+        """The :class:`SpiritTokenizer` stored in the GGUF (built on first use)."""
+        if self._tokenizer is None:
+            from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
+
+            self._tokenizer = SpiritTokenizer.from_metadata(self.info.metadata, source=str(self.path))
+        return self._tokenizer
+
+    # -- lifetime ------------------------------------------------------------------
+
+    def close(self) -> None:
+        llama_cpp = self._llama
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- evaluation ----------------------------------------------------------------
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ModelError("The prompt is empty: pass at least the BOS token.")
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ModelError(f"Token id {bad[0]} is outside the model's vocabulary (0..{self.n_vocab - 1}).")
+        return ids
+
+    def _decode(self, ids: Sequence[int], start: int, all_logits: bool = False) -> list[np.ndarray] | None:
+        """Evaluate ``ids`` at positions ``start``..; logits of the last one (or all)."""
+        llama_cpp, batch = self._llama, self._batch
+        rows = [] if all_logits else None
+        for chunk_start in range(0, len(ids), self.n_batch):
+            chunk = ids[chunk_start:chunk_start + self.n_batch]
+            last_chunk = chunk_start + self.n_batch >= len(ids)
+            batch.n_tokens = len(chunk)
+            for j, token in enumerate(chunk):
+                batch.token[j] = token
+                batch.pos[j] = start + chunk_start + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = all_logits or (last_chunk and j == len(chunk) - 1)
+            status = llama_cpp.llama_decode(self._ctx, batch)
+            if status != 0:
+                # the cache may hold part of this batch: forget what we cannot vouch for
+                self._rewind(start + chunk_start)
+                raise ModelError(
+                    f"llama_decode failed (status {status}) at position {start + chunk_start} of a "
+                    f"{self.n_ctx}-token context" + (": the context is full." if status == 1 else ".")
+                )
+            self._cached.extend(chunk)
+            if all_logits:
+                for j in range(len(chunk)):
+                    rows.append(self._logits_row(j))
+        return rows
+
+    def _logits_row(self, index: int) -> np.ndarray:
+        ptr = self._llama.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _rewind(self, n_keep: int) -> None:
+        self._llama.llama_memory_seq_rm(self._memory, 0, n_keep, -1)
+        del self._cached[n_keep:]
+
+    def reset(self) -> None:
+        """Forget the conversation: the next prompt is prefilled from scratch."""
+        self._llama.llama_memory_clear(self._memory, True)
+        self._cached = []
+
+    def prefill(self, ids: Sequence[int]) -> int:
+        """Make the cache hold ``ids`` and the logits be those after the last one.
+
+        Reuses the longest common prefix with what the cache holds; returns the number of
+        tokens actually evaluated.
+        """
+        ids = self._check_ids(ids)
+        if len(ids) >= self.n_ctx:
+            raise ModelError(
+                f"The prompt has {len(ids)} tokens but the context holds {self.n_ctx} (and one more "
+                "is needed to generate). Shorten the prompt or raise n_ctx (up to the model's "
+                f"{self.info.metadata.get('llama.context_length', '?')})."
+            )
+        common = 0
+        for a, b in zip(self._cached, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # the last prompt token is always evaluated for its logits
+        if common < len(self._cached):
+            self._rewind(common)
+        self._decode(ids[common:], common)
+        return len(ids) - common
+
+    def logits(self) -> np.ndarray:
+        """Logits (float32, one per vocabulary row) after the last evaluated token."""
+        return self._logits_row(-1)
+
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits after every token of ``ids`` (shape ``(len(ids), n_vocab)``), teacher-forced."""
+        ids = self._check_ids(ids)
+        if len(ids) > self.n_ctx:
+            raise ModelError(f"{len(ids)} tokens do not fit the {self.n_ctx}-token context.")
+        self.reset()
+        return np.stack(self._decode(ids, 0, all_logits=True))
+
+    # -- sampling ------------------------------------------------------------------
+
+    def banned_ids(self, output_modality: OutputModality | str) -> list[int]:
+        """Ids that may not be generated: spec section 2's set for the modality, plus the
+        embedding's padding rows (they have no piece, so they could not be decoded)."""
+        modality = OutputModality.parse(output_modality)
+        banned = set(forbidden_token_ids(self.variant, modality, self.vocab))
+        banned.update(range(self.vocab.n_real, self.n_vocab))
+        return sorted(banned)
+
+    def _bias_sampler(self, modality: OutputModality):
+        llama_cpp = self._llama
+        banned = self.banned_ids(modality)
+        if not banned:
+            return None
+        biases = (llama_cpp.llama_logit_bias * len(banned))()
+        for k, token in enumerate(banned):
+            biases[k].token = token
+            biases[k].bias = -math.inf
+        return llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(banned), biases)
+
+    def _sampler_chain(self, modality, do_sample, temperature, top_k, top_p, repetition_penalty, seed):
+        llama_cpp = self._llama
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = llama_cpp.llama_sampler_chain_init(params)
+        bias = self._bias_sampler(modality)
+        if bias is not None:
+            llama_cpp.llama_sampler_chain_add(chain, bias)
+        if repetition_penalty != 1.0:
+            # HF semantics: every token of the prompt and of the output counts
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_penalties(
+                    self.n_vocab, self.n_ctx, float(repetition_penalty), 0.0, 0.0)
+            )
+        if not do_sample or temperature == 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        # HF order: temperature, then top-k, then top-p, then draw
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(float(temperature)))
+        if top_k and top_k > 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(int(top_k)))
+        if top_p is not None and top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(float(top_p), 1))
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(int(seed) & 0xFFFFFFFF))
+        return chain
+
+    def generate(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int = 200,
+        *,
+        temperature: float = 0.9,
+        top_p: float = 0.95,
+        top_k: int = 50,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        do_sample: bool = True,
+        output_modality: OutputModality | str = OutputModality.ARBITRARY,
+        stop_ids: Sequence[int] | None = None,
+    ) -> Iterator[int]:
+        """Yield generated token ids one by one after the prompt ``ids`` (BOS included).
+
+        Stops at EOS (not yielded), ``stop_ids`` (yielded), ``max_new_tokens`` or a full
+        context; ``self.stop_reason`` then says which ("eos", "stop", "length", "context").
+        ``do_sample=False`` is greedy: the exact argmax of the (constrained) logits.
+        Sampling follows Hugging Face's order: repetition penalty, temperature, top-k,
+        top-p; ``seed`` makes it reproducible. ``output_modality`` TEXT/SPEECH bans the
+        tokens of spec section 2 inside llama.cpp's sampler.
+        """
+        modality = OutputModality.parse(output_modality)
+        if max_new_tokens < 0:
+            raise ModelError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        if do_sample and temperature < 0:
+            raise ModelError(f"temperature must be >= 0, got {temperature}.")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ModelError(f"top_p must be in (0, 1], got {top_p}.")
+        if repetition_penalty <= 0:
+            raise ModelError(f"repetition_penalty must be > 0, got {repetition_penalty}.")
+        ids = self._check_ids(ids)
+        return self._generate(ids, max_new_tokens, modality, do_sample, temperature, top_k, top_p,
+                              repetition_penalty, seed, set(stop_ids or ()))
+
+    def _generate(self, ids, max_new_tokens, modality, do_sample, temperature, top_k, top_p,
+                  repetition_penalty, seed, stop_ids) -> Iterator[int]:
+        llama_cpp = self._llama
+        self.stop_reason = None
+        self.prefill(ids)
+        chain = self._sampler_chain(modality, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        try:
+            if repetition_penalty != 1.0:
+                for token in ids:
+                    llama_cpp.llama_sampler_accept(chain, token)
+            batch = self._batch
+            for produced in range(max_new_tokens):
+                token = llama_cpp.llama_sampler_sample(chain, self._ctx, -1)
+                if token == self.eos_id:
+                    self.stop_reason = "eos"
+                    return
+                yield token
+                if token in stop_ids:
+                    self.stop_reason = "stop"
+                    return
+                if produced == max_new_tokens - 1:
+                    break
+                position = len(self._cached)
+                if position >= self.n_ctx:
+                    self.stop_reason = "context"
+                    log.warning("generation stopped: the %d-token context is full", self.n_ctx)
+                    return
+                # one-token decode, inlined: this loop is the hot path
+                batch.n_tokens = 1
+                batch.token[0] = token
+                batch.pos[0] = position
+                batch.n_seq_id[0] = 1
+                batch.seq_id[0][0] = 0
+                batch.logits[0] = 1
+                status = llama_cpp.llama_decode(self._ctx, batch)
+                if status != 0:
+                    self._rewind(position)
+                    raise ModelError(f"llama_decode failed (status {status}) at position {position}.")
+                self._cached.append(token)
+            self.stop_reason = "length"
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 200, **kwargs) -> list[int]:
+        """All of :meth:`generate`'s tokens as a list."""
+        return list(self.generate(ids, max_new_tokens, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"LanguageModel({str(self.path)!r}, variant={self.variant!r}, n_ctx={self.n_ctx})"
