@@ -1,0 +1,585 @@
+"""``SpiritLM``: the reference's ``Spiritlm.generate`` on a bundle, plus streaming.
+
+::
+
+    from spiritlm_edge import SpiritLM, OutputModality
+
+    spirit_lm = SpiritLM("bundle/")
+    outputs = spirit_lm.generate(
+        interleaved_inputs=[("SPEECH", "question.wav")],
+        output_modality=OutputModality.SPEECH,
+        max_new_tokens=200,
+    )
+    outputs[0].content            # float32 16 kHz waveform
+
+    for event in spirit_lm.generate_stream([("SPEECH", "question.wav")], output_modality="SPEECH"):
+        ...                       # TextDelta, AudioChunk as they are ready, then TurnEnd
+
+Prompt building, forbidden tokens and the decoding of the generated string follow the
+spec (sections 3, 2 and 7) through ``runtime/units.py``; token ids come from our own
+tokenizer (``runtime/tokenizer.py``), never from llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterable, Iterator, Sequence, Union
+
+import numpy as np
+
+from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
+from spiritlm_edge.runtime.bundle import Bundle
+from spiritlm_edge.runtime.errors import BundleError, ModelError
+from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
+from spiritlm_edge.runtime.speech import SpeechTokenizer
+from spiritlm_edge.runtime.units import (
+    OutputModality,
+    build_prompt,
+    count_hubert_units,
+    does_end_with_speech_token,
+    does_start_with_speech_token,
+    find_prompt_last_speech_start_position,
+    split_speech_and_text,
+)
+
+log = logging.getLogger(__name__)
+
+# Spec section 7: a generated speech chunk shorter than this many Hubert units is dropped.
+MIN_SPEECH_UNITS = 25
+# The reference leaves max_new_tokens to transformers' default (20 tokens in all); a
+# second of speech is 25 Hubert units, so our default asks for a few seconds.
+DEFAULT_MAX_NEW_TOKENS = 200
+
+
+class ContentType(Enum):
+    TEXT = "TEXT"
+    SPEECH = "SPEECH"
+
+
+@dataclass
+class GenerationInput:
+    """One piece of an interleaved prompt: text, or speech as a path or an array."""
+
+    content: Any
+    content_type: ContentType
+
+    @classmethod
+    def from_tuple(cls, item: tuple) -> "GenerationInput":
+        content_type, content = item
+        try:
+            content_type = ContentType(str(getattr(content_type, "value", content_type)).upper())
+        except ValueError:
+            raise ModelError(f"Content type {content_type!r} is neither 'TEXT' nor 'SPEECH'.") from None
+        return cls(content=content, content_type=content_type)
+
+
+@dataclass
+class GenerationOutput:
+    """One piece of the answer: ``content`` is a str (TEXT) or a float32 16 kHz array (SPEECH)."""
+
+    content: Union[str, np.ndarray]
+    content_type: ContentType
+
+
+# The reference's spelling, kept so that code written against it runs unchanged.
+GenerationOuput = GenerationOutput
+
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample")
+
+
+def _as_inputs(interleaved_inputs) -> list[GenerationInput]:
+    if interleaved_inputs is None:
+        return []
+    if isinstance(interleaved_inputs, (GenerationInput, tuple)):
+        interleaved_inputs = [interleaved_inputs]
+    items = []
+    for item in interleaved_inputs:
+        if isinstance(item, GenerationInput):
+            items.append(item)
+        elif isinstance(item, tuple) and len(item) == 2:
+            items.append(GenerationInput.from_tuple(item))
+        else:
+            raise ModelError(
+                "Each interleaved input is a GenerationInput or a (content_type, content) tuple, "
+                f"got {type(item).__name__}."
+            )
+    return items
+
+
+class SpiritLM:
+    """A Spirit LM bundle: speech engines + language model, with the reference's API."""
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike | Bundle,
+        providers: Sequence[str] | None = None,
+        n_threads: int | None = None,
+        n_gpu_layers: int | None = None,
+        n_ctx: int = 2048,
+        **lm_options: Any,
+    ):
+        from spiritlm_edge.runtime.lm import LanguageModel
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.speech_tokenizer = SpeechTokenizer(self.bundle, providers=providers, n_threads=n_threads)
+        self.lm = LanguageModel.from_bundle(
+            self.bundle, n_threads=n_threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, **lm_options
+        )
+        self.tokenizer = self.lm.tokenizer
+        if self.tokenizer.vocab.variant != self.bundle.variant:
+            raise BundleError(
+                f"Bundle {self.bundle.dir} says it is {self.bundle.variant} but its LM has a "
+                f"{self.tokenizer.vocab.variant} vocabulary: the bundle mixes parts of two builds. Rebuild it."
+            )
+
+    @property
+    def variant(self) -> str:
+        return self.bundle.variant
+
+    @property
+    def is_expressive_model(self) -> bool:
+        return self.variant == "expressive"
+
+    # -- prompt ---------------------------------------------------------------------------
+
+    def build_prompt(self, interleaved_inputs, output_modality="ARBITRARY") -> str:
+        """The prompt string for ``interleaved_inputs`` (speech is encoded to units here)."""
+        modality = OutputModality.parse(output_modality)
+        segments = []
+        for item in _as_inputs(interleaved_inputs):
+            if item.content_type is ContentType.SPEECH:
+                segments.append(("SPEECH", self.speech_tokenizer.encode_string(item.content)))
+            else:
+                if not isinstance(item.content, str):
+                    raise ModelError(f"TEXT content must be a str, got {type(item.content).__name__}.")
+                segments.append(("TEXT", item.content))
+        return build_prompt(segments, modality, vocab=self.tokenizer.vocab)
+
+    def _prompt_and_bans(self, interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality):
+        modality = OutputModality.parse(output_modality)
+        inputs = _as_inputs(interleaved_inputs)
+        if prompt is None and not inputs:
+            raise ModelError("Give interleaved_inputs or prompt: there is nothing to continue.")
+        if prompt is not None and inputs:
+            log.warning("prompt is given: interleaved_inputs are not used (as in the reference)")
+        if prompt is None:
+            prompt = self.build_prompt(inputs, modality)
+        # The LM bans spec section 2's tokens for this modality inside llama.cpp's sampler.
+        constraint = modality if force_tokens_to_output_modality else OutputModality.ARBITRARY
+        return modality, prompt, constraint
+
+    # -- offline --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        interleaved_inputs=None,
+        prompt: str | None = None,
+        output_modality: OutputModality | str = OutputModality.ARBITRARY,
+        force_tokens_to_output_modality: bool = True,
+        speaker_id: int = 2,
+        return_prompt: bool = False,
+        seed: int | None = None,
+        **sampling: Any,
+    ):
+        """Continue a speech/text prompt; returns a list of :class:`GenerationOutput`
+        (and the prompt string when ``return_prompt``), like the reference.
+
+        ``sampling``: max_new_tokens (default 200), do_sample (default False: greedy, as the
+        reference's default GenerationConfig), temperature, top_p, top_k, repetition_penalty.
+        """
+        modality, prompt, constraint = self._prompt_and_bans(
+            interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality
+        )
+        ids = self.tokenizer.encode(prompt)
+        new_ids = list(self.lm.generate(ids, output_modality=constraint, seed=seed, **self._sampling(sampling)))
+        generated = self.tokenizer.decode(new_ids)
+        outputs = self._decode_generated(modality, generated, prompt, speaker_id, seed)
+        return (outputs, prompt) if return_prompt else outputs
+
+    @staticmethod
+    def _sampling(sampling: dict) -> dict:
+        unknown = set(sampling) - set(SAMPLING_KEYS)
+        if unknown:
+            raise ModelError(
+                f"Unknown generation option(s) {', '.join(sorted(unknown))}; supported: {', '.join(SAMPLING_KEYS)}."
+            )
+        # greedy by default, as the reference's default GenerationConfig
+        return {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "do_sample": False, **sampling}
+
+    def _decode_generated(self, modality, generated: str, prompt: str, speaker_id: int, seed) -> list[GenerationOutput]:
+        """Spec section 7: the generated string -> text and speech outputs."""
+        generated = generated.strip()
+        if modality is OutputModality.TEXT:
+            return [GenerationOutput(generated, ContentType.TEXT)]
+        if modality is OutputModality.SPEECH:
+            return [GenerationOutput(self._speech(generated, speaker_id, seed), ContentType.SPEECH)]
+        continues_prompt = does_end_with_speech_token(prompt) and does_start_with_speech_token(generated)
+        prompt_units = 0
+        if continues_prompt:
+            # The continuation usually lacks the pitch and style tokens that the prompt's
+            # speech carries: decode both together, then cut the prompt's share.
+            prompt_speech = prompt[find_prompt_last_speech_start_position(prompt):]
+            prompt_units = count_hubert_units(prompt_speech)
+            generated = prompt_speech + generated
+        outputs = []
+        for index, (content, kind) in enumerate(split_speech_and_text(generated)):
+            if kind == "t":
+                outputs.append(GenerationOutput(content, ContentType.TEXT))
+                continue
+            units = count_hubert_units(content)
+            if index == 0 and continues_prompt:
+                if units - prompt_units < MIN_SPEECH_UNITS:
+                    continue
+                audio = self._speech(content, speaker_id, seed)
+                audio = audio[math.ceil(audio.size * prompt_units / units):]
+            elif units < MIN_SPEECH_UNITS:
+                continue
+            else:
+                audio = self._speech(content, speaker_id, seed)
+            outputs.append(GenerationOutput(audio, ContentType.SPEECH))
+        return outputs
+
+    def _speech(self, units: str, speaker_id: int, seed) -> np.ndarray:
+        if count_hubert_units(units) == 0:
+            return np.zeros(0, np.float32)
+        return self.speech_tokenizer.decode(units, speaker_id=speaker_id, seed=seed)
+
+    # -- streaming ------------------------------------------------------------------------
+
+    def generate_stream(
+        self,
+        interleaved_inputs=None,
+        prompt: str | None = None,
+        output_modality: OutputModality | str = OutputModality.ARBITRARY,
+        force_tokens_to_output_modality: bool = True,
+        speaker_id: int = 2,
+        seed: int | None = None,
+        chunk_frames: int | None = None,
+        **sampling: Any,
+    ) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
+        """Like :meth:`generate`, but yields events as they happen: :class:`TextDelta`
+        for new text, :class:`AudioChunk` as soon as the streaming vocoder has audio, then
+        one :class:`TurnEnd` with the per-stage timings.
+
+        A speech chunk starts playing once it has 25 Hubert units (shorter ones are
+        dropped, spec section 7). When the prompt ends in speech and the answer continues
+        it, the prompt's speech primes the vocoder and its audio is not emitted.
+        """
+        turn = _TurnTimer()
+        modality, prompt, constraint = self._prompt_and_bans(
+            interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality
+        )
+        turn.mark("encode")
+        ids = self.tokenizer.encode(prompt)
+        turn.mark("tokenize")
+        turn.counts["prompt_tokens"] = len(ids)
+        tokens = _TimedTokens(self.lm.generate(ids, output_modality=constraint, seed=seed, **self._sampling(sampling)), turn)
+        pieces = _Pieces(self.tokenizer, tokens)
+        arbitrary = modality is OutputModality.ARBITRARY
+        # Same rules as generate(): only ARBITRARY drops short runs and continues the
+        # prompt's speech; SPEECH speaks every unit it gets.
+        prime = _speech_context(prompt) if arbitrary and does_end_with_speech_token(prompt) else ""
+        audio_parts: list[np.ndarray] = []
+        first = True
+        for kind, value in pieces:
+            if kind == "text":
+                if first and not value.strip():
+                    continue  # the answer's leading whitespace is stripped, as in the reference
+                yield TextDelta(value.lstrip() if first else value)
+                first = False
+                continue
+            run = [value]
+            if arbitrary:
+                run += pieces.take_units(MIN_SPEECH_UNITS - count_hubert_units(value))
+                if count_hubert_units("".join(run)) < MIN_SPEECH_UNITS:
+                    first = False
+                    continue  # too short to speak (spec section 7)
+            run_prime, first = (prime if first else ""), False
+            for chunk in self._stream_run(run_prime, run, pieces, speaker_id, seed, chunk_frames, turn):
+                audio_parts.append(chunk)
+                yield AudioChunk(chunk)
+        turn.mark("end")
+        # The turn's text, exactly as generate() would give it.
+        generated = self.tokenizer.decode(pieces.all_ids).strip()
+        text = "".join(c for c, k in split_speech_and_text(generated) if k == "t")
+        audio = np.concatenate(audio_parts) if audio_parts else None
+        yield TurnEnd(timings=turn.report(audio), text=text, audio=audio, generated=generated)
+
+    def _stream_run(self, prime, run, pieces, speaker_id, seed, chunk_frames, turn) -> Iterator[np.ndarray]:
+        """Stream one speech run through the vocoder; ``prime`` (the prompt's trailing
+        speech) gives the vocoder its context, and its audio is skipped."""
+        skip_samples = 0
+        if prime:
+            prime_audio = self.speech_tokenizer.decode(prime, speaker_id=speaker_id, seed=seed)
+            skip_samples = prime_audio.size
+        tokens = iter([prime] if prime else [])
+        stream = self.speech_tokenizer.decode_stream(
+            _chain(tokens, run, pieces.iter_units()), speaker_id=speaker_id, seed=seed, chunk_frames=chunk_frames
+        )
+        for chunk in turn.time_vocoder(stream):
+            if skip_samples >= chunk.size:
+                skip_samples -= chunk.size
+                continue
+            chunk, skip_samples = chunk[skip_samples:], 0
+            turn.first_audio()
+            yield chunk
+
+
+def _speech_context(prompt: str, hubert_units: int = 50) -> str:
+    """The last ``hubert_units`` units of the prompt's trailing speech, led by the pitch
+    and style in force there: enough left context for the streaming vocoder to continue
+    the prompt's voice without re-synthesising all of it."""
+    speech = prompt[find_prompt_last_speech_start_position(prompt):]
+    tokens = re.findall(r"\[(?:Hu|Pi|St)\d+\]", speech)
+    hubert_positions = [i for i, t in enumerate(tokens) if t.startswith("[Hu")]
+    if len(hubert_positions) <= hubert_units:
+        return "".join(tokens)
+    cut = hubert_positions[-hubert_units]
+    lead = []
+    for prefix in ("[St", "[Pi"):
+        earlier = [t for t in tokens[:cut] if t.startswith(prefix)]
+        if earlier:
+            lead.append(earlier[-1])
+    return "".join(lead + tokens[cut:])
+
+
+def _chain(*iterables: Iterable[str]) -> Iterator[str]:
+    for iterable in iterables:
+        yield from iterable
+
+
+class _TimedTokens:
+    """Wraps the LM's token iterator, charging the time spent in it to prefill (first
+    token) and decode (the rest)."""
+
+    def __init__(self, tokens: Iterator[int], turn: "_TurnTimer"):
+        self.tokens, self.turn = tokens, turn
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        start = time.perf_counter()
+        try:
+            token = next(self.tokens)
+        finally:
+            self.turn.charge_lm(time.perf_counter() - start)
+        return token
+
+
+class _Pieces:
+    """The LM's token ids as ("text", delta) / ("unit", "[Hu12]") pieces, with a one-piece
+    look-ahead so that a speech run can be handed to the vocoder as an iterator.
+
+    Text deltas come from re-decoding the current text run and taking what is new, so
+    that SentencePiece's spaces and multi-byte characters come out right; ``all_ids``
+    keeps every generated id for the exact final decode.
+    """
+
+    def __init__(self, tokenizer, tokens: Iterator[int]):
+        self.tokenizer = tokenizer
+        self.vocab = tokenizer.vocab
+        self.tokens = tokens
+        self.all_ids: list[int] = []
+        self.run_ids: list[int] = []  # ids of the current text run
+        self.run_text = ""  # what has been emitted of it
+        self.peeked: tuple[str, str] | None = None
+        self.held: tuple[str, str] | None = None
+
+    def _next_piece(self) -> tuple[str, str] | None:
+        if self.held is not None:
+            piece, self.held = self.held, None
+            return piece
+        for token_id in self.tokens:
+            self.all_ids.append(token_id)
+            if self.vocab.unit_of(token_id) is not None:
+                unit = ("unit", self.tokenizer.id_to_token(token_id))
+                rest = self._end_text_run()
+                if rest:
+                    self.held = unit
+                    return ("text", rest)
+                return unit
+            if token_id in (self.vocab.text_id, self.vocab.speech_id):
+                continue  # modality markers are dropped (spec section 7)
+            self.run_ids.append(token_id)
+            text = self.tokenizer.decode(self.run_ids)
+            if text.endswith("\ufffd"):
+                continue  # wait for the rest of a multi-byte character
+            delta, self.run_text = text[len(self.run_text):], text
+            if delta:
+                return ("text", delta)
+        rest = self._end_text_run()
+        return ("text", rest) if rest else None
+
+    def _end_text_run(self) -> str:
+        text = self.tokenizer.decode(self.run_ids) if self.run_ids else ""
+        rest = text[len(self.run_text):]
+        self.run_ids, self.run_text = [], ""
+        return rest
+
+    def peek(self):
+        if self.peeked is None:
+            self.peeked = self._next_piece()
+        return self.peeked
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        piece = self.peek()
+        self.peeked = None
+        if piece is None:
+            raise StopIteration
+        return piece
+
+    def more_units(self) -> bool:
+        piece = self.peek()
+        return piece is not None and piece[0] == "unit"
+
+    def take_units(self, hubert_units: int) -> list[str]:
+        """Up to ``hubert_units`` more Hubert units of the current run (with any pitch and
+        style tokens among them)."""
+        taken: list[str] = []
+        while count_hubert_units("".join(taken)) < hubert_units and self.more_units():
+            taken.append(next(self)[1])
+        return taken
+
+    def iter_units(self) -> Iterator[str]:
+        while self.more_units():
+            yield next(self)[1]
+
+    def drain_units(self) -> None:
+        for _ in self.iter_units():
+            pass
+
+
+class _TurnTimer:
+    """Per-stage wall-clock timings of one turn."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+        self.counts: dict[str, float] = {}
+        self.lm_seconds = 0.0
+        self.lm_calls = 0
+        self.vocoder_seconds = 0.0
+        self.first_audio_at: float | None = None
+        self.first_token_seconds: float | None = None
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = now - self.last
+        self.last = now
+
+    def charge_lm(self, seconds: float) -> None:
+        if self.lm_calls == 0:
+            self.first_token_seconds = seconds
+        self.lm_calls += 1
+        self.lm_seconds += seconds
+
+    def time_vocoder(self, stream: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """Time spent producing chunks, less the LM time spent inside (the vocoder pulls
+        tokens from the LM as it goes)."""
+        while True:
+            lm_before, start = self.lm_seconds, time.perf_counter()
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                self.vocoder_seconds += time.perf_counter() - start - (self.lm_seconds - lm_before)
+                return
+            self.vocoder_seconds += time.perf_counter() - start - (self.lm_seconds - lm_before)
+            yield chunk
+
+    def first_audio(self) -> None:
+        if self.first_audio_at is None:
+            self.first_audio_at = time.perf_counter() - self.start
+
+    def report(self, audio: np.ndarray | None) -> dict[str, float]:
+        new_tokens = self.lm_calls - 1  # the last call returned StopIteration
+        decode = self.lm_seconds - (self.first_token_seconds or 0.0)
+        timings = {
+            "encode_s": self.stages.get("encode", 0.0),
+            "tokenize_s": self.stages.get("tokenize", 0.0),
+            "prefill_s": self.first_token_seconds or 0.0,
+            "decode_s": decode,
+            "vocoder_s": self.vocoder_seconds,
+            "total_s": time.perf_counter() - self.start,
+            "prompt_tokens": self.counts.get("prompt_tokens", 0),
+            "new_tokens": max(new_tokens, 0),
+            "decode_tokens_per_s": (new_tokens - 1) / decode if new_tokens > 1 and decode > 0 else 0.0,
+            "audio_s": 0.0 if audio is None else audio.size / SAMPLE_RATE,
+        }
+        if self.first_audio_at is not None:
+            timings["first_audio_s"] = self.first_audio_at
+        return timings
+
+
+class Conversation:
+    """A multi-turn exchange that keeps the LM's state between turns.
+
+    The dialogue is one growing prompt (user inputs and the model's answers, joined by
+    the prompt grammar of spec section 3). The LM keeps its KV cache and only prefills
+    what a new turn adds. When the dialogue no longer fits the context with room for
+    ``max_new_tokens``, the oldest segments are dropped (logged) and the cache is rebuilt.
+    """
+
+    def __init__(self, spirit_lm: SpiritLM, output_modality="ARBITRARY", speaker_id: int = 2, **sampling: Any):
+        self.spirit_lm = spirit_lm
+        self.output_modality = OutputModality.parse(output_modality)
+        self.speaker_id = speaker_id
+        self.sampling = sampling
+        self.segments: list[tuple[str, str]] = []  # ("TEXT"|"SPEECH", text or unit string)
+
+    def _encode(self, interleaved_inputs) -> list[tuple[str, str]]:
+        encoded = []
+        for item in _as_inputs(interleaved_inputs):
+            if item.content_type is ContentType.SPEECH:
+                encoded.append(("SPEECH", self.spirit_lm.speech_tokenizer.encode_string(item.content)))
+            else:
+                encoded.append(("TEXT", str(item.content)))
+        return encoded
+
+    def _fit(self, segments: list[tuple[str, str]], modality: OutputModality, max_new_tokens: int) -> str:
+        tokenizer, n_ctx = self.spirit_lm.tokenizer, self.spirit_lm.lm.n_ctx
+        while True:
+            prompt = build_prompt(segments, modality, vocab=tokenizer.vocab)
+            if len(tokenizer.encode(prompt)) + max_new_tokens <= n_ctx or len(segments) <= 1:
+                return prompt
+            log.warning("conversation exceeds the %d-token context: dropping its oldest segment", n_ctx)
+            segments.pop(0)
+            self.segments = segments[:]
+
+    def stream(self, interleaved_inputs, output_modality=None, **sampling: Any) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
+        """One turn: the user's inputs in, the answer's events out (see ``generate_stream``)."""
+        modality = OutputModality.parse(output_modality or self.output_modality)
+        options = {**self.sampling, **sampling}
+        segments = self.segments + self._encode(interleaved_inputs)
+        prompt = self._fit(segments, modality, options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        for event in self.spirit_lm.generate_stream(
+            prompt=prompt, output_modality=modality, speaker_id=self.speaker_id, **options
+        ):
+            if isinstance(event, TurnEnd):
+                answer = [("TEXT" if kind == "t" else "SPEECH", content)
+                          for content, kind in split_speech_and_text(event.generated)]
+                self.segments = segments + answer
+            yield event
+
+    def turn(self, interleaved_inputs, output_modality=None, **sampling: Any) -> TurnEnd:
+        """One turn, waiting for the whole answer; returns its :class:`TurnEnd`."""
+        end = None
+        for event in self.stream(interleaved_inputs, output_modality, **sampling):
+            end = event if isinstance(event, TurnEnd) else end
+        return end
+
+    def respond(self, user_audio) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
+        """A spoken user turn -> the answer's events: the callable the live loop takes."""
+        return self.stream([("SPEECH", user_audio)])
+
+    def reset(self) -> None:
+        self.segments = []
