@@ -304,7 +304,9 @@ class LanguageModel:
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
-        self.n_batch = int(n_batch)
+        # llama.cpp clamps the batch to the context: split prefills by what it really took, or
+        # llama_decode aborts the process (GGML_ASSERT n_tokens_all <= n_batch)
+        self.n_batch = int(llama_cpp.llama_n_batch(ctx))
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self.vocab = vocab_from_metadata(meta, self.n_vocab)
         self.eos_id = int(meta.get("tokenizer.ggml.eos_token_id", 2))

@@ -169,6 +169,20 @@ def test_prompt_longer_than_context(setup):
     assert len(out) == 512 - 501 + 1 and lm.stop_reason == "context"
 
 
+def test_batch_larger_than_context_is_clamped_not_fatal(setup):
+    """llama.cpp clamps n_batch to n_ctx; a prefill split by the asked-for n_batch made
+    llama_decode abort the whole process. It must be split by the real batch."""
+    variant, root, lm_dir, lm, ref = setup
+    small = LanguageModel(root / "f16.gguf", n_threads=2, n_ctx=300, n_batch=512)
+    try:
+        assert small.n_batch <= small.n_ctx
+        ids = [small.bos_id] + [small.vocab.hubert_start + (i % 7) for i in range(small.n_ctx - 10)]
+        out = small.generate_ids(ids, 3, do_sample=False)
+        assert len(out) >= 1
+    finally:
+        small.close()
+
+
 def test_bundle_round_trip_and_stable_cpu_buffers(tmp_path):
     root = tmp_path / "ckpt"
     write_tiny(CheckpointPaths(root), "base", seed=2)
