@@ -146,12 +146,17 @@ def build_cmd(
     fcpe_weights: Optional[Path] = typer.Option(None, "--fcpe-weights", envvar="SPIRITLM_FCPE_WEIGHTS"),
     threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads."),
     engine: str = typer.Option("onnx", "--engine", help="onnx, or tensorrt to also build TensorRT engines (GPU)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write int8 speech engines that pass the accuracy gate."),
 ) -> None:
     """Build a complete bundle (speech ONNX + LM GGUF + VAD) from a checkpoint root."""
     from spiritlm_edge.export.build import build_bundle
 
     _check_engine(engine)
     manifest = build_bundle(checkpoints, variant, out, quant=quant, fcpe_weights=fcpe_weights, n_threads=threads)
+    if int8:
+        from spiritlm_edge.quant.onnx_int8 import quantize_bundle
+
+        quantize_bundle(out, int8=True, n_threads=threads)
     _maybe_tensorrt(engine, out)
     typer.echo(f"wrote a {manifest['variant']} bundle to {out}: {', '.join(sorted(manifest['components']))}")
 
@@ -271,6 +276,7 @@ def run_cmd(
     list_devices: bool = typer.Option(False, "--list-devices", help="List audio devices and exit."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="End the live session after N s."),
     vad_model: Optional[Path] = typer.Option(None, "--vad-model", help="silero_vad.onnx (default: the bundle's)."),
+    end_silence_ms: float = typer.Option(700.0, "--end-silence-ms", help="Silence that ends the user's turn."),
     no_barge_in: bool = typer.Option(
         False, "--no-barge-in", help="Don't stop the answer when the user speaks (speakers without echo cancellation)."
     ),
@@ -301,6 +307,7 @@ def run_cmd(
         summary = run_mic_session(
             conversation.respond, input_device=_device(input_device), output_device=_device(output_device),
             max_seconds=max_seconds, vad_model=vad_model, bundle=spirit_lm.bundle, barge_in=not no_barge_in,
+            end_silence_ms=end_silence_ms,
         )
         typer.echo(f"session ended: {summary}", err=True)
         return

@@ -368,8 +368,10 @@ class _TimedTokens:
         start = time.perf_counter()
         try:
             token = next(self.tokens)
-        finally:
-            self.turn.charge_lm(time.perf_counter() - start)
+        except StopIteration:
+            self.turn.charge_lm(time.perf_counter() - start, produced=False)
+            raise
+        self.turn.charge_lm(time.perf_counter() - start, produced=True)
         return token
 
 
@@ -467,7 +469,7 @@ class _TurnTimer:
         self.stages: dict[str, float] = {}
         self.counts: dict[str, float] = {}
         self.lm_seconds = 0.0
-        self.lm_calls = 0
+        self.new_tokens = 0
         self.vocoder_seconds = 0.0
         self.first_audio_at: float | None = None
         self.first_token_seconds: float | None = None
@@ -477,10 +479,10 @@ class _TurnTimer:
         self.stages[stage] = now - self.last
         self.last = now
 
-    def charge_lm(self, seconds: float) -> None:
-        if self.lm_calls == 0:
-            self.first_token_seconds = seconds
-        self.lm_calls += 1
+    def charge_lm(self, seconds: float, produced: bool) -> None:
+        if self.first_token_seconds is None:
+            self.first_token_seconds = seconds  # prefill + the first sampled token
+        self.new_tokens += produced
         self.lm_seconds += seconds
 
     def time_vocoder(self, stream: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -501,7 +503,7 @@ class _TurnTimer:
             self.first_audio_at = time.perf_counter() - self.start
 
     def report(self, audio: np.ndarray | None) -> dict[str, float]:
-        new_tokens = self.lm_calls - 1  # the last call returned StopIteration
+        new_tokens = self.new_tokens
         decode = self.lm_seconds - (self.first_token_seconds or 0.0)
         timings = {
             "encode_s": self.stages.get("encode", 0.0),

@@ -42,3 +42,22 @@ def tiny_expressive_checkpoints(tmp_path_factory) -> Path:
     from spiritlm_edge.export.tiny import make_tiny_checkpoints
 
     return make_tiny_checkpoints(tmp_path_factory.mktemp("ckpt-expressive"), "expressive", seed=0)
+
+
+def _build_tiny_bundle(tmp_path_factory, checkpoints: Path, variant: str) -> Path:
+    from spiritlm_edge.export.build import build_bundle
+
+    bundle = tmp_path_factory.mktemp(f"bundle-{variant}") / "bundle"
+    build_bundle(checkpoints, variant, bundle, quant="Q8_0")
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_base_bundle(tmp_path_factory, tiny_base_checkpoints) -> Path:
+    """A complete tiny base bundle (speech ONNX + Q8_0 GGUF + VAD)."""
+    return _build_tiny_bundle(tmp_path_factory, tiny_base_checkpoints, "base")
+
+
+@pytest.fixture(scope="session")
+def tiny_expressive_bundle(tmp_path_factory, tiny_expressive_checkpoints) -> Path:
+    return _build_tiny_bundle(tmp_path_factory, tiny_expressive_checkpoints, "expressive")
