@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, load_audio
-from spiritlm_edge.runtime.bundle import Bundle, add_variant, read_manifest
+from spiritlm_edge.runtime.bundle import Bundle, add_variant
 from spiritlm_edge.runtime.errors import BundleError, ModelError
 
 log = logging.getLogger(__name__)

@@ -158,7 +158,7 @@ def build_cmd(
 
         quantize_bundle(out, int8=True, n_threads=threads)
     _maybe_tensorrt(engine, out)
-    typer.echo(f"wrote a {manifest['variant']} bundle to {out}: {', '.join(sorted(manifest['components']))}")
+    typer.echo(f"wrote the {manifest['variant']} bundle to {out}: {', '.join(sorted(manifest['components']))}")
 
 
 @app.command("info")
@@ -244,6 +244,12 @@ def _providers(value: Optional[str]):
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
 
+def _open_spirit_lm(bundle: Path, providers: Optional[str], threads: Optional[int], n_gpu_layers: Optional[int]):
+    from spiritlm_edge.runtime.pipeline import SpiritLM
+
+    return SpiritLM(bundle, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers)
+
+
 def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy) -> dict:
     return {
         "max_new_tokens": max_new_tokens,
@@ -286,8 +292,8 @@ def run_cmd(
 ) -> None:
     """Speech-to-speech: one turn from files, or a live microphone loop (--mic)."""
     from spiritlm_edge.runtime.audio import write_wav
-    from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
-    from spiritlm_edge.runtime.pipeline import Conversation, SpiritLM
+    from spiritlm_edge.runtime.events import TextDelta, TurnEnd
+    from spiritlm_edge.runtime.pipeline import Conversation
 
     if list_devices:
         from spiritlm_edge.runtime.audio_io import format_devices, list_devices as list_audio_devices
@@ -296,7 +302,7 @@ def run_cmd(
         return
     if not mic and input is None and text is None:
         fail("give --mic for a live session, or --input FILE and/or --text TEXT for one turn from files.")
-    spirit_lm = SpiritLM(bundle, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers)
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers)
     conversation = Conversation(
         spirit_lm, output_modality=mode, speaker_id=speaker, seed=seed,
         **_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy),
@@ -343,10 +349,9 @@ def asr_cmd(
     n_gpu_layers: Optional[int] = GpuLayersOption,
 ) -> None:
     """Few-shot speech recognition: [Speech]units[Text]transcript prompts."""
-    from spiritlm_edge.runtime.pipeline import SpiritLM
     from spiritlm_edge.runtime.tasks import asr_prompt, read_examples
 
-    spirit_lm = SpiritLM(bundle, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers)
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers)
     pairs = read_examples(examples) if examples else []
     prompt = asr_prompt(spirit_lm.speech_tokenizer, audio, pairs)
     outputs = spirit_lm.generate(prompt=prompt, output_modality="TEXT", max_new_tokens=max_new_tokens)
@@ -371,10 +376,9 @@ def tts_cmd(
 ) -> None:
     """Few-shot text-to-speech: [Text]text[Speech]units prompts."""
     from spiritlm_edge.runtime.audio import write_wav
-    from spiritlm_edge.runtime.pipeline import SpiritLM
     from spiritlm_edge.runtime.tasks import read_examples, tts_prompt
 
-    spirit_lm = SpiritLM(bundle, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers)
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers)
     pairs = read_examples(examples) if examples else []
     prompt = tts_prompt(spirit_lm.speech_tokenizer, text, pairs)
     outputs = spirit_lm.generate(

@@ -27,13 +27,13 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
-from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
+from spiritlm_edge.runtime.audio import SAMPLE_RATE
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import BundleError, ModelError
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
