@@ -70,3 +70,20 @@ def test_version_flag():
 def test_subpackages_map_to_top_level_folders(subpackage):
     module = __import__(f"spiritlm_edge.{subpackage}", fromlist=["_"])
     assert Path(module.__file__).resolve().parent == REPO / subpackage
+
+
+def test_a_bundle_runs_with_the_edge_install_alone(tiny_base_bundle, librispeech_clip):
+    """Speech in, speech out, in a process where torch, transformers and onnx cannot be imported."""
+    code = BLOCK_TORCH.replace('print(" ".join(sorted(names)))', "") + textwrap.dedent(
+        f"""
+        from spiritlm_edge import SpiritLM
+        model = SpiritLM({str(tiny_base_bundle)!r}, n_threads=1)
+        out = model.generate([("SPEECH", {str(librispeech_clip)!r})], output_modality="SPEECH", max_new_tokens=30)
+        assert out[0].content.size > 0
+        assert not any(m.split(".")[0] in ("torch", "transformers", "onnx") for m in sys.modules)
+        print("ok", out[0].content.size)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok ")
