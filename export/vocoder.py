@@ -25,7 +25,8 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +43,7 @@ from spiritlm_edge.export.checkpoints import (
     load_torch_file,
     require_file,
 )
-from spiritlm_edge.runtime.errors import CheckpointError, UnitsError
+from spiritlm_edge.runtime.errors import CheckpointError, ModelError, UnitsError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ DEFAULT_SPEAKER = 2
 BASE_DEFAULT_STYLE = 8  # "conv-default" in the Base vocoder's styles.txt
 SAMPLE_RATE = 16000
 ONNX_FILE = "vocoder.onnx"
+# "blocked": 2-D convs arranged for ONNX Runtime's x86 NCHWc kernels (see _BlockedGenerator);
+# "plain": 1-D convs, for execution providers without NCHWc (ARM CPUs, CUDA, TensorRT).
+LAYOUTS = ("blocked", "plain")
 DURATION_ONNX_FILE = "vocoder_duration.onnx"
 
 
@@ -267,9 +271,9 @@ class WNConvTranspose1d(WNConv1d):
     def forward(self, x):
         return F.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding)
 
-    def folded(self) -> nn.Module:
+    def folded(self, polyphase: bool = True) -> nn.Module:
         cin, cout, k = self.weight_v.shape
-        if k - self.stride == 2 * self.padding:
+        if polyphase and k - self.stride == 2 * self.padding:
             return PolyphaseUpsample(self.weight.detach(), self.bias.detach(), self.stride, self.padding)
         conv = nn.ConvTranspose1d(cin, cout, k, self.stride, self.padding)
         with torch.no_grad():
@@ -454,7 +458,7 @@ class UnitHiFiGAN(nn.Module):
         if pitch is not None and c.num_f0_tokens and len(pitch) != frames:
             dur_pred = False
         if dur_pred and self.dur_predictor is None:
-            raise CheckpointError("This vocoder has no duration predictor; decode with dur_pred=False.")
+            raise ModelError("This vocoder has no duration predictor; decode with dur_pred=False.")
         inputs = {}
         for name, codes, enabled, ratio in (
             ("pitch", pitch, c.num_f0_tokens, c.pitch_upsample),
@@ -669,7 +673,7 @@ def _as_conv2d(conv: nn.Conv1d) -> nn.Conv2d:
     return out
 
 
-def fold_weight_norm(model: UnitHiFiGAN, layout_2d: bool = False) -> UnitHiFiGAN:
+def fold_weight_norm(model: UnitHiFiGAN, layout_2d: bool = False, polyphase: bool = True) -> UnitHiFiGAN:
     """A copy with every weight-norm layer replaced by its plain (or polyphase) equivalent.
 
     ``layout_2d`` runs the generator on (N, C, 1, T) tensors with (1, k) kernels: ONNX
@@ -681,7 +685,7 @@ def fold_weight_norm(model: UnitHiFiGAN, layout_2d: bool = False) -> UnitHiFiGAN
     def replace(parent: nn.Module):
         for name, child in parent.named_children():
             if isinstance(child, WNConv1d):
-                child = child.folded()
+                child = child.folded(polyphase) if isinstance(child, WNConvTranspose1d) else child.folded()
                 setattr(parent, name, child)
             if layout_2d and isinstance(child, nn.ConvTranspose1d):
                 raise ValueError("2-D layout needs polyphase upsampling (k - u even)")
@@ -786,22 +790,31 @@ class _BlockedGenerator(nn.Module):
 
 def _export(module: nn.Module, args: tuple, names: list[str], output: str, opset: int) -> bytes:
     buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter (deterministic, fine for this graph) warns about itself.
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        _export_to(module, args, buffer, names, output, opset)
+    return buffer.getvalue()
+
+
+def _export_to(module, args, buffer, names, output, opset) -> None:
     torch.onnx.export(
         module, args, buffer, input_names=names, output_names=[output],
         dynamic_axes={**{n: {0: "frames"} for n in names if n in ("units", "pitch", "style_codes")},
                       output: {0: "samples" if output == "audio" else "frames"}},
         opset_version=opset, do_constant_folding=True, dynamo=False,
     )
-    return buffer.getvalue()
 
 
 def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17,
-                model: UnitHiFiGAN | None = None, layout_2d: bool = True) -> dict:
+                model: UnitHiFiGAN | None = None, layout: str = "blocked") -> dict:
     """Export the vocoder of ``variant`` into ``bundle_dir`` and record it in bundle.json.
 
     Writes ``vocoder.onnx`` (generator on per-frame inputs) and, if the model has a
     duration predictor, ``vocoder_duration.onnx``. ``model`` overrides loading from
-    ``paths`` (benchmarks pass a random full-size model). Returns the manifest.
+    ``paths`` (benchmarks pass a random full-size model). ``layout`` picks the graph
+    arrangement (see ``LAYOUTS``); both compute the same function. Returns the manifest.
     """
     from spiritlm_edge.runtime.bundle import add_component
 
@@ -811,9 +824,12 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
-    # The 2-D layout needs every upsampling layer in polyphase form (k - u even).
-    layout_2d = layout_2d and all((k - u) % 2 == 0 for u, k in zip(config.upsample_rates, config.upsample_kernel_sizes))
-    plain = fold_weight_norm(model, layout_2d=layout_2d)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    # The blocked layout needs every upsampling layer in polyphase form (k - u even).
+    if not all((k - u) % 2 == 0 for u, k in zip(config.upsample_rates, config.upsample_kernel_sizes)):
+        layout = "plain"
+    plain = fold_weight_norm(model, layout_2d=layout == "blocked")
 
     frames = 12
     example = {"units": torch.arange(frames) % config.num_embeddings}
@@ -854,6 +870,7 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
         "style_upsample": config.style_upsample,
         "context_frames": {"left": left, "right": right},
         "has_duration": model.dur_predictor is not None,
+        "layout": layout,
     }
     manifest = add_component(bundle_dir, "vocoder", entry, variant=variant, sample_rate=SAMPLE_RATE)
     if model.dur_predictor is not None:
@@ -866,3 +883,74 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
             "context_units": {"left": d_left, "right": d_right},
         }, variant=variant)
     return manifest
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def benchmark(variant: str = "expressive", seconds: float = 9.0, threads: int = 2, runs: int = 5,
+              layouts: Sequence[str] = LAYOUTS, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Real-time factor of the full-size vocoder (random weights): ONNX Runtime through
+    :class:`~spiritlm_edge.runtime.vocoder.Vocoder` for each export layout, and PyTorch
+    eager. Times one synthesis of ``seconds`` of audio (durations given, i.e. generator
+    only); returns {name: {"median_s", "min_s", "rtf"}} (rtf from the median)."""
+    import statistics
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from spiritlm_edge.runtime.vocoder import Vocoder
+
+    torch.set_num_threads(threads)
+    model = full_size_model(variant, seed)
+    frames = int(round(seconds * SAMPLE_RATE / model.config.hop_length))
+    rng = np.random.default_rng(seed)
+    hubert = rng.integers(0, model.config.num_embeddings, frames)
+    pitch = rng.integers(0, max(1, model.config.num_f0_tokens), frames)
+    style = rng.integers(0, max(1, model.config.num_style_tokens), frames)
+    audio_s = frames * model.config.hop_length / SAMPLE_RATE
+
+    def timed(run) -> dict[str, float]:
+        run()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        return {"median_s": median, "min_s": min(times), "rtf": median / audio_s}
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in layouts:
+            export_onnx(None, variant, Path(tmp) / layout, model=model, layout=layout)
+            vocoder = Vocoder.from_bundle(Path(tmp) / layout, n_threads=threads)
+            results[f"onnxruntime-{layout}"] = timed(lambda: vocoder.decode(hubert, pitch, style, dur_pred=False))
+    inputs = {"speaker": torch.tensor([DEFAULT_SPEAKER])}
+    if model.config.num_f0_tokens:
+        inputs.update(pitch=torch.as_tensor(pitch), style_codes=torch.as_tensor(style))
+    if model.config.multistyle:
+        inputs["style_id"] = torch.tensor([BASE_DEFAULT_STYLE])
+    units = torch.as_tensor(hubert)
+    reference = fold_weight_norm(model, polyphase=False)  # as the reference runs it
+
+    def eager():
+        with torch.inference_mode():
+            reference(units, **inputs)
+
+    results["pytorch-eager"] = timed(eager)
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Real-time factor of the full-size unit HiFi-GAN.")
+    parser.add_argument("--variant", default="expressive", choices=("base", "expressive"))
+    parser.add_argument("--seconds", type=float, default=9.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    for name, r in benchmark(args.variant, args.seconds, args.threads, args.runs).items():
+        print(f"{name:26s} median {r['median_s']:.3f} s  min {r['min_s']:.3f} s  RTF {r['rtf']:.4f}")

@@ -16,21 +16,24 @@ have arrived.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import BundleError, ModelError, UnitsError
-from spiritlm_edge.runtime.onnx_session import create_session
+from spiritlm_edge.runtime.onnx_session import create_session, default_threads
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPEAKER = 2
 # The reference picks one of these when pitch codes come without any style code.
 MOST_COMMON_STYLES = (71, 68, 98)
-# Offline decodes longer than this are synthesized in exact windows to bound memory.
+# Longer spans are synthesized in exact windows to bound memory.
 MAX_WINDOW_FRAMES = 750  # 30 s
+# Parallel windows are at least this long, and at least as long as their context.
+MIN_SEGMENT_FRAMES = 8
 
 _REQUIRED = ("inputs", "hop_length", "num_units", "context_frames", "sample_rate")
 
@@ -63,12 +66,14 @@ def _check_range(ids: np.ndarray, size: int, what: str) -> None:
 class Vocoder:
     """The unit HiFi-GAN of a bundle."""
 
-    def __init__(self, generator, duration, entry: dict, duration_entry: dict | None):
+    def __init__(self, generator, duration, entry: dict, duration_entry: dict | None, workers: int = 1):
         missing = [k for k in _REQUIRED if k not in entry]
         if missing:
             raise BundleError(f"bundle.json's 'vocoder' entry lacks {', '.join(missing)}; rebuild the bundle.")
         self._generator = generator
         self._duration = duration
+        self._workers = max(1, int(workers))
+        self._pool: ThreadPoolExecutor | None = None
         self._entry = entry
         self._inputs = list(entry["inputs"])
         self.sample_rate = int(entry["sample_rate"])
@@ -92,12 +97,18 @@ class Vocoder:
         if not isinstance(bundle, Bundle):
             bundle = Bundle(bundle)
         entry = bundle.component("vocoder")
-        generator = create_session(bundle.engine_path("vocoder"), providers, n_threads)
+        threads = n_threads or default_threads()
+        names = [p[0] if isinstance(p, tuple) else p for p in providers or ["CPUExecutionProvider"]]
+        # ORT's blocked (NCHWc) convolutions split work over channel blocks, of which the
+        # 16-64-channel layers have 1-4: a second intra-op thread gains little. Windows of
+        # the sequence run side by side on one thread each scale instead (see _render).
+        workers = threads if entry.get("layout") == "blocked" and names == ["CPUExecutionProvider"] else 1
+        generator = create_session(bundle.engine_path("vocoder"), providers, 1 if workers > 1 else threads)
         duration, duration_entry = None, None
         if bundle.has("vocoder_duration"):
             duration_entry = bundle.component("vocoder_duration")
-            duration = create_session(bundle.path("vocoder_duration"), providers, n_threads)
-        return cls(generator, duration, entry, duration_entry)
+            duration = create_session(bundle.path("vocoder_duration"), providers, 1)
+        return cls(generator, duration, entry, duration_entry, workers=workers)
 
     # ------------------------------------------------------------------ properties
 
@@ -169,30 +180,45 @@ class Vocoder:
             return np.zeros(0, dtype=np.int64)
         return self._duration.run(None, {"units": units})[0].astype(np.int64)
 
-    def _generate(self, units, pitch, style, globals_: dict) -> np.ndarray:
-        feeds = {"units": np.ascontiguousarray(units, dtype=np.int64)}
+    def _generate(self, frames: dict[str, np.ndarray | None], globals_: dict) -> np.ndarray:
+        feeds = {"units": np.ascontiguousarray(frames["units"], dtype=np.int64)}
         if self.has_pitch:
-            feeds["pitch"] = np.ascontiguousarray(pitch, dtype=np.int64)
+            feeds["pitch"] = np.ascontiguousarray(frames["pitch"], dtype=np.int64)
         if self.has_style:
-            feeds["style_codes"] = np.ascontiguousarray(style, dtype=np.int64)
+            feeds["style_codes"] = np.ascontiguousarray(frames["style"], dtype=np.int64)
         feeds.update(globals_)
         return self._generator.run(None, feeds)[0]
 
-    def _synthesize(self, units, pitch, style, globals_: dict) -> np.ndarray:
-        """Generator on whole per-frame arrays; long inputs go in exact windows."""
-        total = len(units)
-        if total <= MAX_WINDOW_FRAMES:
-            return self._generate(units, pitch, style, globals_)
+    def _render(self, frames: dict[str, np.ndarray | None], start: int, end: int, globals_: dict) -> np.ndarray:
+        """Audio of frames ``[start, end)`` of ``frames`` (per-frame arrays).
+
+        The arrays must begin at the sequence's start or at least ``context_frames[0]``
+        before ``start``, and end at the sequence's end or at least ``context_frames[1]``
+        after ``end``. The range is cut into segments, each synthesized from its own
+        context window (exact), to bound memory and to run in parallel (``workers``).
+        """
+        total = len(frames["units"])
         left, right = self.context_frames
-        pieces = []
-        for start in range(0, total, MAX_WINDOW_FRAMES):
-            end = min(total, start + MAX_WINDOW_FRAMES)
-            lo, hi = max(0, start - left), min(total, end + right)
-            audio = self._generate(units[lo:hi], pitch[lo:hi] if pitch is not None else None,
-                                   style[lo:hi] if style is not None else None, globals_)
-            stop = (end - lo) * self.hop_length if end < total else len(audio)
-            pieces.append(audio[(start - lo) * self.hop_length:stop])
-        return np.concatenate(pieces)
+        count = end - start
+        # A segment shorter than its context would cost more than it saves.
+        shortest = max(MIN_SEGMENT_FRAMES, left + right)
+        pieces = max(1, min(self._workers, count // shortest), -(-count // MAX_WINDOW_FRAMES))
+        bounds = [start + count * i // pieces for i in range(pieces + 1)]
+
+        def segment(span: tuple[int, int]) -> np.ndarray:
+            first, stop = span
+            lo, hi = max(0, first - left), min(total, stop + right)
+            audio = self._generate({k: None if v is None else v[lo:hi] for k, v in frames.items()}, globals_)
+            # Keep the samples past the last frame only at the sequence's end.
+            last = (stop - lo) * self.hop_length if stop < total else len(audio)
+            return audio[(first - lo) * self.hop_length:last]
+
+        spans = list(zip(bounds, bounds[1:]))
+        if len(spans) > 1 and self._workers > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="vocoder")
+            return np.concatenate(list(self._pool.map(segment, spans)))
+        return np.concatenate([segment(span) for span in spans])
 
     # ------------------------------------------------------------------ offline
 
@@ -236,7 +262,8 @@ class Vocoder:
             reps = self.durations(units)
             units = np.repeat(units, reps)
             streams = {k: np.repeat(v, reps) for k, v in streams.items()}
-        return self._synthesize(units, streams.get("pitch"), streams.get("style"), globals_)
+        frames = {"units": units, "pitch": streams.get("pitch"), "style": streams.get("style")}
+        return self._render(frames, 0, len(units), globals_)
 
     # ------------------------------------------------------------------ streaming
 
@@ -258,7 +285,6 @@ class Vocoder:
         use_dur = self._use_duration(dur_pred)
         g_left, g_right = self.context_frames
         d_left, d_right = self.duration_context
-        hop = self.hop_length
         units: list[int] = []           # per unit, codes filled in
         codes: dict[str, list[int]] = {"pitch": [], "style": []}
         waiting: list[tuple] = []       # frames before the first pitch/style code
@@ -302,10 +328,8 @@ class Vocoder:
                 end = min(end, total)
                 lo, hi = max(0, start - g_left), min(total, end + g_right)
                 window = {k: np.asarray(v[lo:hi], dtype=np.int64) if v else None for k, v in expanded.items()}
-                audio = self._generate(window["units"], window["pitch"], window["style"], globals_)
-                stop = (end - lo) * hop if end < total or not final else len(audio)
                 state["emitted"] = end
-                yield audio[(start - lo) * hop:stop]
+                yield self._render(window, start - lo, end - lo, globals_)
 
         for index, frame in enumerate(frames):
             hu, pi, st = self._check_frame(frame, index, needs)

@@ -260,3 +260,22 @@ def test_loader_errors(tmp_path):
 def test_runtime_imports_without_torch():
     code = "import sys; sys.modules['torch'] = None; import spiritlm_edge.runtime.vocoder"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parallel_windows_are_exact(setup, monkeypatch):
+    """Windows synthesized side by side (2 workers) and cut for memory give the same audio."""
+    _, paths, _, single = setup
+    parallel = Vocoder.from_bundle(paths.root.parent / "bundle", n_threads=2)
+    assert parallel._workers == 2
+    hubert, pitch, style = random_units(single, 80, seed=21)
+    expected = single.decode(hubert, pitch, style)
+    calls = []
+    generate = parallel._generate
+    monkeypatch.setattr(parallel, "_generate", lambda *a: calls.append(1) or generate(*a))
+    assert rel_l2(parallel.decode(hubert, pitch, style), expected) <= 1e-5
+    assert len(calls) == 2
+    monkeypatch.setattr("spiritlm_edge.runtime.vocoder.MAX_WINDOW_FRAMES", 16)
+    assert rel_l2(parallel.decode(hubert, pitch, style), expected) <= 1e-5
+    assert len(calls) > 2 + 8
+    frames = list(zip(hubert.tolist(), *(c.tolist() if c is not None else [None] * 80 for c in (pitch, style))))
+    assert rel_l2(np.concatenate(list(parallel.stream(frames, chunk_frames=60))), expected) <= 1e-5
