@@ -131,7 +131,8 @@ class SpeechTokenizer:
     ) -> Iterator[np.ndarray]:
         """Audio chunks as unit tokens (``"[Hu12]"``, ``"[Pi3]"``, ...) arrive, e.g. from
         the LM's token stream. The concatenated chunks equal ``decode`` of the same units."""
-        frames = iter_unit_frames(unit_tokens, rng=seed)
+        # the variant tells the frame assembler not to wait for pitch and style that Base never has
+        frames = iter_unit_frames(unit_tokens, rng=seed, variant=self.variant)
         if not self.has_pitch:
             frames = ((hubert, None, None) for hubert, _, _ in frames)
         kwargs = {} if chunk_frames is None else {"chunk_frames": chunk_frames}

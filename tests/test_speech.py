@@ -73,6 +73,27 @@ def test_decode_stream_equals_decode(tokenizer, librispeech_clip):
     assert np.linalg.norm(streamed - offline) <= 1e-3 * np.linalg.norm(offline)
 
 
+def test_decode_stream_yields_before_the_units_end(tokenizer, librispeech_clip):
+    """Audio must come out while units are still arriving, not after the last one."""
+    import re
+
+    tokens = re.findall(r"\[\w+?\d+\]", tokenizer.encode_string(librispeech_clip))
+    consumed = []
+
+    def arriving():
+        for i, token in enumerate(tokens):
+            consumed.append(i)
+            yield token
+
+    stream = tokenizer.decode_stream(arriving(), chunk_frames=5, seed=0)
+    next(stream)
+    # the first chunk needs its frames plus the vocoder's right context, not the whole stream
+    need = 5 + tokenizer.vocoder.context_frames[1] + 10
+    hubert_consumed = sum(t.startswith("[Hu") for t in tokens[: len(consumed)])
+    assert hubert_consumed <= need < sum(t.startswith("[Hu") for t in tokens), (hubert_consumed, need)
+    stream.close()
+
+
 @pytest.mark.parametrize(
     "audio, message",
     [
