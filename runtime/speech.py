@@ -24,6 +24,11 @@ from spiritlm_edge.runtime.errors import UnitsError
 from spiritlm_edge.runtime.units import iter_unit_frames, string_to_units, units_to_string
 
 
+# 8 frames (320 ms of audio) for the first streamed chunk: with the generator's context on
+# both sides that is about half the compute of a default 25-frame chunk.
+FIRST_CHUNK_FRAMES = 8
+
+
 def _ids(stream: str | Sequence[int] | np.ndarray | None) -> list[int] | None:
     if stream is None:
         return None
@@ -128,12 +133,17 @@ class SpeechTokenizer:
         dur_pred: bool = True,
         chunk_frames: int | None = None,
         seed: int | None = None,
+        first_chunk_frames: int | None = FIRST_CHUNK_FRAMES,
     ) -> Iterator[np.ndarray]:
         """Audio chunks as unit tokens (``"[Hu12]"``, ``"[Pi3]"``, ...) arrive, e.g. from
-        the LM's token stream. The concatenated chunks equal ``decode`` of the same units."""
+        the LM's token stream. The concatenated chunks equal ``decode`` of the same units.
+        The first chunk is short (``first_chunk_frames``, 40 ms each) so playback starts
+        early; later ones are ``chunk_frames`` long (the vocoder's default when None)."""
         # the variant tells the frame assembler not to wait for pitch and style that Base never has
         frames = iter_unit_frames(unit_tokens, rng=seed, variant=self.variant)
         if not self.has_pitch:
             frames = ((hubert, None, None) for hubert, _, _ in frames)
         kwargs = {} if chunk_frames is None else {"chunk_frames": chunk_frames}
+        if first_chunk_frames is not None:
+            kwargs["first_chunk_frames"] = min(first_chunk_frames, chunk_frames or first_chunk_frames)
         yield from self.vocoder.stream(frames, speaker_id=speaker_id, dur_pred=dur_pred, **kwargs)

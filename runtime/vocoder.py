@@ -268,7 +268,8 @@ class Vocoder:
     # ------------------------------------------------------------------ streaming
 
     def stream(self, frames: Iterable, speaker_id: int = DEFAULT_SPEAKER, dur_pred: bool = True,
-               chunk_frames: int = 25, style_id: int | None = None) -> Iterator[np.ndarray]:
+               chunk_frames: int = 25, style_id: int | None = None,
+               first_chunk_frames: int | None = None) -> Iterator[np.ndarray]:
         """Yield audio chunks while ``(hubert, pitch, style)`` frames arrive.
 
         Each frame is one unit with the pitch and style codes in force (``None`` until the
@@ -277,10 +278,14 @@ class Vocoder:
         vocoder frames (40 ms each) and are exactly the offline :meth:`decode` of the same
         frames, cut in pieces. A chunk is yielded as soon as its right context exists:
         ``context_frames[1]`` frames after it and, with ``dur_pred``, the durations of its
-        units, which need ``duration_context[1]`` units after them.
+        units, which need ``duration_context[1]`` units after them. ``first_chunk_frames``
+        (default ``chunk_frames``) sizes the first chunk alone: a small one starts playback
+        sooner, larger later ones cost less context recomputation per second of audio.
         """
-        if not (isinstance(chunk_frames, int) and chunk_frames >= 1):
-            raise ModelError(f"chunk_frames must be a positive integer, not {chunk_frames!r}.")
+        first_chunk_frames = chunk_frames if first_chunk_frames is None else first_chunk_frames
+        for name, value in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ModelError(f"{name} must be a positive integer, not {value!r}.")
         globals_ = self._global_inputs(speaker_id, style_id)
         use_dur = self._use_duration(dur_pred)
         g_left, g_right = self.context_frames
@@ -322,7 +327,7 @@ class Vocoder:
             total = len(expanded["units"])
             while state["emitted"] < total:
                 start = state["emitted"]
-                end = start + chunk_frames
+                end = start + (first_chunk_frames if start == 0 else chunk_frames)
                 if not final and end + g_right > total:
                     return
                 end = min(end, total)

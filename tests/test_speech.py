@@ -66,8 +66,9 @@ def test_decode_stream_equals_decode(tokenizer, librispeech_clip):
     string = tokenizer.encode_string(librispeech_clip)
     offline = tokenizer.decode(string, seed=1)
     tokens = re.findall(r"\[\w+?\d+\]", string)
-    chunks = list(tokenizer.decode_stream(iter(tokens), chunk_frames=10, seed=1))
+    chunks = list(tokenizer.decode_stream(iter(tokens), chunk_frames=10, first_chunk_frames=3, seed=1))
     assert len(chunks) > 3
+    assert chunks[0].size == 3 * 640 and all(c.size == 10 * 640 for c in chunks[1:-1])
     streamed = np.concatenate(chunks)
     assert streamed.shape == offline.shape
     assert np.linalg.norm(streamed - offline) <= 1e-3 * np.linalg.norm(offline)
