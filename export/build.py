@@ -41,6 +41,7 @@ def build_bundle(
     quant: str = "Q4_K_M",
     fcpe_weights: str | Path | None = None,
     n_threads: int | None = None,
+    vocoder_layout: str = "blocked",
 ) -> dict:
     """Export speech engines, LM and VAD of ``variant`` into bundle ``out``; returns the manifest."""
     from spiritlm_edge.export.lm import export_lm
@@ -51,7 +52,7 @@ def build_bundle(
     check_quant(quant)  # before minutes of speech export
     paths = CheckpointPaths(resolve_checkpoint_root(checkpoints))
     out = Path(out)
-    export_speech(paths.root, variant, out, fcpe_weights=fcpe_weights)
+    export_speech(paths.root, variant, out, fcpe_weights=fcpe_weights, vocoder_layout=vocoder_layout)
     export_lm(paths, variant, out, quant=quant, n_threads=n_threads)
     add_vad(out)
     return read_manifest(out)

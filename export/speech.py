@@ -27,8 +27,13 @@ def export_speech(
     out: str | Path,
     fcpe_weights: str | Path | None = None,
     opset: int = 17,
+    vocoder_layout: str = "blocked",
 ) -> dict:
-    """Export the speech engines of ``variant`` into bundle directory ``out``; returns the manifest."""
+    """Export the speech engines of ``variant`` into bundle directory ``out``; returns the manifest.
+
+    ``vocoder_layout``: "blocked" (2-D convolutions arranged for ONNX Runtime's x86 CPU
+    kernels, the fastest there) or "plain" (1-D, for GPU / TensorRT and ARM targets).
+    """
     from spiritlm_edge.export import hubert, vocoder
 
     check_variant(variant)
@@ -45,7 +50,7 @@ def export_speech(
             ("FCPE + pitch VQ-VAE", lambda: pitch.export_onnx(paths, variant, out, opset=opset, fcpe_weights=fcpe_weights)),
             ("style encoder", lambda: style.export_onnx(paths, variant, out, opset=opset)),
         ]
-    steps.append(("unit HiFi-GAN", lambda: vocoder.export_onnx(paths, variant, out, opset=opset)))
+    steps.append(("unit HiFi-GAN", lambda: vocoder.export_onnx(paths, variant, out, opset=opset, layout=vocoder_layout)))
     for label, step in steps:
         start = time.perf_counter()
         step()

@@ -82,8 +82,20 @@ def make_tiny_checkpoints_cmd(
 
 
 def _check_engine(engine: str) -> None:
+    """Before minutes of export: is the engine known, and can it be built here?"""
+    import importlib.util
+
     if engine not in ("onnx", "tensorrt"):
         fail(f"--engine {engine!r}: expected onnx or tensorrt.")
+    if engine == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+        fail("--engine tensorrt needs the tensorrt module: pip install 'spiritlm-edge[gpu]' on a desktop, "
+             "or `sudo apt install python3-libnvinfer` (JetPack) on a Jetson; or build with --engine onnx.")
+
+
+def _vocoder_layout(engine: str) -> str:
+    # The blocked 2-D vocoder graph is tuned for ONNX Runtime's x86 CPU kernels; TensorRT
+    # gets the plain 1-D graph.
+    return "plain" if engine == "tensorrt" else "blocked"
 
 
 def _maybe_tensorrt(engine: str, bundle: Path) -> None:
@@ -111,7 +123,8 @@ def export_speech_cmd(
     from spiritlm_edge.export.speech import export_speech
 
     _check_engine(engine)
-    manifest = export_speech(checkpoints, variant, out, fcpe_weights=fcpe_weights, opset=opset)
+    manifest = export_speech(checkpoints, variant, out, fcpe_weights=fcpe_weights, opset=opset,
+                             vocoder_layout=_vocoder_layout(engine))
     _maybe_tensorrt(engine, out)
     typer.echo(f"wrote {', '.join(sorted(manifest['components']))} to {out}")
 
@@ -152,7 +165,8 @@ def build_cmd(
     from spiritlm_edge.export.build import build_bundle
 
     _check_engine(engine)
-    manifest = build_bundle(checkpoints, variant, out, quant=quant, fcpe_weights=fcpe_weights, n_threads=threads)
+    manifest = build_bundle(checkpoints, variant, out, quant=quant, fcpe_weights=fcpe_weights, n_threads=threads,
+                            vocoder_layout=_vocoder_layout(engine))
     if int8:
         from spiritlm_edge.quant.onnx_int8 import quantize_bundle
 
@@ -244,10 +258,12 @@ def _providers(value: Optional[str]):
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
 
-def _open_spirit_lm(bundle: Path, providers: Optional[str], threads: Optional[int], n_gpu_layers: Optional[int]):
+def _open_spirit_lm(bundle: Path, providers: Optional[str], threads: Optional[int], n_gpu_layers: Optional[int],
+                    **lm_options):
     from spiritlm_edge.runtime.pipeline import SpiritLM
 
-    return SpiritLM(bundle, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers)
+    return SpiritLM(bundle, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers,
+                    **lm_options)
 
 
 def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy) -> dict:
@@ -289,6 +305,9 @@ def run_cmd(
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
     n_gpu_layers: Optional[int] = GpuLayersOption,
+    n_ctx: int = typer.Option(2048, "--n-ctx", help="LM context length (the conversation's memory)."),
+    kv_cache: str = typer.Option("f16", "--kv-cache", help="LM KV-cache type: f16, q8_0 (half the memory), ..."),
+    flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn", help="Default: llama.cpp decides."),
 ) -> None:
     """Speech-to-speech: one turn from files, or a live microphone loop (--mic)."""
     from spiritlm_edge.runtime.audio import write_wav
@@ -302,7 +321,8 @@ def run_cmd(
         return
     if not mic and input is None and text is None:
         fail("give --mic for a live session, or --input FILE and/or --text TEXT for one turn from files.")
-    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers)
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers,
+                                n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
     conversation = Conversation(
         spirit_lm, output_modality=mode, speaker_id=speaker, seed=seed,
         **_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy),

@@ -190,3 +190,33 @@ def test_demo_builds_once_and_reports(monkeypatch, tmp_path):
     built = (tmp_path / "demo-base" / "bundle.json").stat().st_mtime
     result = invoke("demo", "--out", out)  # cached: no rebuild
     assert result.exit_code == 0 and (tmp_path / "demo-base" / "bundle.json").stat().st_mtime == built
+
+
+def test_engine_option_is_checked_before_any_export(tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorrt" else real_find_spec(name, *a))
+    result = invoke("export", "speech", "--checkpoints", tmp_path, "--out", tmp_path / "b", "--engine", "tensorrt")
+    assert result.exit_code == 2 and "needs the tensorrt module" in result.output
+    assert not (tmp_path / "b").exists()
+    result = invoke("build", "--checkpoints", tmp_path, "--out", tmp_path / "b", "--engine", "vulkan")
+    assert result.exit_code == 2 and "expected onnx or tensorrt" in result.output
+
+
+def test_gpu_bundles_get_the_plain_vocoder_graph(tiny_base_checkpoints, tmp_path, librispeech_clip):
+    """--engine tensorrt exports the 1-D vocoder graph (the blocked one is tuned for x86 CPUs);
+    both decode the same audio."""
+    from spiritlm_edge import SpeechTokenizer
+    from spiritlm_edge.export.speech import export_speech
+    from spiritlm_edge.runtime.cli import _vocoder_layout
+
+    assert _vocoder_layout("tensorrt") == "plain" and _vocoder_layout("onnx") == "blocked"
+    audio = {}
+    for layout in ("plain", "blocked"):
+        manifest = export_speech(tiny_base_checkpoints, "base", tmp_path / layout, vocoder_layout=layout)
+        assert manifest["components"]["vocoder"]["layout"] == layout
+        tokenizer = SpeechTokenizer.from_bundle(tmp_path / layout)
+        audio[layout] = tokenizer.decode(tokenizer(librispeech_clip))
+    np.testing.assert_allclose(audio["plain"], audio["blocked"], atol=1e-4)
