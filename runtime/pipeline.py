@@ -218,7 +218,10 @@ class SpiritLM:
         if modality is OutputModality.TEXT:
             return [GenerationOutput(generated, ContentType.TEXT)]
         if modality is OutputModality.SPEECH:
-            return [GenerationOutput(self._speech(generated, speaker_id, seed), ContentType.SPEECH)]
+            # Only unit tokens can be spoken; text appears here only when the constraint
+            # was turned off (force_tokens_to_output_modality=False), and is left out.
+            units = "".join(c for c, kind in split_speech_and_text(generated) if kind == "s")
+            return [GenerationOutput(self._speech(units, speaker_id, seed), ContentType.SPEECH)]
         continues_prompt = does_end_with_speech_token(prompt) and does_start_with_speech_token(generated)
         prompt_units = 0
         if continues_prompt:
@@ -288,6 +291,8 @@ class SpiritLM:
         audio_parts: list[np.ndarray] = []
         first = True
         for kind, value in pieces:
+            if kind == "unit" and modality is OutputModality.TEXT:
+                kind = "text"  # unconstrained TEXT output keeps unit tokens as text, like generate()
             if kind == "text":
                 if first and not value.strip():
                     continue  # the answer's leading whitespace is stripped, as in the reference

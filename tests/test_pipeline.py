@@ -255,3 +255,15 @@ def test_bundle_mixing_variants(tiny_base_bundle, tiny_expressive_bundle, tmp_pa
     add_component(mixed, "lm", entry)
     with pytest.raises(BundleError, match="expressive vocabulary"):
         SpiritLM(mixed)
+
+
+def test_unconstrained_outputs_keep_their_modality(base):
+    """With force_tokens_to_output_modality=False the LM may mix modalities: TEXT output keeps
+    everything as text, SPEECH output speaks only the units."""
+    base.lm.reset()
+    text = base.generate([("TEXT", "hi")], output_modality="TEXT", max_new_tokens=40,
+                         force_tokens_to_output_modality=False, do_sample=True, seed=2)
+    assert [o.content_type for o in text] == [ContentType.TEXT]
+    generated = "[Hu1][Hu2] and words [Hu3][Hu4]"
+    speech = base._decode_generated(OutputModality.SPEECH, generated, "[Speech]", 2, 0)
+    np.testing.assert_array_equal(speech[0].content, base.speech_tokenizer.decode("[Hu1][Hu2][Hu3][Hu4]", seed=0))
