@@ -179,3 +179,18 @@ def test_synthetic_lm_has_released_layout(tmp_path):
         assert bool((norm == 1).all())
         # rows are not copies of one another
         assert not np.array_equal(embed[0].numpy(), embed[1].numpy())
+
+
+def test_cpu_buffer_check_reports_each_setting_without_dying(tiny_bundle):
+    """The extra-CPU-buffer check runs each setting in a child process: the default (off)
+    must run; the other either runs or is reported as a crash, never taking us down."""
+    from spiritlm_edge.bench.cpu_buffers import main as check_buffers
+    from spiritlm_edge.runtime.bundle import Bundle
+
+    bundle, _ = tiny_bundle
+    report = check_buffers([str(Bundle(bundle).path("lm")), "--threads", "1", "--prompt-tokens", "16",
+                            "--new-tokens", "3", "--timeout", "120"])
+    default = report["use_extra_bufts=False"]
+    assert default["survived"] and default["prefill_tokens_per_s"] > 0 and default["decode_tokens_per_s"] > 0
+    other = report["use_extra_bufts=True"]
+    assert other["survived"] or other["error"]
