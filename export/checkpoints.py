@@ -140,6 +140,21 @@ def get_key(mapping: Mapping, key: str, path: Path, what: str) -> Any:
     return mapping[key]
 
 
+def shape_mismatches(expected: Mapping[str, tuple], found: Mapping[str, tuple], limit: int = 6) -> list[str]:
+    """What differs between two name -> shape tables: missing keys, unexpected keys,
+    wrong shapes (the first ``limit`` of each); empty when they match."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: expected {tuple(expected[k])}, found {tuple(found[k])}"
+             for k in expected if k in found and tuple(expected[k]) != tuple(found[k])]
+    problems = []
+    for label, items, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                              ("wrong shapes", wrong, "; ")):
+        if items:
+            problems.append(f"{label}: {sep.join(items[:limit])}" + (" ..." if len(items) > limit else ""))
+    return problems
+
+
 def load_state_dict_strictly(
     module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, what: str
 ) -> None:
@@ -148,23 +163,8 @@ def load_state_dict_strictly(
     Strict means: no missing key, no unused key, every shape equal. The error lists the
     first few offending keys with the expected and found shapes.
     """
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state_dict[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:6])}" + (" ..." if len(missing) > 6 else ""))
-    if unexpected:
-        problems.append(
-            f"unexpected keys: {', '.join(unexpected[:6])}" + (" ..." if len(unexpected) > 6 else "")
-        )
-    if wrong_shape:
-        problems.append("wrong shapes: " + "; ".join(wrong_shape[:6]))
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = shape_mismatches(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if problems:
         raise CheckpointError(
             f"{what} {path} does not match its configuration: " + " | ".join(problems)

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from spiritlm_edge.export.checkpoints import CheckpointPaths
+from spiritlm_edge.export.checkpoints import CheckpointPaths, shape_mismatches
 from spiritlm_edge.export.lm import LMConfig, load_lm_config
 from spiritlm_edge.runtime.errors import CheckpointError, ModelError
 
@@ -157,17 +157,7 @@ def _expected_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
 def _check_weights(source: _WeightSource, cfg: LMConfig) -> list[str]:
     expected = _expected_shapes(cfg)
     present = [n for n in source.names if not n.endswith("rotary_emb.inv_freq")]
-    missing = [n for n in expected if n not in present]
-    unexpected = [n for n in present if n not in expected]
-    wrong = [f"{n}: expected {expected[n]}, found {source.shape(n)}"
-             for n in expected if n in present and source.shape(n) != expected[n]]
-    problems = []
-    if missing:
-        problems.append("missing " + ", ".join(missing[:4]))
-    if unexpected:
-        problems.append("unexpected " + ", ".join(unexpected[:4]))
-    if wrong:
-        problems.append("wrong shapes " + "; ".join(wrong[:4]))
+    problems = shape_mismatches(expected, {n: tuple(source.shape(n)) for n in present}, limit=4)
     if problems:
         raise CheckpointError(
             f"LM weights {source.path} do not match {cfg.lm_dir / 'config.json'}: " + " | ".join(problems)
