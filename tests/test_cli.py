@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from spiritlm_edge.runtime import audio_io
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
 from spiritlm_edge.runtime.audio_io import RecordingOutput, ScriptedInput
-from spiritlm_edge.runtime.cli import app, main
+from spiritlm_edge.cli import app, main
 
 runner = CliRunner()
 
@@ -210,7 +210,7 @@ def test_gpu_bundles_get_the_plain_vocoder_graph(tiny_base_checkpoints, tmp_path
     both decode the same audio."""
     from spiritlm_edge import SpeechTokenizer
     from spiritlm_edge.export.speech import export_speech
-    from spiritlm_edge.runtime.cli import _vocoder_layout
+    from spiritlm_edge.cli import _vocoder_layout
 
     assert _vocoder_layout("tensorrt") == "plain" and _vocoder_layout("onnx") == "blocked"
     audio = {}

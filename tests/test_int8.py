@@ -233,7 +233,7 @@ def test_corrupted_variant_is_caught(bundle_copy, speech_file, monkeypatch):
 def test_quantize_cli(bundle_copy, speech_file):
     from typer.testing import CliRunner
 
-    from spiritlm_edge.runtime.cli import app
+    from spiritlm_edge.cli import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["quantize", str(bundle_copy), "--components", "vocoder", "--fp16",

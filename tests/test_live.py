@@ -491,7 +491,7 @@ def test_device_listing_and_summary_text():
 def test_devices_command_runs_without_a_model():
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", "spiritlm_edge.runtime.cli", "devices"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "spiritlm_edge.cli", "devices"], capture_output=True, text=True)
     try:
         audio_io.import_sounddevice()
     except AudioError:

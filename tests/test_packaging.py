@@ -17,8 +17,13 @@ BLOCK_TORCH = textwrap.dedent(
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("torch", "torchaudio", "torchfcpe", "transformers", "onnx"):
                 raise ImportError(f"{name} is blocked: the edge install has no torch")
+            if BLOCK_UPPER_LAYERS and name.split(".")[:2] in (
+                ["spiritlm_edge", "export"], ["spiritlm_edge", "quant"], ["spiritlm_edge", "bench"]
+            ):
+                raise ImportError(f"{name} is blocked: runtime/ must not import the layers above it")
             return None
 
+    BLOCK_UPPER_LAYERS = True
     sys.meta_path.insert(0, BlockTorch())
     import spiritlm_edge, spiritlm_edge.runtime, spiritlm_edge.units
     names = []
@@ -38,15 +43,18 @@ def test_runtime_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", BLOCK_TORCH], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr
     imported = result.stdout.split()
-    for module in ("audio", "bundle", "cli", "units"):
+    for module in ("audio", "bundle", "pipeline", "units"):
         assert module in imported
 
 
 def test_cli_help_lists_commands_without_torch():
-    code = BLOCK_TORCH.replace('print(" ".join(sorted(names)))', "") + textwrap.dedent(
+    # the CLI sits above every layer: it may import export/ (lazily), but --help must not need torch
+    code = BLOCK_TORCH.replace('print(" ".join(sorted(names)))', "").replace(
+        "BLOCK_UPPER_LAYERS = True", "BLOCK_UPPER_LAYERS = False"
+    ) + textwrap.dedent(
         """
         from typer.testing import CliRunner
-        from spiritlm_edge.runtime.cli import app
+        from spiritlm_edge.cli import app
         out = CliRunner().invoke(app, ["--help"])
         assert out.exit_code == 0, out.output
         print(out.output)
@@ -60,7 +68,7 @@ def test_cli_help_lists_commands_without_torch():
 
 def test_version_flag():
     result = subprocess.run(
-        [sys.executable, "-m", "spiritlm_edge.runtime.cli", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "spiritlm_edge.cli", "--version"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("spiritlm-edge ")
@@ -73,7 +81,8 @@ def test_subpackages_map_to_top_level_folders(subpackage):
 
 
 def test_a_bundle_runs_with_the_edge_install_alone(tiny_base_bundle, librispeech_clip):
-    """Speech in, speech out, in a process where torch, transformers and onnx cannot be imported."""
+    """Speech in, speech out, in a process where torch, transformers, onnx, export/, quant/ and
+    bench/ cannot be imported."""
     code = BLOCK_TORCH.replace('print(" ".join(sorted(names)))', "") + textwrap.dedent(
         f"""
         from spiritlm_edge import SpiritLM

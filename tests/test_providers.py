@@ -649,7 +649,7 @@ def test_no_engine_built_is_a_quiet_note(bundle, fake_gpu, caplog):
 def test_cli_export_tensorrt(bundle, fake_gpu):
     from typer.testing import CliRunner
 
-    from spiritlm_edge.runtime.cli import app
+    from spiritlm_edge.cli import app
 
     result = CliRunner().invoke(app, ["export", "tensorrt", "--bundle", str(bundle), "--fp32"])
     assert result.exit_code == 0, result.output

@@ -425,7 +425,7 @@ def demo_cmd(
     threads: Optional[int] = ThreadsOption,
 ) -> None:
     """Speech-to-speech on a LibriSpeech clip with a tiny random-weight bundle (built once)."""
-    from spiritlm_edge.runtime.demo import run_demo
+    from spiritlm_edge.demo import run_demo
 
     run_demo(out, variant=variant, rebuild=rebuild, n_threads=threads, echo=typer.echo)
 
