@@ -19,6 +19,12 @@ Behaviour (one small state machine, driven by microphone blocks of 32 ms):
     ignores the microphone while answering instead (for speakers without echo
     cancellation, where the answer itself would trigger a barge-in).
 
+Echo cancellation (``aec``, an :class:`~spiritlm_edge.runtime.aec.EchoCanceller`): every
+microphone block first goes through the canceller with the samples the speaker was playing
+when it was captured (the output's :class:`~spiritlm_edge.runtime.audio_io.FarEndReference`,
+placed by the two devices' reported latencies), so the VAD and the turn logic hear the user
+and not the answer coming back from the loudspeaker.
+
 The session ends after ``max_seconds`` of audio, after ``max_turns`` answered turns, when
 the input ends, or on Ctrl-C; every case stops the devices and joins the worker. A failure
 inside ``respond`` ends the session and is raised again in the caller's thread.
@@ -37,6 +43,7 @@ from typing import Callable, Iterator, Union
 
 import numpy as np
 
+from spiritlm_edge.runtime.aec import EchoCanceller
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, resample
 from spiritlm_edge.runtime.audio_io import AudioInput, AudioOutput
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
@@ -46,6 +53,10 @@ log = logging.getLogger(__name__)
 
 Event = Union[TextDelta, AudioChunk, TurnEnd]
 Respond = Callable[[np.ndarray], Iterator[Event]]
+
+# The echo reference is placed this much less far back than the devices' reported latencies
+# add up to: the canceller finds echoes that come late, never ones that come before the reference.
+ALIGNMENT_MARGIN_S = 0.064
 
 # How long closing the session waits for ``respond`` to reach its next yield.
 WORKER_JOIN_SECONDS = 30.0
@@ -127,6 +138,7 @@ class LiveLoop:
         barge_in: bool = True,
         max_seconds: float | None = None,
         max_turns: int | None = None,
+        aec: EchoCanceller | None = None,
     ):
         self.respond = respond
         self.audio_in, self.audio_out = audio_in, audio_out
@@ -138,6 +150,8 @@ class LiveLoop:
         self.barge_in = barge_in
         self.max_seconds = max_seconds
         self.max_turns = max_turns
+        self.aec = aec
+        self._reference_breaks = 0
 
         self.turns: list[Turn] = []
         self.seconds = 0.0
@@ -171,6 +185,8 @@ class LiveLoop:
                         break
                     self.seconds += len(block) / SAMPLE_RATE
                     self._handle_events()
+                    if self.aec is not None:
+                        block = self._cancel_echo(block)
                     self._hear(block)
             except KeyboardInterrupt:
                 ended_by = "interrupted"
@@ -194,6 +210,18 @@ class LiveLoop:
             self._start_turn(event.audio)
         elif isinstance(event, SpeechDiscarded):
             log.debug("ignored %.0f ms of speech (shorter than min_speech_ms)", event.speech_ms)
+
+    def _cancel_echo(self, block: np.ndarray) -> np.ndarray:
+        latency = self.audio_in.latency + self.audio_out.latency
+        lag = round(max(0.0, latency - ALIGNMENT_MARGIN_S) * SAMPLE_RATE)
+        self.aec.device_delay_ms = lag * 1000 / SAMPLE_RATE  # for its log line
+        reference = self.audio_out.reference
+        far = reference.read(len(block), lag)
+        if reference.breaks != self._reference_breaks:  # an underrun or a restarted device
+            self._reference_breaks = reference.breaks
+            log.info("echo path interrupted (output underrun or device restart): echo cancellation starts afresh")
+            self.aec.reset()
+        return self.aec.process(block, far)
 
     # ----------------------------------------------------------------- turns
 
@@ -287,13 +315,16 @@ def run_mic_session(
     threshold: float = 0.5,
     end_silence_ms: float = 700.0,
     max_turns: int | None = None,
+    aec: bool | None = None,
 ) -> SessionSummary:
     """Talk with ``respond`` through the microphone and speaker until Ctrl-C / ``max_seconds``.
 
     ``input_device`` / ``output_device``: PortAudio index or part of a name (default: the
     system's). ``vad_model``: path to ``silero_vad.onnx``; otherwise the bundle's ``vad``
     component (``bundle``: a directory or a :class:`Bundle`), otherwise the installed
-    silero-vad package. Raises AudioError when there is no usable device.
+    silero-vad package. ``aec``: cancel the speaker's echo before the VAD (default: whenever
+    ``barge_in`` is on). Raises AudioError when there is no usable device, or when ``aec`` is
+    on and its library is missing.
     """
     from spiritlm_edge.runtime.audio_io import SoundDeviceInput, SoundDeviceOutput
     from spiritlm_edge.runtime.vad import SileroVAD
@@ -320,6 +351,7 @@ def run_mic_session(
         barge_in=barge_in,
         max_seconds=max_seconds,
         max_turns=max_turns,
+        aec=EchoCanceller() if (barge_in if aec is None else aec) else None,
     )
     started = time.monotonic()
     summary = loop.run()

@@ -302,6 +302,9 @@ def run_cmd(
     no_barge_in: bool = typer.Option(
         False, "--no-barge-in", help="Don't stop the answer when the user speaks (speakers without echo cancellation)."
     ),
+    aec: Optional[str] = typer.Option(
+        None, "--aec", help="on|off: cancel the speaker's echo before the VAD (default: on with barge-in)."
+    ),
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
     n_gpu_layers: Optional[int] = GpuLayersOption,
@@ -321,6 +324,13 @@ def run_cmd(
         return
     if not mic and input is None and text is None:
         fail("give --mic for a live session, or --input FILE and/or --text TEXT for one turn from files.")
+    if aec not in (None, "on", "off"):
+        fail(f"--aec takes on or off, not {aec!r}.")
+    echo_cancellation = not no_barge_in if aec is None else aec == "on"
+    if mic and echo_cancellation:
+        from spiritlm_edge.runtime.aec import check_available
+
+        check_available()  # before loading the model: a missing library is said at once
     spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers,
                                 n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
     conversation = Conversation(
@@ -333,7 +343,7 @@ def run_cmd(
         summary = run_mic_session(
             conversation.respond, input_device=_device(input_device), output_device=_device(output_device),
             max_seconds=max_seconds, vad_model=vad_model, bundle=spirit_lm.bundle, barge_in=not no_barge_in,
-            end_silence_ms=end_silence_ms,
+            end_silence_ms=end_silence_ms, aec=echo_cancellation,
         )
         typer.echo(f"session ended: {summary}", err=True)
         return
