@@ -32,9 +32,9 @@ import functools
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -55,7 +55,7 @@ MAX_LAG = 480  # samples a canceller may delay its output by (30 ms)
 # --------------------------------------------------------------------------- signals
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def voice(name: str) -> np.ndarray:
     """A test voice at 16 kHz: "clip" (LibriSpeech) or a tests/data/aec/*.flac name."""
     path = CLIP if name == "clip" else VOICES / f"{name}.flac"
@@ -88,7 +88,7 @@ class Room:
     rt60: float = 0.3
 
     @staticmethod
-    def random(seed: int) -> "Room":
+    def random(seed: int) -> Room:
         rng = np.random.default_rng(seed)
         return Room(seed, float(rng.uniform(10, 200)), float(rng.uniform(-20, 6)), float(rng.uniform(0.15, 0.5)))
 
@@ -97,7 +97,7 @@ class Room:
         return room_impulse_response(self.seed, self.delay_ms, self.rt60)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def room_impulse_response(seed: int, delay_ms: float, rt60: float) -> np.ndarray:
     """A shoebox room's response between a loudspeaker and a microphone 5-40 cm apart (image
     sources, pyroomacoustics), behind ``delay_ms`` of pure delay; unit energy."""
@@ -390,7 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name in args.candidates.split(","):
         started = time.perf_counter()
-        results[name] = {"echo_only": echo_only(makers[name], rooms, vad), "double_talk": double_talk(makers[name], rooms, vad)}
+        results[name] = {
+            "echo_only": echo_only(makers[name], rooms, vad),
+            "double_talk": double_talk(makers[name], rooms, vad),
+        }
         results[name]["wall_s"] = time.perf_counter() - started
         if not args.json:
             print(name, json.dumps(results[name], indent=1), flush=True)

@@ -39,6 +39,7 @@ LATENCY_SAMPLES = 128
 # The delay measurement: a window of this much audio, searched for echoes this late.
 DELAY_WINDOW_S = 2.0
 MAX_DELAY_S = 0.5
+EARLY_S = 0.2
 
 INSTALL_HINT = (
     "Echo cancellation needs the pywebrtc-audio package (WebRTC's AEC3): pip install 'spiritlm-edge[mic]' "
@@ -91,7 +92,9 @@ class EchoCanceller:
         mic = np.asarray(mic, dtype=np.float32).reshape(-1)
         far = np.asarray(far, dtype=np.float32).reshape(-1)
         if mic.shape != far.shape:
-            raise AudioError(f"Echo cancellation needs as many far-end samples as microphone samples; got {far.shape} and {mic.shape}.")
+            raise AudioError(
+                f"Echo cancellation needs as many far-end samples as microphone samples; got {far.shape} and {mic.shape}."
+            )
         if not (np.isfinite(mic).all() and np.isfinite(far).all()):
             raise AudioError("Echo cancellation got NaN or infinite samples.")
         self._mic = np.concatenate([self._mic, mic])
@@ -103,10 +106,15 @@ class EchoCanceller:
             self._out = np.concatenate([self._out, done])
         out, self._out = self._out[: len(mic)], self._out[len(mic) :]
         found = self.delay.feed(mic, far)
-        if found is not None:
+        if found is not None and found < 0:
+            log.warning(
+                "the echo arrives %.0f ms before its reference: the devices overstate their latency "
+                "(%.0f ms assumed); echo cancellation cannot work like this", -found, self.device_delay_ms,
+            )
+        elif found is not None:
             log.info(
-                "echo delay: %.0f ms after the aligned reference (%.0f ms of device latency already removed; "
-                "AEC3 follows it)", found, self.device_delay_ms,
+                "echo delay: %.0f ms in all, %.0f ms of it device latency the reference was aligned by, "
+                "%.0f ms left to AEC3's delay estimator", self.device_delay_ms + found, self.device_delay_ms, found,
             )
         return out
 
@@ -137,11 +145,14 @@ class _DelayMeter:
         self._mic, self._far, self._samples = [], [], 0
         n = 1 << int(np.ceil(np.log2(2 * len(mic_w))))
         cross = np.fft.rfft(mic_w, n) * np.conj(np.fft.rfft(far_w, n))
-        corr = np.fft.irfft(cross / np.maximum(np.abs(cross), 1e-12), n)[: int(MAX_DELAY_S * SAMPLE_RATE)]
+        corr = np.fft.irfft(cross / np.maximum(np.abs(cross), 1e-12), n)
+        # lags from -EARLY_S (an echo before its reference: overstated device latencies) to MAX_DELAY_S
+        early = int(EARLY_S * SAMPLE_RATE)
+        corr = np.concatenate([corr[n - early :], corr[: int(MAX_DELAY_S * SAMPLE_RATE)]])
         peak = int(np.argmax(corr))
         if corr[peak] < 8 * np.std(corr):
             return None  # no clear echo (quiet loudspeaker, double talk)
-        found = peak * 1000 / SAMPLE_RATE
+        found = (peak - early) * 1000 / SAMPLE_RATE
         if self.delay_ms is not None and abs(found - self.delay_ms) <= 5:
             return None
         self.delay_ms = found

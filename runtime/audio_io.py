@@ -169,7 +169,9 @@ class FarEndReference:
     The device side calls :meth:`write` with each block it hands to the device (at its own
     rate: resampled here to 16 kHz). The loop calls :meth:`read` once per microphone block
     with the two devices' latencies: the first read (and any read after the timelines
-    drifted apart by more than ``RESYNC_SECONDS``: an output underrun, a restarted device)
+    drifted apart by more than ``RESYNC_SECONDS`` for ``RESYNC_READS`` reads in a row: a
+    stalled or restarted device; a host API that hands out several blocks at once makes
+    shorter swings)
     places the read position ``lag`` behind the newest sample written; later reads continue
     exactly where the previous one ended, so that the canceller sees a steady delay.
     ``breaks`` counts the times the echo path may have jumped (resyncs, and underruns the
@@ -178,12 +180,14 @@ class FarEndReference:
     """
 
     CAPACITY_SECONDS = 4.0
-    RESYNC_SECONDS = 0.12
+    RESYNC_SECONDS = 0.2
+    RESYNC_READS = 8
 
     def __init__(self):
         self._ring = np.zeros(int(self.CAPACITY_SECONDS * SAMPLE_RATE), dtype=np.float32)
         self._written = 0  # samples written since the start, on the 16 kHz timeline
         self._cursor: int | None = None  # next sample read() returns
+        self._drifting = 0  # reads in a row that found the cursor out of place
         self._lock = threading.Lock()
         self._resampler = None
         self._rate = SAMPLE_RATE
@@ -220,7 +224,10 @@ class FarEndReference:
         """The ``n`` samples after the previous read; zeros for what was never written."""
         with self._lock:
             expected = self._written - lag - n
-            if self._cursor is None or abs(self._cursor - expected) > self.RESYNC_SECONDS * SAMPLE_RATE:
+            off = self._cursor is not None and abs(self._cursor - expected) > self.RESYNC_SECONDS * SAMPLE_RATE
+            self._drifting = self._drifting + 1 if off else 0
+            if self._cursor is None or self._drifting >= self.RESYNC_READS:
+                self._drifting = 0
                 if self._cursor is not None:
                     self.resyncs += 1
                     self.breaks += 1
@@ -494,10 +501,11 @@ class SoundDeviceInput(AudioInput):
 
     @property
     def latency(self) -> float:
-        # PortAudio's input latency, plus the one block that waits in our queue on average.
+        # PortAudio's input latency, plus what waits in our queue when the loop runs late.
         if self._stream is None:
             return 0.0
-        return float(self._stream.latency) + BLOCK_SAMPLES / SAMPLE_RATE
+        queued = self._queue.qsize() * self._stream.blocksize / self._stream.samplerate
+        return float(self._stream.latency) + queued + len(self._pending) / SAMPLE_RATE
 
     def _callback(self, indata, frames, time_info, status) -> None:
         if status.input_overflow:

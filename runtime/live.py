@@ -54,9 +54,10 @@ log = logging.getLogger(__name__)
 Event = Union[TextDelta, AudioChunk, TurnEnd]
 Respond = Callable[[np.ndarray], Iterator[Event]]
 
-# The echo reference is placed this much less far back than the devices' reported latencies
-# add up to: the canceller finds echoes that come late, never ones that come before the reference.
-ALIGNMENT_MARGIN_S = 0.064
+# The echo reference is placed this share of the devices' reported latencies back: the
+# canceller finds echoes that come late, never ones that come before their reference, and
+# PortAudio's figures are often upper bounds (buffers that are not always full).
+ALIGNMENT_SHARE = 0.5
 
 # How long closing the session waits for ``respond`` to reach its next yield.
 WORKER_JOIN_SECONDS = 30.0
@@ -213,7 +214,7 @@ class LiveLoop:
 
     def _cancel_echo(self, block: np.ndarray) -> np.ndarray:
         latency = self.audio_in.latency + self.audio_out.latency
-        lag = round(max(0.0, latency - ALIGNMENT_MARGIN_S) * SAMPLE_RATE)
+        lag = round(latency * ALIGNMENT_SHARE * SAMPLE_RATE)
         self.aec.device_delay_ms = lag * 1000 / SAMPLE_RATE  # for its log line
         reference = self.audio_out.reference
         far = reference.read(len(block), lag)
