@@ -329,6 +329,7 @@ def echo_only(make: Callable[[], Canceller], rooms: list[Room], vad=None) -> dic
         "erle_worst_db": float(np.min(erle)),
         "convergence_median_s": float(np.median(converged)),
         "convergence_worst_s": float(np.max(converged)),
+        "converged_within_1s_share": float(np.mean(np.array(converged) <= 1.0)),
         "false_barge_ins": false_barge_ins if vad is not None else None,
         "cpu_per_audio_s": cpu / seconds,
     }

@@ -93,7 +93,8 @@ class EchoCanceller:
         far = np.asarray(far, dtype=np.float32).reshape(-1)
         if mic.shape != far.shape:
             raise AudioError(
-                f"Echo cancellation needs as many far-end samples as microphone samples; got {far.shape} and {mic.shape}."
+                f"Echo cancellation needs as many far-end samples as microphone samples; "
+                f"got {far.shape} and {mic.shape}."
             )
         if not (np.isfinite(mic).all() and np.isfinite(far).all()):
             raise AudioError("Echo cancellation got NaN or infinite samples.")

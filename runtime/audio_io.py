@@ -585,7 +585,7 @@ class SoundDeviceOutput(AudioOutput):
 
     def _callback(self, outdata, frames, time_info, status) -> None:
         self._buffer.pull(outdata[:, 0])
-        if status.output_underflow:
+        if getattr(status, "output_underflow", False):
             self.reference.mark_break()
         self.reference.write(outdata[:, 0], self._rate)
 

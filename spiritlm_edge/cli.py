@@ -300,7 +300,7 @@ def run_cmd(
     vad_model: Optional[Path] = typer.Option(None, "--vad-model", help="silero_vad.onnx (default: the bundle's)."),
     end_silence_ms: float = typer.Option(700.0, "--end-silence-ms", help="Silence that ends the user's turn."),
     no_barge_in: bool = typer.Option(
-        False, "--no-barge-in", help="Don't stop the answer when the user speaks (speakers without echo cancellation)."
+        False, "--no-barge-in", help="Don't stop the answer when the user speaks (where --aec cannot run)."
     ),
     aec: Optional[str] = typer.Option(
         None, "--aec", help="on|off: cancel the speaker's echo before the VAD (default: on with barge-in)."

@@ -79,7 +79,9 @@ print(json.dumps({
     "turns": len(summary.turns), "interrupted": [t.interrupted for t in summary.turns],
     "answer_s": [t.answer_samples / 16000 for t in summary.turns], "ended_by": summary.ended_by,
     "statuses": statuses, "delay_ms": aec.delay.delay_ms if aec else None,
-    "interrupted_after_s": times["(interrupted)"] - times["heard 2.8 s, answering"] if "(interrupted)" in times else None,
+    "interrupted_after_s": (
+        times["(interrupted)"] - times["heard 2.8 s, answering"] if "(interrupted)" in times else None
+    ),
 }))
 """
 
@@ -90,7 +92,9 @@ def pulse_server(tmp_path_factory):
     if missing:
         pytest.skip(f"PulseAudio cannot start: {', '.join(missing)} not installed (apt-get install pulseaudio)")
     if not list(Path("/usr/lib").glob("*/alsa-lib/libasound_module_pcm_pulse.so")):
-        pytest.skip("PortAudio cannot reach PulseAudio: ALSA's pulse plugin missing (apt-get install libasound2-plugins)")
+        pytest.skip(
+            "PortAudio cannot reach PulseAudio: ALSA's pulse plugin missing (apt-get install libasound2-plugins)"
+        )
     pytest.importorskip("sounddevice", reason="sounddevice (the mic extra) not installed")
     pytest.importorskip("pywebrtc_audio", reason="pywebrtc-audio (the mic extra) not installed")
     home = tmp_path_factory.mktemp("pulse")
