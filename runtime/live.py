@@ -19,15 +19,15 @@ Behaviour (one small state machine, driven by microphone blocks of 32 ms):
     ignores the microphone while answering instead (for speakers without echo
     cancellation, where the answer itself would trigger a barge-in).
 
+The session ends after ``max_seconds`` of audio, after ``max_turns`` answered turns, when
+the input ends, or on Ctrl-C; every case stops the devices and joins the worker. A failure
+inside ``respond`` ends the session and is raised again in the caller's thread.
+
 Echo cancellation (``aec``, an :class:`~spiritlm_edge.runtime.aec.EchoCanceller`): every
 microphone block first goes through the canceller with the samples the speaker was playing
 when it was captured (the output's :class:`~spiritlm_edge.runtime.audio_io.FarEndReference`,
 placed by the two devices' reported latencies), so the VAD and the turn logic hear the user
 and not the answer coming back from the loudspeaker.
-
-The session ends after ``max_seconds`` of audio, after ``max_turns`` answered turns, when
-the input ends, or on Ctrl-C; every case stops the devices and joins the worker. A failure
-inside ``respond`` ends the session and is raised again in the caller's thread.
 """
 
 from __future__ import annotations
@@ -137,9 +137,9 @@ class LiveLoop:
         on_status: Callable[[str], None] | None = None,
         on_turn_end: Callable[[Turn], None] | None = None,
         barge_in: bool = True,
+        aec: EchoCanceller | None = None,
         max_seconds: float | None = None,
         max_turns: int | None = None,
-        aec: EchoCanceller | None = None,
     ):
         self.respond = respond
         self.audio_in, self.audio_out = audio_in, audio_out
@@ -313,10 +313,10 @@ def run_mic_session(
     vad_model: str | os.PathLike | None = None,
     bundle=None,
     barge_in: bool = True,
+    aec: bool | None = None,
     threshold: float = 0.5,
     end_silence_ms: float = 700.0,
     max_turns: int | None = None,
-    aec: bool | None = None,
 ) -> SessionSummary:
     """Talk with ``respond`` through the microphone and speaker until Ctrl-C / ``max_seconds``.
 
@@ -350,9 +350,9 @@ def run_mic_session(
         on_status=on_status,
         on_turn_end=on_turn_end,
         barge_in=barge_in,
+        aec=EchoCanceller() if (barge_in if aec is None else aec) else None,
         max_seconds=max_seconds,
         max_turns=max_turns,
-        aec=EchoCanceller() if (barge_in if aec is None else aec) else None,
     )
     started = time.monotonic()
     summary = loop.run()

@@ -299,11 +299,11 @@ def run_cmd(
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="End the live session after N s."),
     vad_model: Optional[Path] = typer.Option(None, "--vad-model", help="silero_vad.onnx (default: the bundle's)."),
     end_silence_ms: float = typer.Option(700.0, "--end-silence-ms", help="Silence that ends the user's turn."),
-    no_barge_in: bool = typer.Option(
-        False, "--no-barge-in", help="Don't stop the answer when the user speaks (where --aec cannot run)."
-    ),
     aec: Optional[str] = typer.Option(
         None, "--aec", help="on|off: cancel the speaker's echo before the VAD (default: on with barge-in)."
+    ),
+    no_barge_in: bool = typer.Option(
+        False, "--no-barge-in", help="Don't stop the answer when the user speaks (where --aec cannot run)."
     ),
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
@@ -341,9 +341,10 @@ def run_cmd(
         from spiritlm_edge.runtime.live import run_mic_session
 
         summary = run_mic_session(
-            conversation.respond, input_device=_device(input_device), output_device=_device(output_device),
+            conversation.respond, aec=echo_cancellation, input_device=_device(input_device),
+            output_device=_device(output_device),
             max_seconds=max_seconds, vad_model=vad_model, bundle=spirit_lm.bundle, barge_in=not no_barge_in,
-            end_silence_ms=end_silence_ms, aec=echo_cancellation,
+            end_silence_ms=end_silence_ms,
         )
         typer.echo(f"session ended: {summary}", err=True)
         return
