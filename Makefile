@@ -11,7 +11,7 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p'
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: demo test setup edge clean
+.PHONY: demo test test-fast setup edge clean
 
 $(BIN)/spiritlm-edge: pyproject.toml
 	@echo "Setting up $(VENV) (torch CPU, the export and dev extras)"
@@ -39,6 +39,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The quick tier while editing: every test that takes more than a few seconds is marked slow.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The edge install alone (no torch): what a Jetson or kiosk needs to run a bundle.
 edge:
