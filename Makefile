@@ -11,7 +11,7 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p'
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: demo test test-fast setup edge clean
+.PHONY: demo test test-fast check setup edge clean
 
 $(BIN)/spiritlm-edge: pyproject.toml
 	@echo "Setting up $(VENV) (torch CPU, the export and dev extras)"
@@ -44,10 +44,23 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Lint, format and types. mypy cannot follow setuptools' editable-install finder through our
+# package-dir mapping (spiritlm_edge.runtime is runtime/, ...), so it reads a tree of links that
+# lays the folders out as the installed package.
+TYPECHECK_TREE := build/typecheck
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@mkdir -p $(TYPECHECK_TREE)/spiritlm_edge
+	@for f in spiritlm_edge/*.py; do ln -sfn $(CURDIR)/$$f $(TYPECHECK_TREE)/spiritlm_edge/; done
+	@for d in runtime export quant bench; do ln -sfn $(CURDIR)/$$d $(TYPECHECK_TREE)/spiritlm_edge/$$d; done
+	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p spiritlm_edge
+
 # The edge install alone (no torch): what a Jetson or kiosk needs to run a bundle.
 edge:
 	$(PYTHON) -m venv .venv-edge
 	.venv-edge/bin/pip install --quiet -e ".[mic]"
 
 clean:
-	rm -rf $(VENV) .venv-edge .pytest_cache
+	rm -rf $(VENV) .venv-edge .pytest_cache .mypy_cache build
