@@ -175,7 +175,7 @@ def livekit_canceller() -> Canceller:
     def process(mic: np.ndarray, far: np.ndarray) -> np.ndarray:
         nonlocal pending, queue_mic, queue_far
         queue_mic, queue_far = np.concatenate([queue_mic, mic]), np.concatenate([queue_far, far])
-        out = [pending]
+        out: list[np.ndarray] = [pending]
         while len(queue_mic) >= frame:
             apm.process_reverse_stream(to_frame(queue_far[:frame]))
             captured = to_frame(queue_mic[:frame])
@@ -219,7 +219,7 @@ def speexdsp_canceller(filter_ms: float = 500.0) -> Canceller:
             res = int16_frame()
             lib.speex_echo_cancellation(echo, rec, play, res)
             lib.speex_preprocess_run(pre, res)
-            out[i : i + frame] = np.frombuffer(res, dtype=np.int16) / 32768
+            out[i : i + frame] = np.frombuffer(bytes(res), dtype=np.int16) / 32768
         return out
 
     return process
@@ -344,6 +344,7 @@ def double_talk(make: Callable[[], Canceller], rooms: list[Room], vad) -> dict:
         near = voice(NEAR_VOICES[i % len(NEAR_VOICES)])
         s = scene(room, far_signal(i), near, near_at=float(rng.uniform(2.0, 6.0)), seed=room.seed)
         out, _ = cancel(make, s)
+        assert s.near_onset is not None
         onset_s = s.near_onset / SAMPLE_RATE
         times = speech_starts(vad, out)
         early += any(t < onset_s for t in times)
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     vad = SileroVAD()
     rooms = [Room.random(seed) for seed in range(args.rooms)]
     makers = {"none": no_canceller, **CANDIDATES}
-    results = {}
+    results: dict[str, dict] = {}
     for name in args.candidates.split(","):
         started = time.perf_counter()
         results[name] = {

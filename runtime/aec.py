@@ -110,12 +110,17 @@ class EchoCanceller:
         if found is not None and found < 0:
             log.warning(
                 "the echo arrives %.0f ms before its reference: the devices overstate their latency "
-                "(%.0f ms assumed); echo cancellation cannot work like this", -found, self.device_delay_ms,
+                "(%.0f ms assumed); echo cancellation cannot work like this",
+                -found,
+                self.device_delay_ms,
             )
         elif found is not None:
             log.info(
                 "echo delay: %.0f ms in all, %.0f ms of it device latency the reference was aligned by, "
-                "%.0f ms left to AEC3's delay estimator", self.device_delay_ms + found, self.device_delay_ms, found,
+                "%.0f ms left to AEC3's delay estimator",
+                self.device_delay_ms + found,
+                self.device_delay_ms,
+                found,
             )
         return out
 

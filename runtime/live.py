@@ -187,7 +187,7 @@ class LiveLoop:
                     self.seconds += len(block) / SAMPLE_RATE
                     self._handle_events()
                     if self.aec is not None:
-                        block = self._cancel_echo(block)
+                        block = self._cancel_echo(self.aec, block)
                     self._hear(block)
             except KeyboardInterrupt:
                 ended_by = "interrupted"
@@ -212,17 +212,17 @@ class LiveLoop:
         elif isinstance(event, SpeechDiscarded):
             log.debug("ignored %.0f ms of speech (shorter than min_speech_ms)", event.speech_ms)
 
-    def _cancel_echo(self, block: np.ndarray) -> np.ndarray:
+    def _cancel_echo(self, aec: EchoCanceller, block: np.ndarray) -> np.ndarray:
         latency = self.audio_in.latency + self.audio_out.latency
         lag = round(latency * ALIGNMENT_SHARE * SAMPLE_RATE)
-        self.aec.device_delay_ms = lag * 1000 / SAMPLE_RATE  # for its log line
+        aec.device_delay_ms = lag * 1000 / SAMPLE_RATE  # for its log line
         reference = self.audio_out.reference
         far = reference.read(len(block), lag)
         if reference.breaks != self._reference_breaks:  # an underrun or a restarted device
             self._reference_breaks = reference.breaks
             log.info("echo path interrupted (output underrun or device restart): echo cancellation starts afresh")
-            self.aec.reset()
-        return self.aec.process(block, far)
+            aec.reset()
+        return aec.process(block, far)
 
     # ----------------------------------------------------------------- turns
 

@@ -103,9 +103,19 @@ def pulse_server(tmp_path_factory):
     env = {**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(home), "XDG_CONFIG_HOME": str(home)}
     log = open(home / "pulseaudio.log", "w")
     server = subprocess.Popen(
-        ["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit", "-n", "-F", str(home / "default.pa"),
-         "--log-target=stderr"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            "pulseaudio",
+            "--daemonize=no",
+            "--exit-idle-time=-1",
+            "--disallow-exit",
+            "-n",
+            "-F",
+            str(home / "default.pa"),
+            "--log-target=stderr",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     client_env = {**env, "PULSE_SERVER": f"unix:{socket}"}
     deadline = time.monotonic() + 15
@@ -129,13 +139,18 @@ def session(env, aec: str, interruption: str = "-") -> dict:
     question = VOICES / "near-question.flac"
     run = subprocess.run(
         [sys.executable, "-c", CHILD, aec, str(question), interruption, str(clip)],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     result["log"] = run.stderr
-    print(f"\nPulseAudio session, aec {aec}, interruption {Path(interruption).name}: "
-          f"{ {k: v for k, v in result.items() if k != 'log'} }")
+    print(
+        f"\nPulseAudio session, aec {aec}, interruption {Path(interruption).name}: "
+        f"{ {k: v for k, v in result.items() if k != 'log'} }"
+    )
     print("\n".join(line for line in run.stderr.splitlines() if "echo" in line))
     return result
 
