@@ -12,12 +12,15 @@ was chosen over SpeexDSP and over the livekit SDK's copy of the same module by t
 simulated-room measurements of ``python -m spiritlm_edge.bench.aec`` (docs/benchmarks.md).
 
 Alignment: the echo of a sample reaches the microphone after the output device's latency,
-the air and the input device's latency. The loop removes what PortAudio reports for the two
-devices (:class:`~spiritlm_edge.runtime.audio_io.FarEndReference`); what remains (the room,
-buffers PortAudio does not know about) is left to AEC3's own delay estimator, which follows
-changes such as an output underrun or a restarted device. To say in the logs what delay the
-room really has, :class:`EchoCanceller` also measures it: a cross-correlation (GCC-PHAT) of
-the reference with the microphone over the last seconds of far-end speech.
+the air and the input device's latency. The loop places the reference by half of what
+PortAudio reports for the two devices (:class:`~spiritlm_edge.runtime.audio_io.FarEndReference`;
+half, because an echo that comes before its reference cannot be cancelled and the reported
+figures are often upper bounds); the rest (the room, buffers PortAudio does not know about)
+is left to AEC3's own delay estimator. After an output underrun or a restarted device the loop
+restarts the canceller, which converges again faster than AEC3 re-learns a shifted path. To
+say in the logs what delay there is, :class:`EchoCanceller` also measures it: a
+cross-correlation (GCC-PHAT) of the reference with the microphone over windows of far-end
+speech.
 """
 
 from __future__ import annotations
