@@ -555,6 +555,7 @@ class SoundDeviceOutput(AudioOutput):
         self._rate = SAMPLE_RATE
         self._resampler = None
         self._resample_lock = threading.Lock()
+        self._started = False
 
     def start(self) -> None:
         sd = import_sounddevice()
@@ -572,6 +573,9 @@ class SoundDeviceOutput(AudioOutput):
             self._stream = None
             raise AudioError(f"Cannot open audio output {name!r} at {self._rate} Hz ({exc}). {LIST_DEVICES_HINT}.") from None
         log.info("speaker: %s at %d Hz", name, self._rate)
+        if self._started:
+            self.reference.mark_break()  # a restarted device: the echo path starts anew
+        self._started = True
 
     def _new_resampler(self) -> None:
         if self._rate != SAMPLE_RATE:

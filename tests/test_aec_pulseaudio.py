@@ -66,7 +66,7 @@ def respond(audio):
 statuses, times = [], {}
 def on_status(message):
     statuses.append(message)
-    times[message] = time.monotonic()
+    times[message.split(" ")[0]] = time.monotonic()
     if message.startswith("heard") and interruption != "-":
         threading.Timer(2.5, say, [interruption]).start()  # 2.5 s into the answer
 
@@ -80,7 +80,7 @@ print(json.dumps({
     "answer_s": [t.answer_samples / 16000 for t in summary.turns], "ended_by": summary.ended_by,
     "statuses": statuses, "delay_ms": aec.delay.delay_ms if aec else None,
     "interrupted_after_s": (
-        times["(interrupted)"] - times["heard 2.8 s, answering"] if "(interrupted)" in times else None
+        times["(interrupted)"] - times["heard"] if "(interrupted)" in times else None
     ),
 }))
 """
@@ -158,7 +158,7 @@ def session(env, aec: str, interruption: str = "-") -> dict:
 def test_own_echo_does_not_interrupt_with_aec(pulse_server):
     result = session(pulse_server, "on")
     assert result["turns"] == 1, result
-    assert result["interrupted"] == [False], result["log"][-2000:]
+    assert result["interrupted"] == [False], result["log"][-3000:]
     assert result["answer_s"][0] > 9.0
     assert "echo delay:" in result["log"]  # the delay found is logged
 
