@@ -33,8 +33,8 @@ import os
 import shutil
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger(__name__)
 

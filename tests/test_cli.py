@@ -179,7 +179,7 @@ def test_mic_loop_ctrl_c_mid_turn_ends_cleanly(tiny_base_bundle, monkeypatch, li
 
 
 def test_demo_builds_once_and_reports(monkeypatch, tmp_path):
-    from spiritlm_edge.runtime import demo
+    from spiritlm_edge import demo
 
     monkeypatch.setattr(demo, "demo_bundle_dir", lambda variant: tmp_path / f"demo-{variant}")
     out = tmp_path / "answer.wav"
