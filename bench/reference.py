@@ -86,8 +86,7 @@ def reference_lm_report(paths, variant, ids, max_new_tokens, report) -> dict[str
     """transformers' LlamaForCausalLM in bf16 on the checkpoint: prefill of the turn's
     prompt, then greedy decode with the KV cache. One timed run after a short warm-up:
     a 7B in bf16 is slow, and more runs would not change the picture."""
-    import torch  # optional (the export extra), as is transformers
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import AutoConfig, LlamaForCausalLM  # heavy, and only --reference-lm needs it
 
     lm_dir = paths.lm_dir(variant)
     config = AutoConfig.from_pretrained(lm_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spiritlm_edge.export.random_speech import full_size_vocoder
 from spiritlm_edge.export.vocoder import (
     BASE_DEFAULT_STYLE,
     DEFAULT_SPEAKER,
@@ -23,7 +24,6 @@ from spiritlm_edge.export.vocoder import (
     SAMPLE_RATE,
     export_onnx,
     fold_weight_norm,
-    full_size_model,
 )
 from spiritlm_edge.runtime.vocoder import Vocoder
 
@@ -35,7 +35,7 @@ def benchmark(variant: str = "expressive", seconds: float = 9.0, threads: int = 
     eager. Times one synthesis of ``seconds`` of audio (durations given, i.e. generator
     only); returns {name: {"median_s", "min_s", "rtf"}} (rtf from the median)."""
     torch.set_num_threads(threads)
-    model = full_size_model(variant, seed)
+    model = full_size_vocoder(variant, seed)
     frames = int(round(seconds * SAMPLE_RATE / model.config.hop_length))
     rng = np.random.default_rng(seed)
     hubert = rng.integers(0, model.config.num_embeddings, frames)

@@ -155,12 +155,13 @@ def test_synthetic_lm_has_released_layout(tmp_path):
 
     from spiritlm_edge.export.checkpoints import CheckpointPaths
     from spiritlm_edge.export.lm import load_lm_config
+    from spiritlm_edge.export.random_lm import write_random_lm
     from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
     paths = CheckpointPaths(tmp_path)
     cfg = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=4,
                context_length=4096)
-    lm_dir = synthetic.write_random_lm(paths, "expressive", seed=1, cfg=cfg)
+    lm_dir = write_random_lm(paths, "expressive", seed=1, cfg=cfg, text_vocab=synthetic.TEXT_VOCAB)
     loaded = load_lm_config(paths, "expressive")
     assert loaded.vocab_size == 32768 and loaded.weights_path.name == "model.safetensors"
     tokenizer = SpiritTokenizer.from_dir(lm_dir, variant="expressive")

@@ -11,7 +11,8 @@ gguf = pytest.importorskip("gguf")
 
 from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.export.build import export_lm
-from spiritlm_edge.export.lm import load_lm_config, write_tiny
+from spiritlm_edge.export.lm import load_lm_config
+from spiritlm_edge.export.random_lm import write_tiny_lm as write_tiny
 from spiritlm_edge.quant.gguf_convert import CONTROL, UNUSED, USER_DEFINED, BYTE, convert_lm, rope_permute
 from spiritlm_edge.quant.llama_quantize import check_quant, quantize_gguf
 from spiritlm_edge.runtime.errors import BundleError, CheckpointError, ModelError
