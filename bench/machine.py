@@ -68,8 +68,12 @@ def _gpus() -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
@@ -86,8 +90,18 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "gpus": _gpus(),
-        "versions": {d: library_version(d) for d in ("spiritlm-edge", "numpy", "onnxruntime", "onnxruntime-gpu",
-                                              "llama_cpp_python", "torch", "transformers")},
+        "versions": {
+            d: library_version(d)
+            for d in (
+                "spiritlm-edge",
+                "numpy",
+                "onnxruntime",
+                "onnxruntime-gpu",
+                "llama_cpp_python",
+                "torch",
+                "transformers",
+            )
+        },
     }
     info["onnxruntime_providers"] = onnxruntime.get_available_providers()
     try:
@@ -112,7 +126,7 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 5, n_threads: int = 
         with ThreadPoolExecutor(threads) as pool:
             for _ in range(repeats):
                 start = time.perf_counter()
-                list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
+                list(pool.map(lambda b: np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]]), bounds))
                 best = min(best, time.perf_counter() - start)
         result[f"copy_gb_per_s_{threads}_threads"] = 2 * n / best / 1e9
     result["gb_per_s"] = max(v for k, v in result.items() if k.startswith("copy_gb_per_s"))
@@ -136,5 +150,10 @@ def decode_bytes_per_token(gguf_path: Path, context_tokens: float) -> dict[str, 
     heads = int(meta.get("llama.attention.head_count", 1))
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
     kv = 2 * layers * context_tokens * (hidden // heads * kv_heads) * 2
-    return {"weights_bytes": weights, "token_embd_bytes": embedding, "kv_cache_bytes": kv,
-            "total_bytes": weights + kv, "gguf_tensor_bytes": weights + embedding}
+    return {
+        "weights_bytes": weights,
+        "token_embd_bytes": embedding,
+        "kv_cache_bytes": kv,
+        "total_bytes": weights + kv,
+        "gguf_tensor_bytes": weights + embedding,
+    }

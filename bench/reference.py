@@ -27,23 +27,46 @@ from spiritlm_edge.runtime.speech import SpeechTokenizer
 from spiritlm_edge.runtime.units import string_to_units
 
 
-def reference_report(report, checkpoints, bundle, samples, answer_tokens, ids_for_lm, speech_dir, providers, n_threads,
-               repeat, warmup, reference, reference_lm, max_new_tokens) -> dict[str, Any]:
+def reference_report(
+    report,
+    checkpoints,
+    bundle,
+    samples,
+    answer_tokens,
+    ids_for_lm,
+    speech_dir,
+    providers,
+    n_threads,
+    repeat,
+    warmup,
+    reference,
+    reference_lm,
+    max_new_tokens,
+) -> dict[str, Any]:
     """Our PyTorch modules (fp32 eager) and transformers' Llama (bf16) on the same weights,
     timed alternately with our engines (``checkpoints``: the root the bundle was built from)."""
     torch.set_num_threads(n_threads)
     paths = CheckpointPaths(Path(checkpoints))
     variant = bundle.variant
-    result: dict[str, Any] = {"torch": torch.__version__, "threads": n_threads, "mode": "fp32 eager, no_grad",
-                              "seconds": {}, "ours_seconds": {}, "speedup": {}}
+    result: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": n_threads,
+        "mode": "fp32 eager, no_grad",
+        "seconds": {},
+        "ours_seconds": {},
+        "speedup": {},
+    }
     if reference:
         speech = SpeechTokenizer(bundle, providers=providers, n_threads=n_threads)
         answer = string_to_units("".join(answer_tokens), rng=0)
         hub, quantizer = ex_hubert.load_hubert(paths), ex_hubert.load_quantizer(paths)
         vocoder = ex_vocoder.load_vocoder(paths, variant)
         hubert_ids = [int(x) for x in answer["hubert"].split()]
-        extra = {k: [int(x) for x in answer[k].split()] for k in ("pitch", "style")
-                 if variant == "expressive" and k in answer}
+        extra = {
+            k: [int(x) for x in answer[k].split()]
+            for k in ("pitch", "style")
+            if variant == "expressive" and k in answer
+        }
         pairs = [
             ("hubert", lambda: ex_hubert.reference_units(hub, quantizer, samples), lambda: speech.hubert(samples)),
             ("vocoder", lambda: vocoder.synthesize(hubert_ids, **extra), lambda: speech.decode(answer)),
@@ -75,10 +98,13 @@ def reference_report(report, checkpoints, bundle, samples, answer_tokens, ids_fo
     if reference_lm:
         result["lm"] = reference_lm_report(paths, variant, ids_for_lm, max_new_tokens, report)
         if "decode_tokens_per_s" in result["lm"]:
-            result["speedup"]["lm_decode"] = (report["stages"]["lm_decode"]["tokens_per_s"]["median"]
-                                              / result["lm"]["decode_tokens_per_s"]["median"])
-            result["speedup"]["lm_prefill"] = (report["stages"]["lm_prefill"]["tokens_per_s"]["median"]
-                                               / result["lm"]["prefill_tokens_per_s"]["median"])
+            result["speedup"]["lm_decode"] = (
+                report["stages"]["lm_decode"]["tokens_per_s"]["median"] / result["lm"]["decode_tokens_per_s"]["median"]
+            )
+            result["speedup"]["lm_prefill"] = (
+                report["stages"]["lm_prefill"]["tokens_per_s"]["median"]
+                / result["lm"]["prefill_tokens_per_s"]["median"]
+            )
     return result
 
 
@@ -94,8 +120,9 @@ def reference_lm_report(paths, variant, ids, max_new_tokens, report) -> dict[str
     needed = 2 * (n * (4 * h * h + 3 * h * f) + 2 * v * h)  # bf16 weights
     available = psutil.virtual_memory().available
     if needed * 1.15 > available:
-        return {"skipped": f"needs about {needed / 1e9:.1f} GB of RAM for bf16 weights, "
-                           f"{available / 1e9:.1f} GB available"}
+        return {
+            "skipped": f"needs about {needed / 1e9:.1f} GB of RAM for bf16 weights, {available / 1e9:.1f} GB available"
+        }
     start = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(lm_dir, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True).eval()
     load_s = time.perf_counter() - start
@@ -119,7 +146,13 @@ def reference_lm_report(paths, variant, ids, max_new_tokens, report) -> dict[str
     peak = peak_rss_bytes()
     del model
     gc.collect()
-    return {"transformers": library_version("transformers"), "dtype": "bfloat16", "load_s": load_s,
-            "decode_tokens": tokens, "prompt_tokens": len(ids), "peak_rss_gb": peak / 1e9,
-            "prefill_tokens_per_s": summarize([len(ids) / prefill]),
-            "decode_tokens_per_s": summarize([decode])}
+    return {
+        "transformers": library_version("transformers"),
+        "dtype": "bfloat16",
+        "load_s": load_s,
+        "decode_tokens": tokens,
+        "prompt_tokens": len(ids),
+        "peak_rss_gb": peak / 1e9,
+        "prefill_tokens_per_s": summarize([len(ids) / prefill]),
+        "decode_tokens_per_s": summarize([decode]),
+    }

@@ -28,8 +28,14 @@ from spiritlm_edge.export.vocoder import (
 from spiritlm_edge.runtime.vocoder import Vocoder
 
 
-def benchmark(variant: str = "expressive", seconds: float = 9.0, threads: int = 2, runs: int = 5,
-              layouts: Sequence[str] = LAYOUTS, seed: int = 0) -> dict[str, dict[str, float]]:
+def benchmark(
+    variant: str = "expressive",
+    seconds: float = 9.0,
+    threads: int = 2,
+    runs: int = 5,
+    layouts: Sequence[str] = LAYOUTS,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """Real-time factor of the full-size vocoder (random weights): ONNX Runtime through
     :class:`~spiritlm_edge.runtime.vocoder.Vocoder` for each export layout, and PyTorch
     eager. Times one synthesis of ``seconds`` of audio (durations given, i.e. generator
@@ -59,7 +65,8 @@ def benchmark(variant: str = "expressive", seconds: float = 9.0, threads: int = 
             export_onnx(None, variant, Path(tmp) / layout, model=model, layout=layout)
             vocoder = Vocoder.from_bundle(Path(tmp) / layout, n_threads=threads)
             results[f"onnxruntime-{layout}"] = timed(
-                lambda vocoder=vocoder: vocoder.decode(hubert, pitch, style, dur_pred=False))
+                lambda vocoder=vocoder: vocoder.decode(hubert, pitch, style, dur_pred=False)
+            )
     inputs = {"speaker": torch.tensor([DEFAULT_SPEAKER])}
     if model.config.num_f0_tokens:
         inputs.update(pitch=torch.as_tensor(pitch), style_codes=torch.as_tensor(style))

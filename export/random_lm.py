@@ -292,9 +292,14 @@ def write_tiny_lm(
     n_tokens = write_tiny_tokenizer(lm_dir, variant, seed, text_vocab_size, tokenizer_storage)
     rows = -(-n_tokens // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
     heads = hidden_size // 64
-    shapes = {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "num_layers": num_layers,
-              "num_heads": heads, "num_kv_heads": heads // 2 if variant == "expressive" else heads,
-              "context_length": 4096}
+    shapes = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_layers": num_layers,
+        "num_heads": heads,
+        "num_kv_heads": heads // 2 if variant == "expressive" else heads,
+        "context_length": 4096,
+    }
     config = _write_llama_config(lm_dir, shapes, rows)
     torch.save(tiny_state_dict(config, seed, n_tokens), lm_dir / "pytorch_model.bin")
     return lm_dir
@@ -371,8 +376,14 @@ def write_random_safetensors(path: Path, tensors, seed: int, progress: Callable[
     return path.stat().st_size
 
 
-def write_random_lm(paths: CheckpointPaths, variant: str, seed: int, cfg: dict, text_vocab: int,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
+def write_random_lm(
+    paths: CheckpointPaths,
+    variant: str,
+    seed: int,
+    cfg: dict,
+    text_vocab: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """A ``spirit-lm-<variant>-7b`` directory in the release's format (config, tokenizer
     files, ``model.safetensors``) with random weights of the shapes in ``cfg``."""
     check_variant(variant)

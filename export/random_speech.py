@@ -51,19 +51,47 @@ from spiritlm_edge.runtime.audio import BUNDLED_CLIP, load_audio
 def _model_cfg(config: EncoderConfig) -> dict[str, Any]:
     """A fairseq HubertConfig dict as the converted release files hold it."""
     return {
-        "label_rate": 25.0, "extractor_mode": config.extractor_mode, "encoder_layers": config.layers,
-        "encoder_embed_dim": config.embed_dim, "encoder_ffn_embed_dim": config.ffn_dim,
-        "encoder_attention_heads": config.heads, "activation_fn": "gelu", "layer_type": "transformer",
-        "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0, "encoder_layerdrop": 0.05,
-        "dropout_input": 0.1, "dropout_features": 0.1, "final_dim": 256, "untie_final_proj": False,
-        "layer_norm_first": False, "conv_feature_layers": _conv_spec(config.conv_layers),
-        "conv_bias": config.conv_bias, "logit_temp": 0.1, "target_glu": False, "feature_grad_mult": 0.1,
-        "mask_length": 10, "mask_prob": 0.8, "mask_selection": "static", "mask_other": 0.0,
-        "no_mask_overlap": False, "mask_min_space": 1, "mask_channel_length": 10, "mask_channel_prob": 0.0,
-        "mask_channel_selection": "static", "mask_channel_other": 0.0, "no_mask_channel_overlap": False,
-        "mask_channel_min_space": 1, "conv_pos": config.conv_pos, "conv_pos_groups": config.conv_pos_groups,
-        "latent_temp": [2.0, 0.5, 0.999995], "skip_masked": False, "skip_nomask": False,
-        "checkpoint_activations": False, "required_seq_len_multiple": 2,
+        "label_rate": 25.0,
+        "extractor_mode": config.extractor_mode,
+        "encoder_layers": config.layers,
+        "encoder_embed_dim": config.embed_dim,
+        "encoder_ffn_embed_dim": config.ffn_dim,
+        "encoder_attention_heads": config.heads,
+        "activation_fn": "gelu",
+        "layer_type": "transformer",
+        "dropout": 0.1,
+        "attention_dropout": 0.1,
+        "activation_dropout": 0.0,
+        "encoder_layerdrop": 0.05,
+        "dropout_input": 0.1,
+        "dropout_features": 0.1,
+        "final_dim": 256,
+        "untie_final_proj": False,
+        "layer_norm_first": False,
+        "conv_feature_layers": _conv_spec(config.conv_layers),
+        "conv_bias": config.conv_bias,
+        "logit_temp": 0.1,
+        "target_glu": False,
+        "feature_grad_mult": 0.1,
+        "mask_length": 10,
+        "mask_prob": 0.8,
+        "mask_selection": "static",
+        "mask_other": 0.0,
+        "no_mask_overlap": False,
+        "mask_min_space": 1,
+        "mask_channel_length": 10,
+        "mask_channel_prob": 0.0,
+        "mask_channel_selection": "static",
+        "mask_channel_other": 0.0,
+        "no_mask_channel_overlap": False,
+        "mask_channel_min_space": 1,
+        "conv_pos": config.conv_pos,
+        "conv_pos_groups": config.conv_pos_groups,
+        "latent_temp": [2.0, 0.5, 0.999995],
+        "skip_masked": False,
+        "skip_nomask": False,
+        "checkpoint_activations": False,
+        "required_seq_len_multiple": 2,
     }
 
 
@@ -75,9 +103,7 @@ def _conv_spec(layers) -> str:
             runs[-1][1] += 1
         else:
             runs.append([tuple(layer), 1])
-    return " + ".join(
-        f"[({d},{k},{s})]" + (f" * {n}" if n > 1 else "") for (d, k, s), n in runs
-    )
+    return " + ".join(f"[({d},{k},{s})]" + (f" * {n}" if n > 1 else "") for (d, k, s), n in runs)
 
 
 @torch.no_grad()
@@ -108,8 +134,15 @@ def write_hubert(paths: CheckpointPaths, variant: str = "base", seed: int = 0, s
     shapes (HuBERT base 25 Hz, 768 wide, ~95M parameters + 1.3M quantizer) for benchmarks.
     """
     if size == "tiny":
-        config = EncoderConfig(tuple(parse_conv_layers(TINY_CONV_LAYERS)), embed_dim=64, ffn_dim=128, heads=2,
-                               layers=12, conv_pos=16, conv_pos_groups=4)
+        config = EncoderConfig(
+            tuple(parse_conv_layers(TINY_CONV_LAYERS)),
+            embed_dim=64,
+            ffn_dim=128,
+            heads=2,
+            layers=12,
+            conv_pos=16,
+            conv_pos_groups=4,
+        )
         upstream_dim = 565  # hidden sizes 48 and 32
     elif size == "full":
         config = EncoderConfig(tuple(parse_conv_layers(FULL_SIZE_CONV_LAYERS)))
@@ -138,17 +171,27 @@ def write_hubert(paths: CheckpointPaths, variant: str = "base", seed: int = 0, s
     model_cfg["final_dim"] = final_dim
     checkpoint = {
         "model_cfg": model_cfg,
-        "task_cfg": {"label_rate": 25.0, "sample_rate": 16000, "normalize": False, "enable_padding": False,
-                     "max_keep_size": None, "max_sample_size": 250000, "min_sample_size": 32000,
-                     "random_crop": True, "pad_audio": False},
+        "task_cfg": {
+            "label_rate": 25.0,
+            "sample_rate": 16000,
+            "normalize": False,
+            "enable_padding": False,
+            "max_keep_size": None,
+            "max_sample_size": 250000,
+            "min_sample_size": 32000,
+            "random_crop": True,
+            "pad_audio": False,
+        },
         "model_weight": state,
         "dictionaries_symbols": [["<s>", "<pad>", "</s>", "<unk>"] + [str(i) for i in range(500)]],
     }
     paths.hubert.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, paths.hubert)
     torch.save(
-        {"model_cfg": {"vocab_size": 500, "dim": config.embed_dim, "upstream_dim": upstream_dim},
-         "model_weight": quantizer.encoder.state_dict()},
+        {
+            "model_cfg": {"vocab_size": 500, "dim": config.embed_dim, "upstream_dim": upstream_dim},
+            "model_weight": quantizer.encoder.state_dict(),
+        },
         paths.hubert_quantizer,
     )
 
@@ -162,8 +205,15 @@ def _pitch_config(width: int, depth: int, emb: int) -> dict:
     VQ-VAE with Spirit LM's 2 input channels and 64 bins: ~0.2M parameters, 16 frames
     per code, as the release."""
     level = {
-        "input_emb_width": 2, "output_emb_width": emb, "levels": 1, "downs_t": [4], "strides_t": [2],
-        "width": width, "depth": depth, "m_conv": 1.0, "dilation_growth_rate": 3,
+        "input_emb_width": 2,
+        "output_emb_width": emb,
+        "levels": 1,
+        "downs_t": [4],
+        "strides_t": [2],
+        "width": width,
+        "depth": depth,
+        "m_conv": 1.0,
+        "dilation_growth_rate": 3,
     }
     return {
         "features": "norm_f0_interp,vuv",
@@ -178,8 +228,13 @@ PITCH_TINY_CONFIG = _pitch_config(width=8, depth=2, emb=16)
 PITCH_FULL_CONFIG = _pitch_config(width=32, depth=4, emb=128)
 
 
-def write_pitch(paths: CheckpointPaths, variant: str = "expressive", seed: int = 0, size: str = "tiny",
-                fcpe_weights: str | os.PathLike | None = None) -> Path:
+def write_pitch(
+    paths: CheckpointPaths,
+    variant: str = "expressive",
+    seed: int = 0,
+    size: str = "tiny",
+    fcpe_weights: str | os.PathLike | None = None,
+) -> Path:
     """A random pitch VQ-VAE (config.yaml + model.pt) in the release's format, ``size`` "tiny"
     or "full"; returns its directory. Random encoder/decoder; codebook rows drawn from the
     encoder's own latents on the bundled LibriSpeech clip, so that real speech maps to many
@@ -215,25 +270,57 @@ def write_pitch(paths: CheckpointPaths, variant: str = "expressive", seed: int =
 def _wav2vec2_config(size: str) -> dict[str, Any]:
     """A style encoder config.json as released (a transformers Wav2Vec2 classifier)."""
     if size == "tiny":
-        dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
-                    conv_dim=[32] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                    classifier_proj_size=32)
+        dims = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            conv_dim=[32] * 7,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+            classifier_proj_size=32,
+        )
     elif size == "full":  # facebook/wav2vec2-base
-        dims = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                    conv_dim=[512] * 7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
-                    classifier_proj_size=256)
+        dims = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            conv_dim=[512] * 7,
+            num_conv_pos_embeddings=128,
+            num_conv_pos_embedding_groups=16,
+            classifier_proj_size=256,
+        )
     else:
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
     return {
-        "architectures": ["Wav2Vec2ForSequenceClassification"], "model_type": "wav2vec2",
-        "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2], "conv_bias": False,
-        "feat_extract_norm": "group", "feat_extract_activation": "gelu", "hidden_act": "gelu",
-        "do_stable_layer_norm": False, "layer_norm_eps": 1e-5, "num_feat_extract_layers": 7,
-        "feat_proj_dropout": 0.1, "hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
-        "final_dropout": 0.0, "layerdrop": 0.1, "mask_time_prob": 0.05, "mask_time_length": 10,
-        "mask_feature_prob": 0.0, "initializer_range": 0.02, "use_weighted_layer_sum": False,
-        "id2label": {str(i): str(i) for i in range(100)}, "label2id": {str(i): i for i in range(100)},
-        "torch_dtype": "float32", "transformers_version": "4.37.2", **dims,
+        "architectures": ["Wav2Vec2ForSequenceClassification"],
+        "model_type": "wav2vec2",
+        "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+        "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+        "conv_bias": False,
+        "feat_extract_norm": "group",
+        "feat_extract_activation": "gelu",
+        "hidden_act": "gelu",
+        "do_stable_layer_norm": False,
+        "layer_norm_eps": 1e-5,
+        "num_feat_extract_layers": 7,
+        "feat_proj_dropout": 0.1,
+        "hidden_dropout": 0.1,
+        "attention_dropout": 0.1,
+        "activation_dropout": 0.0,
+        "final_dropout": 0.0,
+        "layerdrop": 0.1,
+        "mask_time_prob": 0.05,
+        "mask_time_length": 10,
+        "mask_feature_prob": 0.0,
+        "initializer_range": 0.02,
+        "use_weighted_layer_sum": False,
+        "id2label": {str(i): str(i) for i in range(100)},
+        "label2id": {str(i): i for i in range(100)},
+        "torch_dtype": "float32",
+        "transformers_version": "4.37.2",
+        **dims,
     }
 
 
@@ -264,8 +351,12 @@ def write_style(paths: CheckpointPaths, variant: str = "expressive", seed: int =
         x = torch.from_numpy(load_audio(BUNDLED_CLIP))
         x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + NORM_EPS)
         hidden = model.projector(model.encoder(x[None])[0])
-        windows = torch.cat([hidden.split(WINDOW_FRAMES // 5)[i].mean(0, keepdim=True)
-                             for i in range(len(hidden.split(WINDOW_FRAMES // 5)))])
+        windows = torch.cat(
+            [
+                hidden.split(WINDOW_FRAMES // 5)[i].mean(0, keepdim=True)
+                for i in range(len(hidden.split(WINDOW_FRAMES // 5)))
+            ]
+        )
         picks = torch.randint(0, windows.shape[0], (100,), generator=generator)
         protos = windows[picks] + 0.3 * windows.std(0) * torch.randn(100, windows.shape[1], generator=generator)
         state["classifier.weight"] = protos.clone()
@@ -281,8 +372,16 @@ def write_style(paths: CheckpointPaths, variant: str = "expressive", seed: int =
 
 TINY_SPEAKERS = ["ex01", "ex02", "ex03", "ex04"]
 TINY_STYLES = [
-    "read-default", "read-happy", "read-sad", "read-whisper", "read-confused", "read-enunciated",
-    "read-laughing", "read-narration", "conv-default", "conv-happy",
+    "read-default",
+    "read-happy",
+    "read-sad",
+    "read-whisper",
+    "read-confused",
+    "read-enunciated",
+    "read-laughing",
+    "read-narration",
+    "conv-default",
+    "conv-happy",
 ]
 
 

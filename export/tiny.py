@@ -37,26 +37,41 @@ def make_tiny_checkpoints(root: str | Path, variant: str = "base", seed: int = 0
     paths = CheckpointPaths(Path(root))
     steps: list[tuple[str, Callable[[int], object]]] = [("hubert", lambda s: write_hubert(paths, variant, s))]
     if variant == "expressive":
-        steps += [("pitch", lambda s: write_pitch(paths, variant, s)),
-                  ("style", lambda s: write_style(paths, variant, s))]
-    steps += [("vocoder", lambda s: write_vocoder(paths, variant, s)),
-              ("lm", lambda s: write_tiny_lm(paths, variant, s))]
+        steps += [
+            ("pitch", lambda s: write_pitch(paths, variant, s)),
+            ("style", lambda s: write_style(paths, variant, s)),
+        ]
+    steps += [
+        ("vocoder", lambda s: write_vocoder(paths, variant, s)),
+        ("lm", lambda s: write_tiny_lm(paths, variant, s)),
+    ]
     _write_components(steps, seed, "tiny")
     return paths.root
 
 
-def write_full_size_checkpoints(root: str | os.PathLike, variant: str, seed: int, lm_cfg: dict, text_vocab: int,
-                                lm_progress: Callable[[int, int], None] | None = None) -> Path:
+def write_full_size_checkpoints(
+    root: str | os.PathLike,
+    variant: str,
+    seed: int,
+    lm_cfg: dict,
+    text_vocab: int,
+    lm_progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """A checkpoint root with every component of ``variant`` at the release's size, random;
     the LM has the shapes of ``lm_cfg`` and a ``text_vocab``-piece text vocabulary."""
     check_variant(variant)
     paths = CheckpointPaths(Path(root))
     steps: list[tuple[str, Callable[[int], object]]] = [
-        ("HuBERT base 25 Hz + quantizer", lambda s: write_hubert(paths, variant, s, size="full"))]
+        ("HuBERT base 25 Hz + quantizer", lambda s: write_hubert(paths, variant, s, size="full"))
+    ]
     if variant == "expressive":
-        steps += [("pitch VQ-VAE", lambda s: write_pitch(paths, variant, s, size="full")),
-                  ("wav2vec2-base style encoder", lambda s: write_style(paths, variant, s, size="full"))]
-    steps += [("unit HiFi-GAN", lambda s: write_vocoder(paths, variant, s, size="full")),
-              ("Llama-2 7B LM", lambda s: write_random_lm(paths, variant, s, lm_cfg, text_vocab, lm_progress))]
+        steps += [
+            ("pitch VQ-VAE", lambda s: write_pitch(paths, variant, s, size="full")),
+            ("wav2vec2-base style encoder", lambda s: write_style(paths, variant, s, size="full")),
+        ]
+    steps += [
+        ("unit HiFi-GAN", lambda s: write_vocoder(paths, variant, s, size="full")),
+        ("Llama-2 7B LM", lambda s: write_random_lm(paths, variant, s, lm_cfg, text_vocab, lm_progress)),
+    ]
     _write_components(steps, seed, "random")
     return paths.root

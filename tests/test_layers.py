@@ -4,6 +4,9 @@ function-local imports included, so a lazy import cannot hide an upward dependen
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +36,11 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             else:
                 found.append((node.lineno, base))
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, a.name.removeprefix("spiritlm_edge").lstrip("."))
-                      for a in node.names if a.name.startswith("spiritlm_edge.")]
+            found += [
+                (node.lineno, a.name.removeprefix("spiritlm_edge").lstrip("."))
+                for a in node.names
+                if a.name.startswith("spiritlm_edge.")
+            ]
     return found
 
 
@@ -61,3 +67,24 @@ def test_the_checker_sees_upward_imports(tmp_path):
     assert [t for _, t in _imports(bad)] == ["export.lm", "bench.latency"]
     assert _rank("export.lm") > _rank("runtime.lm") and _rank("bench.latency") > _rank(BUNDLE_ASSEMBLY)
     assert _rank("export.build") > _rank("quant.gguf_convert") > _rank("export.lm")
+
+
+def test_benchmark_of_a_bundle_needs_no_torch():
+    """`spiritlm-edge bench --bundle` runs on a device with the edge install: only --synthetic and
+    the reference path need export/ (torch)."""
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "onnx") or name.startswith("spiritlm_edge.export"):
+                    raise ImportError(f"{name} is blocked")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import spiritlm_edge.bench.latency
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
