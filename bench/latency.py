@@ -71,7 +71,7 @@ class _Recorder:
         self.samples: dict[str, list[float]] = {}
         self.active = False
 
-    def add(self, name: str, value: float) -> None:
+    def add(self, name: str, value: float | None) -> None:
         if self.active and value is not None and math.isfinite(value):
             self.samples.setdefault(name, []).append(float(value))
 
@@ -160,7 +160,7 @@ def _bundle_info(bundle) -> dict[str, Any]:
 def _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx) -> tuple[Any, dict[str, Any]]:
     """The pipeline, loaded engine by engine to see each one's footprint. Speech sessions
     are cached per process, so the pipeline reuses the ones loaded here."""
-    engines = [("hubert", HubertEngine)]
+    engines: list[tuple[str, Any]] = [("hubert", HubertEngine)]
     if bundle.variant == "expressive":
         engines += [("pitch", PitchEngine), ("style", StyleEngine)]
     engines.append(("vocoder", Vocoder))
@@ -260,6 +260,8 @@ def run_benchmark(
             elif isinstance(event, TurnEnd):
                 end = event
         turn_total = time.perf_counter() - start
+        if end is None:
+            raise ModelError("The pipeline's stream ended without its TurnEnd event.")
         t = end.timings
         rec.add("turn_total", turn_total)
         rec.add("turn_encode", t.get("encode_s"))
@@ -329,7 +331,7 @@ def run_benchmark(
                                              "of the best repeats (a shared machine only slows runs down)")
 
     log.info("memory bandwidth (%d MB copies)", bandwidth_mb)
-    bw = measure_bandwidth(bandwidth_mb, n_threads=n_threads)
+    bw: dict[str, Any] = dict(measure_bandwidth(bandwidth_mb, n_threads=n_threads))
     prompt_tokens = report["turn"]["prompt_tokens"]
     per_token = decode_bytes_per_token(gguf, prompt_tokens + max_new_tokens / 2)
     bw.update(per_token)
@@ -403,7 +405,9 @@ def _turn_report(rec: _Recorder, bundle, expressive: bool) -> dict[str, Any]:
                                                    if expressive else 0.0)
     sustained = rec.summary("lm_decode_tokens_per_s")
     required = rec.summary("required_tokens_per_s")
-    turn = {
+    prompt_tokens = rec.summary("prompt_tokens")
+    assert prompt_tokens is not None  # recorded in every timed repetition
+    turn: dict[str, Any] = {
         "time_to_first_audio": rec.summary("time_to_first_audio"),
         "first_audio_after_first_unit": rec.summary("turn_first_audio_after_first_unit"),
         "first_audio_after_its_last_token": rec.summary("turn_first_audio_after_last_token"),
@@ -413,7 +417,7 @@ def _turn_report(rec: _Recorder, bundle, expressive: bool) -> dict[str, Any]:
         "vocoder": rec.summary("turn_vocoder"),
         "new_tokens": rec.summary("new_tokens"),
         "answer_audio_s": rec.summary("answer_audio_s"),
-        "prompt_tokens": rec.summary("prompt_tokens")["median"],
+        "prompt_tokens": prompt_tokens["median"],
         "sustained_tokens_per_s": sustained["median"] if sustained else None,
         "required_tokens_per_s": required["median"] if required else None,
         "nominal_required_tokens_per_s": nominal,

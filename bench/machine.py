@@ -119,7 +119,7 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 5, n_threads: int = 
     n = megabytes * (1 << 20)
     src = np.ones(n, dtype=np.uint8)
     dst = np.zeros(n, dtype=np.uint8)
-    result = {"buffer_mb": megabytes}
+    result: dict[str, float] = {"buffer_mb": megabytes}
     for threads in sorted({1, max(1, n_threads)}):
         bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
         best = math.inf

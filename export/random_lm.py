@@ -309,7 +309,7 @@ def _lm_tensors(cfg: dict, rows: int) -> list[tuple[str, tuple[int, ...], float 
     """(name, shape, std or None for a norm weight of ones), in LlamaForCausalLM's order."""
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     kv = cfg["num_kv_heads"] * h // cfg["num_heads"]
-    tensors = [("model.embed_tokens.weight", (rows, h), 1.0)]
+    tensors: list[tuple[str, tuple[int, ...], float | None]] = [("model.embed_tokens.weight", (rows, h), 1.0)]
     for i in range(cfg["num_layers"]):
         p = f"model.layers.{i}."
         tensors += [

@@ -116,6 +116,7 @@ def _centre_quantizer(quantizer: LinearQuantizer, features: torch.Tensor, genera
     spread = hidden.std(0, keepdim=True)
     prototypes = hidden[picks] + 0.3 * spread * torch.randn(len(picks), hidden.shape[1], generator=generator)
     last = quantizer.encoder[4]
+    assert isinstance(last, torch.nn.Linear)  # the quantizer MLP's output layer
     last.weight.copy_(prototypes)
     last.bias.copy_(-0.5 * (prototypes * prototypes).sum(1))  # argmax = nearest prototype
     # Like a CTC model, emit the blank (last row) on a share of the frames (~15%), so
@@ -256,7 +257,9 @@ def write_pitch(
         latents = latents.repeat(repeats, 1)
         latents = latents + torch.randn(latents.shape, generator=generator) * (0.01 / math.sqrt(latents.shape[1]))
     rows = torch.randperm(latents.shape[0], generator=generator)[:bins]
-    model.vq.level_blocks[0].k.copy_(latents[rows])
+    codebook = model.vq.level_blocks[0].k
+    assert isinstance(codebook, torch.Tensor)
+    codebook.copy_(latents[rows])
 
     paths.vqvae_dir.mkdir(parents=True, exist_ok=True)
     (paths.vqvae_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))

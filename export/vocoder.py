@@ -747,7 +747,7 @@ def _export_to(module, args, buffer, names, output, opset) -> None:
     )
 
 
-def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17,
+def export_onnx(paths: CheckpointPaths | None, variant: str, bundle_dir: str | Path, opset: int = 17,
                 model: UnitHiFiGAN | None = None, layout: str = "blocked") -> dict:
     """Export the vocoder of ``variant`` into ``bundle_dir`` and record it in bundle.json.
 
@@ -758,6 +758,8 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
     """
     check_variant(variant)
     if model is None:
+        if paths is None:
+            raise ValueError("export_onnx needs the checkpoint paths or a model")
         model = load_vocoder(paths, variant)
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -95,6 +96,8 @@ class _WeightSource:
 
     def __init__(self, path: Path):
         self.path = path
+        self._st: Any = None  # safetensors' lazy file handle
+        self._sd: dict[str, torch.Tensor] | None = None  # or a memory-mapped state dict
         if path.suffix == ".safetensors":
             try:
                 self._st = safe_open(str(path), framework="pt")
@@ -102,9 +105,7 @@ class _WeightSource:
                 raise CheckpointError(f"Cannot read LM weights {path}: {exc}. Re-download the file.") from None
             self.names = list(self._st.keys())
             self._shapes = {n: tuple(self._st.get_slice(n).get_shape()) for n in self.names}
-            self._sd = None
         else:
-            self._st = None
             try:
                 self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
@@ -128,6 +129,7 @@ class _WeightSource:
     def get(self, name: str) -> torch.Tensor:
         if self._st is not None:
             return self._st.get_tensor(name)
+        assert self._sd is not None
         return self._sd[name]
 
 
@@ -219,7 +221,7 @@ def _convert_tensor(name: str, tensor: torch.Tensor, cfg: LMConfig, outtype: str
     raise AssertionError(outtype)
 
 
-def _tensor_nbytes(shape: tuple[int, ...], outtype: str, ndim: int) -> tuple[int, object, tuple[int, ...]]:
+def _tensor_nbytes(shape: tuple[int, ...], outtype: str, ndim: int) -> tuple[int, type[np.generic], tuple[int, ...]]:
     if ndim == 1 or outtype == "F32":
         return int(np.prod(shape)) * 4, np.float32, shape
     if outtype == "F16":
@@ -314,13 +316,15 @@ def convert_lm(
     writer.add_string(Keys.Tokenizer.ADDED_TOKENS, tokenizer.added_tokens_json())
     writer.add_bool(Keys.Tokenizer.CLEAN_UP_TOKENIZATION_SPACES, tokenizer.clean_up_tokenization_spaces)
 
-    gguf_names = {}
+    gguf_names: dict[str, str] = {}
     for name in names:
         shape = source.shape(name)
         nbytes, dtype, byte_shape = _tensor_nbytes(shape, outtype, len(shape))
         raw = None if dtype in (np.float32, np.float16) else (
             gguf.GGMLQuantizationType.BF16 if outtype == "BF16" else gguf.GGMLQuantizationType.Q8_0)
-        gguf_names[name] = gguf_tensor_name(name)
+        gguf_name = gguf_tensor_name(name)
+        assert gguf_name is not None  # _check_weights lists only the tensors a GGUF stores
+        gguf_names[name] = gguf_name
         writer.add_tensor_info(gguf_names[name], byte_shape if raw == gguf.GGMLQuantizationType.Q8_0 else shape,
                                np.dtype(dtype), nbytes, raw_dtype=raw)
     try:

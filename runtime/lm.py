@@ -177,10 +177,11 @@ class LanguageModel:
             raise ModelError(f"Token id {bad[0]} is outside the model's vocabulary (0..{self.n_vocab - 1}).")
         return ids
 
-    def _decode(self, ids: Sequence[int], start: int, all_logits: bool = False) -> list[np.ndarray] | None:
-        """Evaluate ``ids`` at positions ``start``..; logits of the last one (or all)."""
+    def _decode(self, ids: Sequence[int], start: int, all_logits: bool = False) -> list[np.ndarray]:
+        """Evaluate ``ids`` at positions ``start``..; with ``all_logits``, the logits after every
+        one of them (else only the last one's are computed, read with :meth:`logits`)."""
         llama_cpp, batch = self._llama, self._batch
-        rows = [] if all_logits else None
+        rows: list[np.ndarray] = []
         for chunk_start in range(0, len(ids), self.n_batch):
             chunk = ids[chunk_start:chunk_start + self.n_batch]
             last_chunk = chunk_start + self.n_batch >= len(ids)

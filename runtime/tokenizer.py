@@ -157,7 +157,9 @@ class SpiritTokenizer:
         others = sorted((c for c in self._added_by_content if not _BRACKETED.fullmatch(c)), key=len, reverse=True)
         self._others = re.compile("|".join(map(re.escape, others))) if others else None
         self._has_bracketed = any(_BRACKETED.fullmatch(c) for c in self._added_by_content)
-        parts = ([_BRACKETED.pattern] if self._has_bracketed else []) + ([self._others.pattern] if others else [])
+        parts = ([_BRACKETED.pattern] if self._has_bracketed else []) + (
+            [self._others.pattern] if self._others is not None else []
+        )
         self._candidates = re.compile("|".join(parts)) if parts else None
         # SentencePiece pieces whose string is an added token resolve to the added id.
         self._remap = {}
@@ -167,15 +169,16 @@ class SpiritTokenizer:
                 self._remap[piece_id] = token.id
 
         size = max([self.n_pieces] + [t.id + 1 for t in self.added_tokens])
-        self._id_to_token = [self.sp.id_to_piece(i) if i < self.n_pieces else None for i in range(size)]
+        pieces: list[str | None] = [self.sp.id_to_piece(i) if i < self.n_pieces else None for i in range(size)]
         for token in self.added_tokens:
-            self._id_to_token[token.id] = token.content
-        missing = [i for i, t in enumerate(self._id_to_token) if t is None]
+            pieces[token.id] = token.content
+        missing = [i for i, t in enumerate(pieces) if t is None]
         if missing:
             raise CheckpointError(
                 f"{source}: token ids {missing[:5]} have no piece and no added token (the "
                 "vocabulary has holes); the tokenizer files are inconsistent."
             )
+        self._id_to_token: list[str] = [t for t in pieces if t is not None]  # all of them: no holes
         self.piece_to_id = {t: i for i, t in reversed(list(enumerate(self._id_to_token)))}
         for token in self.added_tokens:
             self.piece_to_id[token.content] = token.id
@@ -216,8 +219,9 @@ class SpiritTokenizer:
                 configs.append(json.loads((lm_dir / name).read_text()))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise CheckpointError(f"{lm_dir / name} is not valid JSON: {exc}.") from None
-        return cls.from_files((lm_dir / "tokenizer.model").read_bytes(), *configs, variant=variant,
-                              source=str(lm_dir))
+        tokenizer_config, special_tokens_map = configs
+        return cls.from_files((lm_dir / "tokenizer.model").read_bytes(), tokenizer_config, special_tokens_map,
+                              variant=variant, source=str(lm_dir))
 
     @classmethod
     def from_files(
