@@ -224,8 +224,9 @@ class SpiritLM:
         return (outputs, prompt) if return_prompt else outputs
 
     @staticmethod
-    def sampling_config(generation_config: Any = None, seed: int | None = None,
-                        options: dict[str, Any] | None = None) -> SamplingConfig:
+    def sampling_config(
+        generation_config: Any = None, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> SamplingConfig:
         """The :class:`SamplingConfig` of ``generate(generation_config=..., seed=..., **options)``."""
         options = dict(options or {})
         if seed is not None:
@@ -240,14 +241,14 @@ class SpiritLM:
         if modality is OutputModality.SPEECH:
             # Only unit tokens can be spoken; text appears here only when the constraint
             # was turned off (force_tokens_to_output_modality=False), and is left out.
-            units = "".join(c for c, kind in split_speech_and_text(generated) if kind == "s")
-            return [GenerationOutput(self._speech(units, speaker_id, seed), ContentType.SPEECH)]
+            spoken = "".join(c for c, kind in split_speech_and_text(generated) if kind == "s")
+            return [GenerationOutput(self._speech(spoken, speaker_id, seed), ContentType.SPEECH)]
         continues_prompt = does_end_with_speech_token(prompt) and does_start_with_speech_token(generated)
         prompt_units = 0
         if continues_prompt:
             # The continuation usually lacks the pitch and style tokens that the prompt's
             # speech carries: decode both together, then cut the prompt's share.
-            prompt_speech = prompt[find_prompt_last_speech_start_position(prompt):]
+            prompt_speech = prompt[find_prompt_last_speech_start_position(prompt) :]
             prompt_units = count_hubert_units(prompt_speech)
             generated = prompt_speech + generated
         outputs = []
@@ -260,7 +261,7 @@ class SpiritLM:
                 if units - prompt_units < MIN_SPEECH_UNITS:
                     continue
                 audio = self._speech(content, speaker_id, seed)
-                audio = audio[math.ceil(audio.size * prompt_units / units):]
+                audio = audio[math.ceil(audio.size * prompt_units / units) :]
             elif units < MIN_SPEECH_UNITS:
                 continue
             else:
@@ -367,7 +368,7 @@ def _speech_context(prompt: str, hubert_units: int = 50) -> str:
     """The last ``hubert_units`` units of the prompt's trailing speech, led by the pitch
     and style in force there: enough left context for the streaming vocoder to continue
     the prompt's voice without re-synthesising all of it."""
-    speech = prompt[find_prompt_last_speech_start_position(prompt):]
+    speech = prompt[find_prompt_last_speech_start_position(prompt) :]
     tokens = re.findall(r"\[(?:Hu|Pi|St)\d+\]", speech)
     hubert_positions = [i for i, t in enumerate(tokens) if t.startswith("[Hu")]
     if len(hubert_positions) <= hubert_units:
@@ -445,7 +446,7 @@ class _Pieces:
             text = self.tokenizer.decode(self.run_ids)
             if text.endswith("\ufffd"):
                 continue  # wait for the rest of a multi-byte character
-            delta, self.run_text = text[len(self.run_text):], text
+            delta, self.run_text = text[len(self.run_text) :], text
             if delta:
                 return ("text", delta)
         rest = self._end_text_run()
@@ -453,7 +454,7 @@ class _Pieces:
 
     def _end_text_run(self) -> str:
         text = self.tokenizer.decode(self.run_ids) if self.run_ids else ""
-        rest = text[len(self.run_text):]
+        rest = text[len(self.run_text) :]
         self.run_ids, self.run_text = [], ""
         return rest
 
@@ -565,8 +566,14 @@ class Conversation:
     set every turn's sampling; a turn's own options change it for that turn.
     """
 
-    def __init__(self, spirit_lm: SpiritLM, output_modality="ARBITRARY", speaker_id: int = 2,
-                 sampling: Any = None, **options: Any):
+    def __init__(
+        self,
+        spirit_lm: SpiritLM,
+        output_modality="ARBITRARY",
+        speaker_id: int = 2,
+        sampling: Any = None,
+        **options: Any,
+    ):
         self.spirit_lm = spirit_lm
         self.output_modality = OutputModality.parse(output_modality)
         self.speaker_id = speaker_id
@@ -574,8 +581,9 @@ class Conversation:
         self.segments: list[tuple[str, str]] = []  # ("TEXT"|"SPEECH", text or unit string)
         self.overflow_warned = False
 
-    def _fit(self, segments: list[tuple[str, str]], modality: OutputModality,
-             sampling: SamplingConfig) -> tuple[str, int]:
+    def _fit(
+        self, segments: list[tuple[str, str]], modality: OutputModality, sampling: SamplingConfig
+    ) -> tuple[str, int]:
         """The prompt of ``segments`` less as many of its oldest segments as the context
         needs dropped (at least the newest one is kept); returns it and that count."""
         tokenizer, n_ctx = self.spirit_lm.tokenizer, self.spirit_lm.lm.n_ctx
@@ -585,13 +593,21 @@ class Conversation:
             n_tokens = len(tokenizer.encode(prompt))
             if n_tokens + sampling.new_token_limit(n_tokens) <= n_ctx or len(segments) - dropped <= 1:
                 break
-            log.debug("conversation: %d prompt tokens + the answer exceed the %d-token context: "
-                      "dropping its oldest segment (%s)", n_tokens, n_ctx, segments[dropped][0])
+            log.debug(
+                "conversation: %d prompt tokens + the answer exceed the %d-token context: "
+                "dropping its oldest segment (%s)",
+                n_tokens,
+                n_ctx,
+                segments[dropped][0],
+            )
             dropped += 1
         if dropped and not self.overflow_warned:
             self.overflow_warned = True
-            log.warning("the conversation outgrew the %d-token context: its oldest segments are dropped "
-                        "from now on (each turn's timings report how many)", n_ctx)
+            log.warning(
+                "the conversation outgrew the %d-token context: its oldest segments are dropped "
+                "from now on (each turn's timings report how many)",
+                n_ctx,
+            )
         return prompt, dropped
 
     def stream(
@@ -607,18 +623,20 @@ class Conversation:
             prompt=prompt, output_modality=modality, speaker_id=self.speaker_id, generation_config=sampling
         ):
             if isinstance(event, TurnEnd):
-                answer = [("TEXT" if kind == "t" else "SPEECH", content)
-                          for content, kind in split_speech_and_text(event.generated)]
+                answer = [
+                    ("TEXT" if kind == "t" else "SPEECH", content)
+                    for content, kind in split_speech_and_text(event.generated)
+                ]
                 self.segments = segments + answer
                 event.timings["dropped_segments"] = dropped
             yield event
 
-    def turn(self, interleaved_inputs, output_modality=None, **sampling: Any) -> TurnEnd:
+    def turn(self, interleaved_inputs, output_modality=None, **options: Any) -> TurnEnd:
         """One turn, waiting for the whole answer; returns its :class:`TurnEnd`."""
-        end = None
-        for event in self.stream(interleaved_inputs, output_modality, **sampling):
-            end = event if isinstance(event, TurnEnd) else end
-        return end
+        for event in self.stream(interleaved_inputs, output_modality, **options):
+            if isinstance(event, TurnEnd):
+                return event
+        raise AssertionError("generate_stream ended without a TurnEnd")  # it always ends with one
 
     def respond(self, user_audio) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
         """A spoken user turn -> the answer's events: the callable the live loop takes."""

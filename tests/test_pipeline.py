@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
+import spiritlm_edge
 from spiritlm_edge import ContentType, GenerationInput, OutputModality, SpiritLM
 from spiritlm_edge.runtime.audio import load_audio
 from spiritlm_edge.runtime.bundle import Bundle, add_component
@@ -318,8 +319,6 @@ def test_generation_config_samples_as_the_same_keywords(base):
 
 
 def test_drop_in_names():
-    import spiritlm_edge
-
     assert spiritlm_edge.Spiritlm is SpiritLM
     assert SpiritLM.TEXT_PROMPT_PREFIX == "[Text]" and SpiritLM.SPEECH_PROMPT_PREFIX == "[Speech]"
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from spiritlm_edge.runtime.errors import ModelError
+from spiritlm_edge.runtime.lm import LanguageModel
 from spiritlm_edge.runtime.sampling import CLI_SAMPLING, DEFAULT_SAMPLING, SamplingConfig
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
+lp = pytest.importorskip("transformers.generation.logits_process")
 
 
 def test_defaults_are_transformers_generation_config_defaults():
@@ -28,13 +30,25 @@ def test_generation_config_is_read_like_the_reference():
     gc = transformers.GenerationConfig(temperature=0.9, top_p=0.95, max_new_tokens=120, do_sample=True)
     config = SamplingConfig.from_generation_config(gc)
     assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.max_new_tokens) == (
-        True, 0.9, 0.95, 50, 120)
+        True,
+        0.9,
+        0.95,
+        50,
+        120,
+    )
     # keyword arguments override the config, as in the reference
     assert SamplingConfig.from_generation_config(gc, top_k=5, temperature=0.5).as_dict() == {
-        **config.as_dict(), "top_k": 5, "temperature": 0.5}
+        **config.as_dict(),
+        "top_k": 5,
+        "temperature": 0.5,
+    }
     # a dict or any object with the attribute names does the same, without transformers
-    assert SamplingConfig.from_generation_config(
-        {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 120, "do_sample": True}) == config
+    assert (
+        SamplingConfig.from_generation_config(
+            {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 120, "do_sample": True}
+        )
+        == config
+    )
     namespace = types.SimpleNamespace(temperature=0.9, top_p=0.95, max_new_tokens=120, do_sample=True, num_beams=1)
     assert SamplingConfig.from_generation_config(namespace) == config
     # options without effect on one sequence are accepted
@@ -56,13 +70,24 @@ def test_options_that_cannot_be_honoured_are_refused_by_name():
         SamplingConfig.from_generation_config({"colour": "blue"})
 
 
-@pytest.mark.parametrize(("options", "name"), [
-    ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"top_k": 2.5}, "top_k"),
-    ({"repetition_penalty": 0}, "repetition_penalty"), ({"max_new_tokens": -1}, "max_new_tokens"),
-    ({"do_sample": "yes"}, "do_sample"), ({"seed": 1.5}, "seed"), ({"temperature": float("nan")}, "temperature"),
-    ({"max_new_tokens": None}, "max_new_tokens"), ({"beam": 3}, "beam"),
-])
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"do_sample": "yes"}, "do_sample"),
+        ({"seed": 1.5}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"max_new_tokens": None}, "max_new_tokens"),
+        ({"beam": 3}, "beam"),
+    ],
+)
 def test_bad_values_give_clear_errors(options, name):
     with pytest.raises(ModelError, match=name):
         DEFAULT_SAMPLING.updated(**options)
@@ -78,8 +103,6 @@ def test_numbers_are_normalised():
 
 @pytest.fixture(scope="module")
 def lm(tiny_base_bundle):
-    from spiritlm_edge.runtime.lm import LanguageModel
-
     model = LanguageModel.from_bundle(tiny_base_bundle, n_threads=2, n_ctx=256)
     yield model
     model.close()
@@ -87,8 +110,6 @@ def lm(tiny_base_bundle):
 
 def _transformers_distribution(logits, config: SamplingConfig, banned, history) -> np.ndarray:
     """transformers' processors, in the order its generate() builds them."""
-    from transformers.generation import logits_process as lp
-
     input_ids = torch.tensor([list(history) or [1]])
     processors = []
     if config.repetition_penalty != 1.0:
@@ -124,8 +145,9 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.do_sample}-{c.temperature}-{c.top_k}-{c.top_p}-"
-                                                          f"{c.repetition_penalty}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"{c.do_sample}-{c.temperature}-{c.top_k}-{c.top_p}-{c.repetition_penalty}"
+)
 @pytest.mark.parametrize("modality", ["ARBITRARY", "TEXT", "SPEECH"])
 @pytest.mark.parametrize("scale", [1.0, 8.0])  # the tiny LM's own logits, and sharpened ones
 def test_sampler_chain_distribution_matches_transformers(lm, config, modality, scale):
