@@ -319,9 +319,9 @@ def run_cmd(
         return
     if not mic and input is None and text is None:
         fail("give --mic for a live session, or --input FILE and/or --text TEXT for one turn from files.")
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)  # fail fast
     spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers,
                                 n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
-    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)
     conversation = Conversation(spirit_lm, output_modality=mode, speaker_id=speaker, sampling=sampling)
     if mic:
         from spiritlm_edge.runtime.live import run_mic_session

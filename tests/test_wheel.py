@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,11 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_a_bundle(tmp_path, tiny_base_
     )
     assert run.returncode == 0, run.stderr
     assert answer.stat().st_size > 44, run.stderr
+
+
+def test_readme_installs_only_what_exists():
+    """spiritlm-edge is on no registry: the README installs it from a checkout or a wheel, the
+    route the test above runs."""
+    readme = (REPO / "README.md").read_text()
+    assert not re.search(r"pip install spiritlm-edge\b(?!\[)", readme)
+    assert "pip wheel --no-deps -w dist ." in readme and "pip install spiritlm_edge-*.whl" in readme
