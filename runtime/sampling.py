@@ -224,7 +224,7 @@ def _generation_settings(generation_config: Any) -> dict[str, Any]:
         return dict(generation_config)
     to_diff_dict = getattr(generation_config, "to_diff_dict", None)
     if callable(to_diff_dict):  # transformers' GenerationConfig: the settings that differ from its defaults
-        return dict(to_diff_dict())
+        return {name: value for name, value in to_diff_dict().items() if not name.startswith("_")}
     names = SAMPLING_OPTIONS + tuple(_NEUTRAL)
     return {name: getattr(generation_config, name) for name in names if hasattr(generation_config, name)}
 

@@ -171,3 +171,18 @@ def test_generate_draws_from_that_distribution(lm):
     assert len(support) == 3
     drawn = {lm.generate_ids(ids, sampling=config.updated(seed=seed))[0] for seed in range(40)}
     assert drawn <= set(support) and len(drawn) > 1
+
+
+def test_repetition_penalty_counts_the_whole_context(tiny_base_bundle):
+    """transformers penalises every token of its input, however far back: so must the chain,
+    even for a context longer than the vocabulary."""
+    with LanguageModel.from_bundle(tiny_base_bundle, n_threads=2, n_ctx=2048) as long_lm:
+        rng = np.random.default_rng(0)
+        history = [1, 500] + rng.integers(600, 700, 1800).tolist()  # token 500 only at the very start
+        assert len(history) > long_lm.n_vocab
+        logits = rng.normal(size=long_lm.n_vocab).astype(np.float32) * 3
+        logits[500] = 8.0
+        config = SamplingConfig(do_sample=True, top_k=0, repetition_penalty=2.0)
+        ours = long_lm.next_token_distribution(logits, config, history=history)
+        theirs = _transformers_distribution(logits, config, long_lm.banned_ids("ARBITRARY"), history)
+        np.testing.assert_allclose(ours, theirs, atol=2e-6, rtol=1e-4)
