@@ -5,6 +5,7 @@ chain draws from compared with transformers' logits processors on the same logit
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,17 @@ def test_defaults_are_transformers_generation_config_defaults():
         assert getattr(DEFAULT_SAMPLING, name) == getattr(hf, name), name
     assert DEFAULT_SAMPLING.greedy and not CLI_SAMPLING.greedy
     assert DEFAULT_SAMPLING.max_new_tokens == 200
+
+
+def test_readme_states_the_cli_defaults():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for flag, value in [
+        ("--temperature", CLI_SAMPLING.temperature),
+        ("--top-p", CLI_SAMPLING.top_p),
+        ("--top-k", CLI_SAMPLING.top_k),
+        ("--max-new-tokens", CLI_SAMPLING.max_new_tokens),
+    ]:
+        assert f"`{flag}` ({value})" in readme, flag
 
 
 def test_generation_config_is_read_like_the_reference():
