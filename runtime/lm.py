@@ -520,8 +520,8 @@ class LanguageModel:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.shape != (self.n_vocab,):
             raise ModelError(f"logits must have shape ({self.n_vocab},), got {logits.shape}.")
-        chain = self._sampler_chain(OutputModality.parse(output_modality), sampling, self._check_ids(history)
-                                    if history else ())
+        history = self._check_ids(history) if len(history) else []
+        chain = self._sampler_chain(OutputModality.parse(output_modality), sampling, history)
         try:
             data = (llama_cpp.llama_token_data * self.n_vocab)()
             view = np.ctypeslib.as_array(data)

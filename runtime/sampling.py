@@ -126,8 +126,8 @@ class SamplingConfig:
                 unknown.append(name)
         if unknown:
             raise ModelError(
-                f"Unknown generation option(s) {', '.join(sorted(unknown))}: not attributes of transformers' "
-                f"GenerationConfig. spiritlm-edge honours {', '.join(SAMPLING_OPTIONS)}."
+                f"Unknown generation option(s) {', '.join(sorted(unknown))}: not options of transformers' "
+                f"GenerationConfig that spiritlm-edge knows. It honours {', '.join(SAMPLING_OPTIONS)}."
             )
         if refused:
             raise ModelError(
