@@ -290,7 +290,8 @@ class SpiritLM:
     ) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
         """Like :meth:`generate`, but yields events as they happen: :class:`TextDelta`
         for new text, :class:`AudioChunk` as soon as the streaming vocoder has audio, then
-        one :class:`TurnEnd` with the per-stage timings.
+        one :class:`TurnEnd` with the per-stage timings. Sampling (``generation_config``,
+        ``seed``, keywords) is chosen as in :meth:`generate`.
 
         A speech chunk starts playing once it has 25 Hubert units (shorter ones are
         dropped, spec section 7). When the prompt ends in speech and the answer continues
