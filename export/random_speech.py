@@ -11,6 +11,7 @@ bundled LibriSpeech clip so real speech maps to many different codes.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -270,32 +271,22 @@ def write_pitch(
 # -- style encoder ------------------------------------------------------------------------------
 
 
+# The style encoder's shapes: tiny, and facebook/wav2vec2-base's (the release's)
+_WAV2VEC2_SHAPE_KEYS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "conv_dim",
+    "num_conv_pos_embeddings", "num_conv_pos_embedding_groups", "classifier_proj_size",
+)  # fmt: skip
+_WAV2VEC2_SHAPES = {
+    "tiny": (64, 128, 2, 2, [32] * 7, 16, 4, 32),
+    "full": (768, 3072, 12, 12, [512] * 7, 128, 16, 256),
+}
+
+
 def _wav2vec2_config(size: str) -> dict[str, Any]:
     """A style encoder config.json as released (a transformers Wav2Vec2 classifier)."""
-    if size == "tiny":
-        dims = dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            conv_dim=[32] * 7,
-            num_conv_pos_embeddings=16,
-            num_conv_pos_embedding_groups=4,
-            classifier_proj_size=32,
-        )
-    elif size == "full":  # facebook/wav2vec2-base
-        dims = dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            conv_dim=[512] * 7,
-            num_conv_pos_embeddings=128,
-            num_conv_pos_embedding_groups=16,
-            classifier_proj_size=256,
-        )
-    else:
+    if size not in _WAV2VEC2_SHAPES:
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
+    dims = dict(zip(_WAV2VEC2_SHAPE_KEYS, copy.deepcopy(_WAV2VEC2_SHAPES[size]), strict=True))
     return {
         "architectures": ["Wav2Vec2ForSequenceClassification"],
         "model_type": "wav2vec2",
