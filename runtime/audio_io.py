@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -282,7 +283,7 @@ class ScriptedInput(AudioInput):
         if audio is not None:
             self.add(audio, at)
 
-    def add(self, audio: np.ndarray, at: float) -> "ScriptedInput":
+    def add(self, audio: np.ndarray, at: float) -> ScriptedInput:
         """Schedule ``audio`` (16 kHz) to start ``at`` seconds into the stream."""
         self._events.append((round(at * SAMPLE_RATE), np.asarray(audio, dtype=np.float32).reshape(-1)))
         return self
@@ -298,6 +299,7 @@ class ScriptedInput(AudioInput):
     def read(self) -> np.ndarray | None:
         if self._t0 is None:
             self.start()
+        assert self._t0 is not None
         start, end = self.position, self.position + BLOCK_SAMPLES
         if self.interrupt_at is not None and start >= self.interrupt_at * SAMPLE_RATE:
             raise KeyboardInterrupt
@@ -433,7 +435,9 @@ def format_devices(devices: list[dict]) -> str:
             f"{mark}{d['index']:>2} {d['inputs']:>3} {d['outputs']:>3} {d['default_samplerate'] / 1000:>5.1f}k "
             f"{d['name']} ({d['hostapi']})"
         )
-    lines.append("> default input, < default output; pass an index or part of a name to --input-device / --output-device")
+    lines.append(
+        "> default input, < default output; pass an index or part of a name to --input-device / --output-device"
+    )
     return "\n".join(lines)
 
 
@@ -475,7 +479,7 @@ class SoundDeviceInput(AudioInput):
     def __init__(self, device: int | str | None = None):
         self.device = device
         self._queue: queue.Queue = queue.Queue()
-        self._stream = None
+        self._stream: Any = None  # a sounddevice stream once started
         self._resampler = None
         self._pending = np.zeros(0, dtype=np.float32)
         self.overflows = 0
@@ -551,7 +555,7 @@ class SoundDeviceOutput(AudioOutput):
     def __init__(self, device: int | str | None = None):
         super().__init__()
         self.device = device
-        self._stream = None
+        self._stream: Any = None  # a sounddevice stream once started
         self._rate = SAMPLE_RATE
         self._resampler = None
         self._resample_lock = threading.Lock()
@@ -571,7 +575,9 @@ class SoundDeviceOutput(AudioOutput):
             self._stream.start()
         except Exception as exc:
             self._stream = None
-            raise AudioError(f"Cannot open audio output {name!r} at {self._rate} Hz ({exc}). {LIST_DEVICES_HINT}.") from None
+            raise AudioError(
+                f"Cannot open audio output {name!r} at {self._rate} Hz ({exc}). {LIST_DEVICES_HINT}."
+            ) from None
         log.info("speaker: %s at %d Hz", name, self._rate)
         if self._started:
             self.reference.mark_break()  # a restarted device: the echo path starts anew
