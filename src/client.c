@@ -84,11 +84,13 @@ struct sle_client {
     int in_float;
     char *cancelled_response; /* deltas of this response are dropped */
 
+    char *current_response;   /* the answer the server is producing (response.created .. done) */
+
     /* service thread only */
     char *rx;
     size_t rx_len, rx_cap;
     soxr_t out_rs;  /* 24 kHz -> output_sample_rate */
-    char *current_response;
+    atomic_int cancels_unanswered; /* response.cancel sent, no response.done or error for it yet */
 };
 
 /* WebSocket pings after keepalive_s of silence, hang-up after twice that: a server that
@@ -289,7 +291,8 @@ static cJSON *session_update_json(const sle_client *c) {
     cJSON *in_fmt = in ? cJSON_AddObjectToObject(in, "format") : NULL;
     cJSON *out_fmt = out ? cJSON_AddObjectToObject(out, "format") : NULL;
     if (!out_fmt || !in_fmt || !mods || !cJSON_AddStringToObject(s, "type", "realtime")) goto oom;
-    cJSON_AddItemToArray(mods, cJSON_CreateString((o->output_modalities & SLE_MODALITY_AUDIO) ? "audio" : "text"));
+    if (o->output_modalities & SLE_MODALITY_AUDIO) cJSON_AddItemToArray(mods, cJSON_CreateString("audio"));
+    if (o->output_modalities & SLE_MODALITY_TEXT) cJSON_AddItemToArray(mods, cJSON_CreateString("text"));
     cJSON_AddStringToObject(in_fmt, "type", "audio/pcm");
     cJSON_AddNumberToObject(in_fmt, "rate", PROTOCOL_RATE);
     cJSON_AddStringToObject(out_fmt, "type", "audio/pcm");
@@ -485,12 +488,12 @@ sle_status sle_cancel(sle_client *c) {
         st = fail_locked(c, SLE_ERR_CLOSED, "the connection is closed%s%s", c->last_error[0] ? ": " : "",
                          c->last_error);
     } else {
-        /* current_response belongs to the service thread; the cancellation mark is read
-         * there, so record "the current one" and let the service thread resolve it */
+        /* drop what is still on the wire of the answer running now; with none running the
+         * server answers response_cancel_not_active and no later answer is affected */
         free(c->cancelled_response);
-        c->cancelled_response = strdup("*");
-        st = c->cancelled_response ? enqueue_json_locked(c, event_json("response.cancel"))
-                                   : fail_locked(c, SLE_ERR_NO_MEMORY, "out of memory");
+        c->cancelled_response = dup_or_null(c->current_response);
+        st = enqueue_json_locked(c, event_json("response.cancel"));
+        if (st == SLE_OK) atomic_fetch_add(&c->cancels_unanswered, 1);
     }
     pthread_mutex_unlock(&c->mu);
     return st;
@@ -517,14 +520,7 @@ static void set_state(sle_client *c, conn_state state, sle_status why, const cha
 static int is_dropped(sle_client *c, const char *response_id) {
     int dropped = 0;
     pthread_mutex_lock(&c->mu);
-    if (c->cancelled_response) {
-        if (strcmp(c->cancelled_response, "*") == 0) {
-            /* resolve the cancel request to the response that was running when it was made */
-            free(c->cancelled_response);
-            c->cancelled_response = dup_or_null(c->current_response);
-        }
-        dropped = c->cancelled_response && response_id && strcmp(c->cancelled_response, response_id) == 0;
-    }
+    dropped = c->cancelled_response && response_id && strcmp(c->cancelled_response, response_id) == 0;
     pthread_mutex_unlock(&c->mu);
     return dropped;
 }
@@ -647,21 +643,26 @@ static void handle_text_delta(sle_client *c, const cJSON *msg) {
     deliver(c, e);
 }
 
-/* Collects the numeric members of the server's timings object. */
-static void read_timings(owned_event *e, const cJSON *timings) {
+/* Collects the numeric members of two objects (either may be NULL) as named timings. */
+static void read_timings(owned_event *e, const cJSON *a, const cJSON *b) {
+    const cJSON *objects[2] = {a, b};
     size_t n = 0;
     const cJSON *t;
-    cJSON_ArrayForEach(t, timings) if (cJSON_IsNumber(t) && t->string) n++;
+    for (int k = 0; k < 2; k++)
+        if (cJSON_IsObject(objects[k])) cJSON_ArrayForEach(t, objects[k]) if (cJSON_IsNumber(t) && t->string) n++;
     if (n == 0) return;
     e->timings = calloc(n, sizeof *e->timings);
     if (!e->timings) return;
-    cJSON_ArrayForEach(t, timings) {
-        if (!cJSON_IsNumber(t) || !t->string) continue;
-        char *name = strdup(t->string);
-        if (!name) break;
-        e->timings[e->pub.n_timings].name = name;
-        e->timings[e->pub.n_timings].value = t->valuedouble;
-        e->pub.n_timings++;
+    for (int k = 0; k < 2; k++) {
+        if (!cJSON_IsObject(objects[k])) continue;
+        cJSON_ArrayForEach(t, objects[k]) {
+            if (!cJSON_IsNumber(t) || !t->string || e->pub.n_timings == n) continue;
+            char *name = strdup(t->string);
+            if (!name) return;
+            e->timings[e->pub.n_timings].name = name;
+            e->timings[e->pub.n_timings].value = t->valuedouble;
+            e->pub.n_timings++;
+        }
     }
     e->pub.timings = e->timings;
 }
@@ -692,18 +693,20 @@ static void handle_response_done(sle_client *c, const cJSON *msg) {
     const cJSON *ot = cJSON_GetObjectItemCaseSensitive(usage, "output_tokens");
     if (cJSON_IsNumber(it)) e->pub.input_tokens = (int64_t)it->valuedouble;
     if (cJSON_IsNumber(ot)) e->pub.output_tokens = (int64_t)ot->valuedouble;
-    /* the per-stage timings are our documented extension of response.done */
-    const cJSON *timings = cJSON_GetObjectItemCaseSensitive(resp, "timings");
-    if (!cJSON_IsObject(timings)) timings = cJSON_GetObjectItemCaseSensitive(msg, "timings");
-    if (cJSON_IsObject(timings)) read_timings(e, timings);
+    /* the server's extension of response.done (docs/protocol.md):
+     * response.spiritlm = {audio_ms, first_audio_ms, total_ms, timings: {encode_s, ...}} */
+    const cJSON *ext = cJSON_GetObjectItemCaseSensitive(resp, "spiritlm");
+    if (cJSON_IsObject(ext)) read_timings(e, ext, cJSON_GetObjectItemCaseSensitive(ext, "timings"));
     pthread_mutex_lock(&c->mu);
     if (c->cancelled_response && rid && strcmp(c->cancelled_response, rid) == 0) {
         free(c->cancelled_response);
         c->cancelled_response = NULL;
     }
-    pthread_mutex_unlock(&c->mu);
     free(c->current_response);
     c->current_response = NULL;
+    pthread_mutex_unlock(&c->mu);
+    if (e->pub.response_status == SLE_RESPONSE_CANCELLED && atomic_load(&c->cancels_unanswered) > 0)
+        atomic_fetch_sub(&c->cancels_unanswered, 1);
     deliver(c, e);
 }
 
@@ -729,6 +732,8 @@ static void handle_message(sle_client *c, const char *text, size_t len) {
             pthread_mutex_lock(&c->mu);
             c->want_close = 1;
             pthread_mutex_unlock(&c->mu);
+        } else if (code && strcmp(code, "response_cancel_not_active") == 0 && c->cancels_unanswered > 0) {
+            c->cancels_unanswered--; /* sle_cancel() with nothing running is harmless by contract */
         } else {
             deliver_error(c, SLE_ERR_SERVER, code, message ? message : "the server reported an error");
         }
@@ -743,8 +748,10 @@ static void handle_message(sle_client *c, const char *text, size_t len) {
         deliver(c, e);
     } else if (strcmp(type, "response.created") == 0) {
         const char *rid = json_str(cJSON_GetObjectItemCaseSensitive(msg, "response"), "id");
+        pthread_mutex_lock(&c->mu);
         free(c->current_response);
         c->current_response = dup_or_null(rid);
+        pthread_mutex_unlock(&c->mu);
         if (c->out_rs) soxr_clear(c->out_rs);
         owned_event *e = event_new(SLE_EVENT_RESPONSE_STARTED);
         if (e) {
@@ -983,8 +990,8 @@ static sle_status validate_options(sle_client *c, const sle_options *o) {
         return fail(c, SLE_ERR_INVALID_ARGUMENT, "connect_timeout_ms must be positive");
     if (o->keepalive_s < 0 || o->keepalive_s > 3600)
         return fail(c, SLE_ERR_INVALID_ARGUMENT, "keepalive_s must be within 0..3600");
-    if (o->temperature > 10 || o->top_p > 1)
-        return fail(c, SLE_ERR_INVALID_ARGUMENT, "temperature must be <= 10 and top_p <= 1");
+    if (o->temperature > 2 || o->top_p == 0 || o->top_p > 1)
+        return fail(c, SLE_ERR_INVALID_ARGUMENT, "temperature must be within 0..2 and top_p within (0, 1]");
     return SLE_OK;
 }
 

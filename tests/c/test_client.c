@@ -5,7 +5,7 @@
  *
  * Cases without a server: bad_url, no_server, connect_timeout, http_401, bad_options.
  * Cases against `spiritlm-edge serve` (tests/c/server_fixture.py writes server.env):
- * speech_turn, speech_turn_resampled, text_turn, callback_turn, cancel, wrong_token,
+ * speech_turn, speech_turn_resampled, speech_to_text, text_turn, callback_turn, cancel, wrong_token,
  * server_killed.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -117,6 +117,7 @@ typedef struct turn {
     sle_response_status status;
     size_t n_timings;
     double first_audio_s;   /* the server's timing, if sent */
+    double server_audio_ms; /* how much audio the server says it sent */
     sle_status last_error;
     char text[4096];
 } turn;
@@ -128,6 +129,10 @@ static void turn_init(turn *t) {
 }
 
 static void turn_add(turn *t, const sle_event *ev) {
+    if (getenv("SLE_TEST_VERBOSE"))
+        fprintf(stderr, "    event %d %s samples %zu text '%.*s' status %d msg %s\n", (int)ev->type,
+                ev->response_id ? ev->response_id : "-", ev->audio_samples, (int)ev->text_len, ev->text ? ev->text : "",
+                (int)ev->response_status, ev->message ? ev->message : "");
     switch (ev->type) {
     case SLE_EVENT_SPEECH_STARTED: t->speech_started++; break;
     case SLE_EVENT_SPEECH_STOPPED: t->speech_stopped++; break;
@@ -151,6 +156,7 @@ static void turn_add(turn *t, const sle_event *ev) {
         t->status = ev->response_status;
         t->n_timings = ev->n_timings;
         t->first_audio_s = sle_event_timing(ev, "first_audio_s", -1);
+        t->server_audio_ms = sle_event_timing(ev, "audio_ms", -1);
         break;
     case SLE_EVENT_ERROR:
         t->errors++;
@@ -352,14 +358,15 @@ static sle_client *connect_or_report(const char *url, const sle_options *o) {
 }
 
 /* A spoken turn with server VAD: the clip, then silence; the server ends the turn. */
-static void spoken_turn(int input_rate, int input_float, int output_rate) {
+static void spoken_turn(int input_rate, int input_float, int output_rate, int modalities) {
     size_t frames = 0;
     int rate = 0;
     float *clip = read_clip(&frames, &rate);
     REQUIRE(clip, "no clip");
     sle_options o = server_options();
     o.output_sample_rate = output_rate;
-    o.silence_duration_ms = 500;
+    o.output_modalities = modalities;
+    o.silence_duration_ms = 2000; /* the clip pauses for 1.6 s mid-sentence: one turn, not two */
     sle_client *c = connect_or_report(env_url, &o);
     if (!c) {
         free(clip);
@@ -383,9 +390,9 @@ static void spoken_turn(int input_rate, int input_float, int output_rate) {
         size_t k = n - i < step ? n - i : step;
         st = input_float ? sle_send_audio_f32(c, f32 + i, k, input_rate) : sle_send_audio_s16(c, s16 + i, k, input_rate);
     }
-    /* two seconds of silence end the turn */
+    /* three seconds of silence end the turn */
     memset(s16, 0, step * sizeof *s16);
-    for (int i = 0; i < 20 && st == SLE_OK; i++) st = sle_send_audio_s16(c, s16, step, input_rate);
+    for (int i = 0; i < 30 && st == SLE_OK; i++) st = sle_send_audio_s16(c, s16, step, input_rate);
     CHECK(st == SLE_OK, "sending audio: %s: %s", sle_strerror(st), sle_last_error(c));
     turn t;
     turn_init(&t);
@@ -396,11 +403,20 @@ static void spoken_turn(int input_rate, int input_float, int output_rate) {
     CHECK(t.errors == 0, "%d error events", t.errors);
     CHECK(t.order_ok, "events out of order");
     CHECK(t.status == SLE_RESPONSE_COMPLETED || t.status == SLE_RESPONSE_INCOMPLETE, "status %d", (int)t.status);
-    CHECK(t.audio_deltas > 0 && t.audio_samples > (size_t)output_rate / 10, "audio: %zu deltas, %zu samples",
-          t.audio_deltas, t.audio_samples);
-    CHECK(t.sample_rate == output_rate, "sample rate %d", t.sample_rate);
-    CHECK(rms(&t) > 30.0, "silent answer (RMS %.1f)", rms(&t));
     CHECK(t.n_timings > 0, "response.done carried no timings");
+    if (modalities & SLE_MODALITY_AUDIO) {
+        CHECK(t.audio_deltas > 0 && t.audio_samples > (size_t)output_rate / 10, "audio: %zu deltas, %zu samples",
+              t.audio_deltas, t.audio_samples);
+        CHECK(t.sample_rate == output_rate, "sample rate %d", t.sample_rate);
+        CHECK(rms(&t) > 30.0, "silent answer (RMS %.1f)", rms(&t));
+        /* the length after resampling matches what the server says it sent (soxr's tail is flushed) */
+        double got_ms = 1000.0 * (double)t.audio_samples / output_rate;
+        CHECK(fabs(got_ms - t.server_audio_ms) < 25.0, "%.1f ms of audio received, the server sent %.1f ms", got_ms,
+              t.server_audio_ms);
+    } else {
+        CHECK(t.text_deltas > 0 && t.audio_deltas == 0, "text answer: %zu text deltas, %zu audio deltas",
+              t.text_deltas, t.audio_deltas);
+    }
     fprintf(stderr, "  answer: %zu samples at %d Hz, RMS %.0f, %zu text bytes, server first_audio_s %.3f\n",
             t.audio_samples, t.sample_rate, rms(&t), t.text_bytes, t.first_audio_s);
     free(f32);
@@ -489,7 +505,7 @@ static void test_cancel(void) {
     turn_init(&t);
     int cancelled = 0;
     size_t deltas_after_cancel = 0;
-    double end = now_s() + 90;
+    double cancelled_at = 0, end = now_s() + 90;
     while (now_s() < end && !t.done) {
         sle_event *ev = NULL;
         sle_status st = sle_poll(c, 500, &ev);
@@ -500,7 +516,10 @@ static void test_cancel(void) {
         if (ev->type == SLE_EVENT_AUDIO_DELTA && !cancelled) {
             CHECK(sle_cancel(c) == SLE_OK, "cancel: %s", sle_last_error(c));
             cancelled = 1;
+            cancelled_at = now_s();
         }
+        if (ev->type == SLE_EVENT_RESPONSE_DONE && cancelled) /* generation stops within a decode step */
+            CHECK(now_s() - cancelled_at < 5.0, "response.done came %.1f s after the cancel", now_s() - cancelled_at);
         int err = ev->type == SLE_EVENT_ERROR;
         sle_event_free(ev);
         if (err) break;
@@ -602,10 +621,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s: %s\n", name, failures ? "FAILED" : "ok");
         return failures ? 1 : 0;
     }
-    if (strcmp(name, "speech_turn") == 0 || strcmp(name, "speech_turn_resampled") == 0) {
+    if (strncmp(name, "speech_", 7) == 0) {
         if (!read_env(argc > 2 ? argv[2] : NULL)) return 1;
-        if (strcmp(name, "speech_turn") == 0) spoken_turn(16000, 0, 24000); /* int16 16 kHz in, 24 kHz out */
-        else spoken_turn(48000, 1, 48000);                                  /* float 48 kHz in, 48 kHz out */
+        if (strcmp(name, "speech_turn") == 0) spoken_turn(16000, 0, 24000, SLE_MODALITY_AUDIO); /* int16 16 kHz -> 24 kHz */
+        else if (strcmp(name, "speech_turn_resampled") == 0) spoken_turn(48000, 1, 48000, SLE_MODALITY_AUDIO); /* f32 */
+        else if (strcmp(name, "speech_to_text") == 0) spoken_turn(16000, 1, 24000, SLE_MODALITY_TEXT);
+        else return 2;
         fprintf(stderr, "%s: %s\n", name, failures ? "FAILED" : "ok");
         return failures ? 1 : 0;
     }

@@ -1,0 +1,138 @@
+"""ctest fixture: start / stop `spiritlm-edge serve` on a tiny bundle for the C client's tests.
+
+    server_fixture.py start --exe PATH --state DIR --clip FILE
+    server_fixture.py stop --state DIR
+
+`start` builds the tiny bundle once (cached in DIR/bundle), starts two servers on free
+loopback ports (the main one with a token, and a "victim" the server-killed test SIGKILLs),
+waits until both answer GET /healthz with 200, writes DIR/server.env (KEY=VALUE lines the
+C tests read) and returns; the servers keep running until `stop`. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+TOKEN = "c-client-test-token"
+READY_TIMEOUT_S = 300.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_bundle(exe: str, state: Path) -> Path:
+    bundle = state / "bundle"
+    if (bundle / "bundle.json").exists() or (bundle / "manifest.json").exists():
+        return bundle
+    ckpt = state / "checkpoints"
+    log = state / "bundle-build.log"
+    with log.open("w") as out:
+        for cmd in ([exe, "make-tiny-checkpoints", str(ckpt), "--variant", "base"],
+                    [exe, "build", "--checkpoints", str(ckpt), "--variant", "base", "--out", str(bundle),
+                     "--quant", "Q8_0"]):
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode != 0:
+                sys.exit(f"fixture: {' '.join(cmd)} failed; see {log}")
+    return bundle
+
+
+def start_server(exe: str, bundle: Path, state: Path, name: str, token: str | None) -> tuple[int, int]:
+    port = free_port()
+    cmd = [exe, "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
+    if token:
+        cmd += ["--token", token]
+    log = (state / f"{name}.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    return proc.pid, port
+
+
+def wait_ready(pid: int, port: int, state: Path, name: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            sys.exit(f"fixture: the {name} server exited:\n{(state / f'{name}.log').read_text()[-4000:]}")
+        # a server that exited is a zombie until reaped: reap without blocking
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                sys.exit(f"fixture: the {name} server exited:\n{(state / f'{name}.log').read_text()[-4000:]}")
+        except ChildProcessError:
+            pass
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    sys.exit(f"fixture: the {name} server was not ready within {READY_TIMEOUT_S:.0f} s")
+
+
+def stop(state: Path) -> None:
+    env = state / "server.env"
+    if not env.exists():
+        return
+    fields = dict(line.split("=", 1) for line in env.read_text().splitlines() if "=" in line)
+    pids = [int(fields[k]) for k in ("PID", "VICTIM_PID") if k in fields]
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + 15
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    env.unlink()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--exe", help="the spiritlm-edge executable")
+    p.add_argument("--state", required=True, type=Path)
+    p.add_argument("--clip", help="the LibriSpeech clip the tests send")
+    a = p.parse_args()
+    a.state.mkdir(parents=True, exist_ok=True)
+    if a.action == "stop":
+        stop(a.state)
+        return
+    if not a.exe or not os.access(a.exe, os.X_OK):
+        sys.exit(f"fixture: spiritlm-edge not found at {a.exe!r}; set SPIRITLM_EDGE_EXECUTABLE "
+                 "(CMake cache or environment) to the server's executable")
+    stop(a.state)  # a previous run's servers, if it was interrupted
+    bundle = build_bundle(a.exe, a.state)
+    main_pid, main_port = start_server(a.exe, bundle, a.state, "server", TOKEN)
+    victim_pid, victim_port = start_server(a.exe, bundle, a.state, "victim", None)
+    (a.state / "server.env").write_text(
+        f"URL=ws://127.0.0.1:{main_port}/v1/realtime\nTOKEN={TOKEN}\nPID={main_pid}\n"
+        f"VICTIM_URL=ws://127.0.0.1:{victim_port}/v1/realtime\nVICTIM_PID={victim_pid}\nCLIP={a.clip}\n")
+    wait_ready(main_pid, main_port, a.state, "server")
+    wait_ready(victim_pid, victim_port, a.state, "victim")
+    print(f"fixture: servers ready on ports {main_port} (token) and {victim_port} (victim)")
+
+
+if __name__ == "__main__":
+    main()
