@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # elsewhere if your pip would pick a CUDA wheel).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test setup edge clean
+.PHONY: demo test test-c setup edge clean
 
 $(BIN)/spiritlm-edge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-c
+
+# The C/C++ client (CMakeLists.txt): built in build/ with -Werror under AddressSanitizer +
+# UndefinedBehaviorSanitizer; its ctest suite runs against this venv's `spiritlm-edge serve`.
+test-c: setup
+	cmake -S . -B build -DSLE_WERROR=ON -DSLE_SANITIZE=ON -DSPIRITLM_EDGE_EXECUTABLE=$(abspath $(BIN))/spiritlm-edge
+	cmake --build build -j 2
+	ctest --test-dir build --output-on-failure
 
 # The edge install alone (no torch): what a Jetson or kiosk needs to run a bundle.
 edge:

@@ -1108,6 +1108,8 @@ sle_status sle_connect(const char *url, const sle_options *options, sle_client *
 
 sle_status sle_close(sle_client *c) {
     if (!c) return SLE_ERR_INVALID_ARGUMENT;
+    if (c->thread_started && pthread_equal(pthread_self(), c->thread)) /* from the callback: would join itself */
+        return fail(c, SLE_ERR_INVALID_ARGUMENT, "sle_close() cannot be called from the event callback");
     pthread_mutex_lock(&c->mu);
     if (c->thread_started && c->state != ST_CLOSED) {
         c->want_close = 1;

@@ -3,10 +3,10 @@
 //   duplex [--token T] [--voice V] [--rate HZ] [--seconds N] [--input DEV] [--output DEV] [--list] URL
 //
 // The microphone streams to the server (server VAD ends turns); answers play on the
-// speaker as they arrive. Barge-in: when the server hears you start speaking during an
-// answer, playback is flushed and the answer cancelled. Use a headset, or the server's
-// echo cancellation, when the speaker is near the microphone: otherwise the answer can
-// interrupt itself.
+// speaker as they arrive. Barge-in: when you speak over an answer for long enough (a
+// short "mhm" is not an interruption), the server cancels it, and the audio still queued
+// here is dropped. Use a headset, or echo cancellation, when the speaker is near the
+// microphone: otherwise the answer can interrupt itself.
 #include <portaudio.h>
 #include <spiritlm_edge/client.hpp>
 
@@ -106,15 +106,12 @@ int main(int argc, char **argv) {
     options.output_sample_rate = rate;  // answers arrive at the speaker's rate
     sle_status st = client.connect(url, options, [&](const spiritlm_edge::EventView &e) {
         switch (e.type()) {
-        case SLE_EVENT_SPEECH_STARTED:  // barge-in: the user talks over the answer
-            playback.flush();
-            client.cancel();
-            std::printf("\n[listening]\n");
-            break;
+        case SLE_EVENT_SPEECH_STARTED: std::printf("\n[listening]\n"); break;
         case SLE_EVENT_SPEECH_STOPPED: std::printf("[thinking]\n"); break;
         case SLE_EVENT_AUDIO_DELTA: playback.push(e.audio()); break;
         case SLE_EVENT_TEXT_DELTA: std::printf("%.*s", static_cast<int>(e.text().size()), e.text().data()); break;
         case SLE_EVENT_RESPONSE_DONE:
+            if (e.response_status() == SLE_RESPONSE_CANCELLED) playback.flush();  // barge-in
             std::printf("\n[done: first audio after %.0f ms]\n", e.timing("first_audio_s").value_or(-1) * 1e3);
             break;
         case SLE_EVENT_ERROR:

@@ -33,6 +33,8 @@
  * The event callback runs on the library's thread; it may call the send, commit,
  * cancel and clear functions (they only queue messages), but must not block for long:
  * while it runs, no network traffic is served for that client.
+ * Polled events queue without a bound while the application does not poll: poll
+ * regularly (or use the callback).
  *
  * Buffers: the library never keeps a pointer to a caller's buffer after a call
  * returns (audio and strings are copied). Events obtained with sle_poll() belong
@@ -82,7 +84,8 @@ typedef enum sle_status {
  * (about 4 minutes of 24 kHz audio). */
 #define SLE_MAX_QUEUED_BYTES (16u * 1024u * 1024u)
 
-/* Output modalities (a bit set). Audio answers also carry their text (the transcript). */
+/* Output modalities (a bit set): SLE_MODALITY_AUDIO, speech answers; SLE_MODALITY_TEXT,
+ * text answers; both, the model chooses and its text streams as text deltas. */
 enum { SLE_MODALITY_TEXT = 1, SLE_MODALITY_AUDIO = 2 };
 
 typedef struct sle_client sle_client;
@@ -96,7 +99,7 @@ typedef struct sle_options {
     size_t struct_size;       /* set by sle_options_init(); do not change */
     const char *token;        /* bearer token (Authorization header), or NULL; copied */
     const char *voice;        /* the vocoder speaker, "0".."3", or NULL for the server's default; copied */
-    int output_modalities;    /* SLE_MODALITY_AUDIO (default) or SLE_MODALITY_TEXT */
+    int output_modalities;    /* SLE_MODALITY_AUDIO (default), SLE_MODALITY_TEXT, or both */
     int server_vad;           /* 1 (default): the server ends turns on silence; 0: call sle_commit() */
     int silence_duration_ms;  /* server VAD: silence that ends a turn; <= 0: the server's default */
     int prefix_padding_ms;    /* server VAD: audio kept before speech starts; < 0: the server's default */
@@ -115,7 +118,9 @@ SLE_API void sle_options_init(sle_options *options);
 
 /* Event kinds. */
 typedef enum sle_event_type {
-    SLE_EVENT_SPEECH_STARTED = 1, /* server VAD heard the user start (stop playback: barge-in) */
+    SLE_EVENT_SPEECH_STARTED = 1, /* server VAD heard the user start; over an answer, the server
+                                     cancels it once the speech lasts (its barge-in): the answer's
+                                     RESPONSE_DONE then says cancelled, time to flush playback */
     SLE_EVENT_SPEECH_STOPPED = 2, /* server VAD heard the user stop; an answer follows */
     SLE_EVENT_RESPONSE_STARTED = 3, /* the server began an answer (response_id set) */
     SLE_EVENT_AUDIO_DELTA = 4,    /* audio/audio_samples/sample_rate: the next piece of the answer */
@@ -131,10 +136,12 @@ typedef enum sle_response_status {
     SLE_RESPONSE_FAILED = 3
 } sle_response_status;
 
-/* One named duration from the server's per-stage timings (response.done). */
+/* One named figure from the server's per-turn timings: response.done's extension field
+ * `response.spiritlm` (docs/protocol.md): audio_ms, first_audio_ms, total_ms and, from its
+ * `timings`, encode_s, prefill_s, decode_s, vocoder_s, first_audio_s, decode_tokens_per_s... */
 typedef struct sle_timing {
-    const char *name;             /* the server's name for the stage, e.g. "first_audio_s" */
-    double value;                 /* as the server sent it (seconds for *_s names) */
+    const char *name;             /* the server's name, e.g. "first_audio_s" */
+    double value;                 /* as the server sent it: *_s seconds, *_ms milliseconds */
 } sle_timing;
 
 /* An event. Fields not listed for a type are zero / NULL. All strings are NUL-terminated. */
@@ -202,7 +209,8 @@ SLE_API sle_status sle_send_text(sle_client *client, const char *text);
 /*
  * Barge-in: stops the answer in progress (response.cancel). From this call on, audio and
  * text deltas of that answer are dropped by the library, even those already on the wire;
- * its SLE_EVENT_RESPONSE_DONE (status cancelled) still comes. Harmless when nothing runs.
+ * its SLE_EVENT_RESPONSE_DONE (status cancelled) still comes. Harmless when nothing runs
+ * (the server's "response_cancel_not_active" answer is not passed on as an error event).
  */
 SLE_API sle_status sle_cancel(sle_client *client);
 
@@ -216,8 +224,9 @@ SLE_API sle_status sle_poll(sle_client *client, int timeout_ms, sle_event **even
 
 SLE_API void sle_event_free(sle_event *event);
 
-/* Closes the connection (a normal WebSocket close) and stops the library's thread;
- * queued events stay readable with sle_poll(). Idempotent. */
+/* Closes the connection (a normal WebSocket close, waiting at most 2 s for the server) and
+ * stops the library's thread; queued events stay readable with sle_poll(). Idempotent.
+ * Not from the event callback (SLE_ERR_INVALID_ARGUMENT there). */
 SLE_API sle_status sle_close(sle_client *client);
 
 /* The detailed message of the handle's most recent failure ("" if none). The pointer
