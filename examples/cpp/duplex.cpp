@@ -2,11 +2,13 @@
 //
 //   duplex [--token T] [--voice V] [--rate HZ] [--seconds N] [--input DEV] [--output DEV] [--list] URL
 //
+// DEV: a device index or part of its name (--list shows them).
+//
 // The microphone streams to the server (server VAD ends turns); answers play on the
-// speaker as they arrive. Barge-in: when you speak over an answer for long enough (a
-// short "mhm" is not an interruption), the server cancels it, and the audio still queued
-// here is dropped. Use a headset, or echo cancellation, when the speaker is near the
-// microphone: otherwise the answer can interrupt itself.
+// speaker as they arrive. Barge-in: when the server hears you speak over an answer, the
+// answer's audio still queued here is dropped and the answer cancelled. Use a headset, or
+// echo cancellation, when the speaker is near the microphone: otherwise the answer can
+// interrupt itself.
 #include <portaudio.h>
 #include <spiritlm_edge/client.hpp>
 
@@ -29,9 +31,12 @@ public:
         std::lock_guard<std::mutex> lock(mu_);
         samples_.insert(samples_.end(), pcm.begin(), pcm.end());
     }
-    void flush() {
+    // Drops what is queued; returns how many samples that was.
+    std::size_t flush() {
         std::lock_guard<std::mutex> lock(mu_);
+        std::size_t n = samples_.size();
         samples_.clear();
+        return n;
     }
     // Fills `out` with what is queued, silence after it; returns the samples that were audio.
     std::size_t pop(std::int16_t *out, std::size_t n) {
@@ -57,6 +62,19 @@ int usage() {
     return 2;
 }
 
+// A device by index, or the first whose name contains `spec` and has the channels.
+PaDeviceIndex find_device(const std::string &spec, bool input) {
+    if (spec.empty()) return input ? Pa_GetDefaultInputDevice() : Pa_GetDefaultOutputDevice();
+    char *end = nullptr;
+    long index = std::strtol(spec.c_str(), &end, 10);
+    if (end && *end == 0) return index >= 0 && index < Pa_GetDeviceCount() ? static_cast<PaDeviceIndex>(index) : paNoDevice;
+    for (int i = 0; i < Pa_GetDeviceCount(); i++) {
+        const PaDeviceInfo *d = Pa_GetDeviceInfo(i);
+        if ((input ? d->maxInputChannels : d->maxOutputChannels) > 0 && std::strstr(d->name, spec.c_str())) return i;
+    }
+    return paNoDevice;
+}
+
 void list_devices() {
     for (int i = 0; i < Pa_GetDeviceCount(); i++) {
         const PaDeviceInfo *d = Pa_GetDeviceInfo(i);
@@ -71,7 +89,7 @@ int main(int argc, char **argv) {
     spiritlm_edge::Options options;
     int rate = 48000;
     double seconds = 0;  // 0: until interrupted
-    int input_dev = -1, output_dev = -1;
+    std::string input_dev, output_dev;  // index or name; empty: the defaults
     bool list = false;
     const char *url = nullptr;
     for (int i = 1; i < argc; i++) {
@@ -80,8 +98,8 @@ int main(int argc, char **argv) {
         else if (i + 1 < argc && a == "--voice") options.voice = argv[++i];
         else if (i + 1 < argc && a == "--rate") rate = std::atoi(argv[++i]);
         else if (i + 1 < argc && a == "--seconds") seconds = std::atof(argv[++i]);
-        else if (i + 1 < argc && a == "--input") input_dev = std::atoi(argv[++i]);
-        else if (i + 1 < argc && a == "--output") output_dev = std::atoi(argv[++i]);
+        else if (i + 1 < argc && a == "--input") input_dev = argv[++i];
+        else if (i + 1 < argc && a == "--output") output_dev = argv[++i];
         else if (a == "--list") list = true;
         else if (a[0] == '-' || url) return usage();
         else url = argv[i];
@@ -106,12 +124,20 @@ int main(int argc, char **argv) {
     options.output_sample_rate = rate;  // answers arrive at the speaker's rate
     sle_status st = client.connect(url, options, [&](const spiritlm_edge::EventView &e) {
         switch (e.type()) {
-        case SLE_EVENT_SPEECH_STARTED: std::printf("\n[listening]\n"); break;
+        case SLE_EVENT_SPEECH_STARTED:
+            // Barge-in. Answers are generated faster than they play, so the one being heard
+            // has often finished on the server: the audio queued here is what must stop.
+            if (playback.flush() > 0) {
+                client.cancel();  // and the answer itself if it still runs (harmless if not)
+                std::printf("\n[interrupted]");
+            }
+            std::printf("\n[listening]\n");
+            break;
         case SLE_EVENT_SPEECH_STOPPED: std::printf("[thinking]\n"); break;
         case SLE_EVENT_AUDIO_DELTA: playback.push(e.audio()); break;
         case SLE_EVENT_TEXT_DELTA: std::printf("%.*s", static_cast<int>(e.text().size()), e.text().data()); break;
         case SLE_EVENT_RESPONSE_DONE:
-            if (e.response_status() == SLE_RESPONSE_CANCELLED) playback.flush();  // barge-in
+            if (e.response_status() == SLE_RESPONSE_CANCELLED) playback.flush();  // the server's barge-in
             std::printf("\n[done: first audio after %.0f ms]\n", e.timing("first_audio_s").value_or(-1) * 1e3);
             break;
         case SLE_EVENT_ERROR:
@@ -129,8 +155,8 @@ int main(int argc, char **argv) {
     }
 
     PaStreamParameters in{}, out{};
-    in.device = input_dev >= 0 ? input_dev : Pa_GetDefaultInputDevice();
-    out.device = output_dev >= 0 ? output_dev : Pa_GetDefaultOutputDevice();
+    in.device = find_device(input_dev, true);
+    out.device = find_device(output_dev, false);
     if (in.device == paNoDevice || out.device == paNoDevice) {
         std::fprintf(stderr, "duplex: no %s device (see --list)\n", in.device == paNoDevice ? "input" : "output");
         Pa_Terminate();
