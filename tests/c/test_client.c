@@ -51,7 +51,7 @@ static double now_s(void) {
 
 /* ---- the server's coordinates (server.env: KEY=VALUE lines) ------------------------ */
 
-static char env_url[256], env_token[256], env_clip[1024], env_victim_url[256];
+static char env_url[256], env_token[256], env_clip[1024], env_victim_url[256], env_fake_url[256];
 static long env_victim_pid = 0;
 
 static int read_env(const char *path) {
@@ -72,6 +72,7 @@ static int read_env(const char *path) {
         else if (strcmp(line, "CLIP") == 0) snprintf(env_clip, sizeof env_clip, "%s", v);
         else if (strcmp(line, "VICTIM_URL") == 0) snprintf(env_victim_url, sizeof env_victim_url, "%s", v);
         else if (strcmp(line, "VICTIM_PID") == 0) env_victim_pid = atol(v);
+        else if (strcmp(line, "FAKE_URL") == 0) snprintf(env_fake_url, sizeof env_fake_url, "%s", v);
     }
     fclose(f);
     return env_url[0] != 0;
@@ -591,6 +592,83 @@ static void test_server_killed(void) {
     sle_destroy(c);
 }
 
+/* A server that breaks the protocol (tests/c/fake_server.py): error codes and messages, the
+ * connection stays usable where it can, nothing hangs past the stated timeouts. */
+static void test_protocol_errors(void) {
+    REQUIRE(env_fake_url[0], "no fake server in server.env");
+    char url[300];
+    sle_options o;
+    sle_client *c = NULL;
+
+    /* garbage after a good session: one SLE_ERR_PROTOCOL event each, then a turn still works */
+    snprintf(url, sizeof url, "%s/garbage", env_fake_url);
+    sle_options_init(&o);
+    o.output_sample_rate = 48000;
+    sle_status st = sle_connect(url, &o, &c);
+    REQUIRE(st == SLE_OK, "connect: %s", sle_last_error(c));
+    int protocol = 0, server = 0;
+    for (int i = 0; i < 5; i++) {
+        sle_event *ev = NULL;
+        st = sle_poll(c, 5000, &ev);
+        REQUIRE(st == SLE_OK, "event %d: %s", i, sle_strerror(st));
+        CHECK(ev->type == SLE_EVENT_ERROR && ev->message && ev->message[0], "event %d is type %d", i, (int)ev->type);
+        if (ev->error == SLE_ERR_PROTOCOL) protocol++;
+        if (ev->error == SLE_ERR_SERVER && ev->error_code && strcmp(ev->error_code, "unknown_event") == 0) server++;
+        fprintf(stderr, "  %s: %s\n", sle_strerror(ev->error), ev->message);
+        sle_event_free(ev);
+    }
+    CHECK(protocol == 4 && server == 1, "%d protocol errors, %d server errors", protocol, server);
+    CHECK(sle_send_text(c, "still there?") == SLE_OK, "send_text after garbage: %s", sle_last_error(c));
+    turn t;
+    turn_init(&t);
+    CHECK(run_until_done(c, &t, 10) && t.status == SLE_RESPONSE_COMPLETED, "no turn after garbage");
+    /* 2400 samples at 24 kHz = 100 ms -> 4800 at 48 kHz, the resampler's tail included */
+    CHECK(t.audio_samples >= 4790 && t.audio_samples <= 4810 && t.sample_rate == 48000, "%zu samples at %d Hz",
+          t.audio_samples, t.sample_rate);
+    sle_destroy(c);
+
+    /* a WebSocket that never says anything: the connect timeout holds */
+    snprintf(url, sizeof url, "%s/silent", env_fake_url);
+    sle_options_init(&o);
+    o.connect_timeout_ms = 1000;
+    double t0 = now_s();
+    st = sle_connect(url, &o, &c);
+    CHECK(st == SLE_ERR_TIMEOUT && now_s() - t0 < 2.5, "silent: %s after %.1f s", sle_strerror(st), now_s() - t0);
+    sle_destroy(c);
+
+    /* the server refuses the session: its message reaches the caller */
+    snprintf(url, sizeof url, "%s/refuse", env_fake_url);
+    st = sle_connect(url, NULL, &c);
+    CHECK(st == SLE_ERR_SERVER && strstr(sle_last_error(c), "voice '9'"), "refuse: %s: %s", sle_strerror(st),
+          sle_last_error(c));
+    sle_destroy(c);
+
+    /* the server closes with 1011: an SLE_ERR_CLOSED event, then poll says closed */
+    snprintf(url, sizeof url, "%s/close", env_fake_url);
+    st = sle_connect(url, NULL, &c);
+    REQUIRE(st == SLE_OK, "close: connect: %s", sle_last_error(c));
+    CHECK(sle_send_text(c, "hello") == SLE_OK, "send_text");
+    sle_event *ev = NULL;
+    st = sle_poll(c, 5000, &ev);
+    CHECK(st == SLE_OK && ev && ev->type == SLE_EVENT_ERROR && ev->error == SLE_ERR_CLOSED, "close: %s",
+          sle_strerror(st));
+    sle_event_free(ev);
+    CHECK(sle_poll(c, 5000, &ev) == SLE_ERR_CLOSED, "close: poll after the close event");
+    sle_destroy(c);
+
+    /* a 9 MiB message: a protocol error, the connection closed, no unbounded buffering */
+    snprintf(url, sizeof url, "%s/huge", env_fake_url);
+    st = sle_connect(url, NULL, &c);
+    REQUIRE(st == SLE_OK, "huge: connect: %s", sle_last_error(c));
+    ev = NULL;
+    st = sle_poll(c, 10000, &ev);
+    CHECK(st == SLE_OK && ev && ev->type == SLE_EVENT_ERROR && ev->error == SLE_ERR_PROTOCOL, "huge: %s",
+          sle_strerror(st));
+    sle_event_free(ev);
+    CHECK(sle_poll(c, 10000, &ev) == SLE_ERR_CLOSED, "huge: the connection is still open");
+    sle_destroy(c);
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     if (argc < 2) {
@@ -613,6 +691,7 @@ int main(int argc, char **argv) {
         {"cancel", test_cancel, 1},
         {"wrong_token", test_wrong_token, 1},
         {"server_killed", test_server_killed, 1},
+        {"protocol_errors", test_protocol_errors, 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         if (strcmp(cases[i].name, name) != 0) continue;
