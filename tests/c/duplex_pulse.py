@@ -46,9 +46,20 @@ def main() -> int:
     (work / "default.pa").write_text(CONFIG.format(socket=socket))
     env = {**os.environ, "HOME": str(work), "XDG_RUNTIME_DIR": str(work), "XDG_CONFIG_HOME": str(work)}
     pulse = subprocess.Popen(
-        ["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit", "-n", "-F",
-         str(work / "default.pa"), "--log-target=stderr"],
-        env=env, stdout=(work / "pulseaudio.log").open("w"), stderr=subprocess.STDOUT)
+        [
+            "pulseaudio",
+            "--daemonize=no",
+            "--exit-idle-time=-1",
+            "--disallow-exit",
+            "-n",
+            "-F",
+            str(work / "default.pa"),
+            "--log-target=stderr",
+        ],
+        env=env,
+        stdout=(work / "pulseaudio.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     client_env = {**env, "PULSE_SERVER": f"unix:{socket}"}
     client_env["ASAN_OPTIONS"] = ":".join(filter(None, [os.environ.get("ASAN_OPTIONS", ""), "detect_leaks=0"]))
     try:
@@ -59,9 +70,26 @@ def main() -> int:
                 return 1
             time.sleep(0.2)
         proc = subprocess.Popen(
-            [duplex, "--token", server["TOKEN"], "--rate", "48000", "--seconds", "20", "--input", "pulse",
-             "--output", "pulse", server["URL"]],
-            env=client_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            [
+                duplex,
+                "--token",
+                server["TOKEN"],
+                "--rate",
+                "48000",
+                "--seconds",
+                "20",
+                "--input",
+                "pulse",
+                "--output",
+                "pulse",
+                server["URL"],
+            ],
+            env=client_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
 
         def say() -> None:
             subprocess.run(["paplay", "--device=room", server["CLIP"]], env=client_env, timeout=30)

@@ -39,16 +39,30 @@ async def handler(request: web.Request) -> web.WebSocketResponse:
     elif mode == "refuse":
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                await ws.send_json({"type": "error", "event_id": "e1", "error": {
-                    "type": "invalid_request_error", "code": "invalid_value", "message": "voice '9' is not 0..3"}})
+                await ws.send_json(
+                    {
+                        "type": "error",
+                        "event_id": "e1",
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "invalid_value",
+                            "message": "voice '9' is not 0..3",
+                        },
+                    }
+                )
     elif mode == "garbage":
         await session(ws)
         await ws.send_str("this is not JSON")
         await ws.send_str('{"no": "type"}')
         await ws.send_bytes(b"\x00\x01")
         await ws.send_json({"type": "response.output_audio.delta", "response_id": "r1", "delta": "%%%not base64%%%"})
-        await ws.send_json({"type": "error", "event_id": "e2",
-                            "error": {"type": "invalid_request_error", "code": "unknown_event", "message": "made up"}})
+        await ws.send_json(
+            {
+                "type": "error",
+                "event_id": "e2",
+                "error": {"type": "invalid_request_error", "code": "unknown_event", "message": "made up"},
+            }
+        )
         async for msg in ws:  # the connection still works: answer a turn
             if msg.type == WSMsgType.TEXT and json.loads(msg.data).get("type") == "response.create":
                 pcm = base64.b64encode(b"\x10\x00" * 2400).decode()

@@ -39,9 +39,10 @@ def build_bundle(exe: str, state: Path) -> Path:
     ckpt = state / "checkpoints"
     log = state / "bundle-build.log"
     with log.open("w") as out:
-        for cmd in ([exe, "make-tiny-checkpoints", str(ckpt), "--variant", "base"],
-                    [exe, "build", "--checkpoints", str(ckpt), "--variant", "base", "--out", str(bundle),
-                     "--quant", "Q8_0"]):
+        for cmd in (
+            [exe, "make-tiny-checkpoints", str(ckpt), "--variant", "base"],
+            [exe, "build", "--checkpoints", str(ckpt), "--variant", "base", "--out", str(bundle), "--quant", "Q8_0"],
+        ):
             if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode != 0:
                 sys.exit(f"fixture: {' '.join(cmd)} failed; see {log}")
     return bundle
@@ -53,8 +54,7 @@ def start_server(exe: str, bundle: Path, state: Path, name: str, token: str | No
     if token:
         cmd += ["--token", token]
     log = (state / f"{name}.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return proc.pid, port
 
 
@@ -64,8 +64,13 @@ def start_fake(exe: str, state: Path) -> tuple[int, int]:
     port_file.unlink(missing_ok=True)
     python = Path(exe).parent / "python"
     log = (state / "fake.log").open("w")
-    proc = subprocess.Popen([str(python), str(Path(__file__).with_name("fake_server.py")), str(port_file)],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(python), str(Path(__file__).with_name("fake_server.py")), str(port_file)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while not (port_file.exists() and port_file.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -136,8 +141,10 @@ def main() -> None:
         stop(a.state)
         return
     if not a.exe or not os.access(a.exe, os.X_OK):
-        sys.exit(f"fixture: spiritlm-edge not found at {a.exe!r}; set SPIRITLM_EDGE_EXECUTABLE "
-                 "(CMake cache or environment) to the server's executable")
+        sys.exit(
+            f"fixture: spiritlm-edge not found at {a.exe!r}; set SPIRITLM_EDGE_EXECUTABLE "
+            "(CMake cache or environment) to the server's executable"
+        )
     stop(a.state)  # a previous run's servers, if it was interrupted
     bundle = build_bundle(a.exe, a.state)
     main_pid, main_port = start_server(a.exe, bundle, a.state, "server", TOKEN)
@@ -146,7 +153,8 @@ def main() -> None:
     (a.state / "server.env").write_text(
         f"URL=ws://127.0.0.1:{main_port}/v1/realtime\nTOKEN={TOKEN}\nPID={main_pid}\n"
         f"VICTIM_URL=ws://127.0.0.1:{victim_port}/v1/realtime\nVICTIM_PID={victim_pid}\nCLIP={a.clip}\n"
-        f"FAKE_URL=ws://127.0.0.1:{fake_port}\nFAKE_PID={fake_pid}\n")
+        f"FAKE_URL=ws://127.0.0.1:{fake_port}\nFAKE_PID={fake_pid}\n"
+    )
     wait_ready(main_pid, main_port, a.state, "server")
     wait_ready(victim_pid, victim_port, a.state, "victim")
     print(f"fixture: servers ready on ports {main_port} (token) and {victim_port} (victim)")
