@@ -834,8 +834,8 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
             break;
         }
         if (c->rx_len + len > MAX_MESSAGE_BYTES) {
-            set_state(c, ST_CLOSED, SLE_ERR_PROTOCOL, "a server message exceeds %u bytes", MAX_MESSAGE_BYTES);
             deliver_error(c, SLE_ERR_PROTOCOL, NULL, "a server message is too large; closing");
+            set_state(c, ST_CLOSED, SLE_ERR_PROTOCOL, "a server message exceeds %u bytes", MAX_MESSAGE_BYTES);
             return -1;
         }
         if (c->rx_len + len > c->rx_cap) {
@@ -872,6 +872,7 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
             int n = lws_write(wsi, m->buf + LWS_PRE, m->len, LWS_WRITE_TEXT);
             free(m);
             if (n < 0) {
+                deliver_error(c, SLE_ERR_CLOSED, NULL, "writing to the server failed; the connection is closed");
                 set_state(c, ST_CLOSED, SLE_ERR_CLOSED, "writing to %s failed", c->url);
                 return -1;
             }
@@ -894,8 +895,9 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
         pthread_mutex_unlock(&c->mu);
         c->wsi = NULL;
         if (was == ST_READY && !by_us) {
-            set_state(c, ST_CLOSED, SLE_ERR_CLOSED, "the server closed the connection");
+            /* the event first: once the state says closed, a poller may conclude nothing more comes */
             deliver_error(c, SLE_ERR_CLOSED, NULL, "the server closed the connection (or it died)");
+            set_state(c, ST_CLOSED, SLE_ERR_CLOSED, "the server closed the connection");
         } else {
             set_state(c, ST_CLOSED, SLE_ERR_CLOSED, was == ST_READY ? "closed" : "the server closed the connection "
                                                                                   "before the session was ready");

@@ -497,7 +497,7 @@ static void test_callback_turn(void) {
 static void test_cancel(void) {
     sle_options o = server_options();
     o.server_vad = 0;
-    o.max_output_tokens = 400; /* long enough to still be running when cancelled */
+    o.max_output_tokens = 1000; /* long enough to still be running when cancelled */
     sle_client *c = connect_or_report(env_url, &o);
     if (!c) return;
     CHECK(sle_cancel(c) == SLE_OK, "cancel with nothing running");
@@ -560,7 +560,7 @@ static void test_server_killed(void) {
     REQUIRE(env_victim_pid > 0 && env_victim_url[0], "no victim server in server.env");
     sle_options o = server_options();
     o.server_vad = 0;
-    o.max_output_tokens = 400;
+    o.max_output_tokens = 1000;
     o.keepalive_s = 2;
     sle_client *c = connect_or_report(env_victim_url, &o);
     if (!c) return;
@@ -653,7 +653,9 @@ static void test_protocol_errors(void) {
     CHECK(st == SLE_OK && ev && ev->type == SLE_EVENT_ERROR && ev->error == SLE_ERR_CLOSED, "close: %s",
           sle_strerror(st));
     sle_event_free(ev);
+    ev = NULL;
     CHECK(sle_poll(c, 5000, &ev) == SLE_ERR_CLOSED, "close: poll after the close event");
+    sle_event_free(ev);
     sle_destroy(c);
 
     /* a 9 MiB message: a protocol error, the connection closed, no unbounded buffering */
@@ -665,7 +667,9 @@ static void test_protocol_errors(void) {
     CHECK(st == SLE_OK && ev && ev->type == SLE_EVENT_ERROR && ev->error == SLE_ERR_PROTOCOL, "huge: %s",
           sle_strerror(st));
     sle_event_free(ev);
+    ev = NULL;
     CHECK(sle_poll(c, 10000, &ev) == SLE_ERR_CLOSED, "huge: the connection is still open");
+    sle_event_free(ev);
     sle_destroy(c);
 }
 

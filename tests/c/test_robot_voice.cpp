@@ -76,7 +76,7 @@ int main(int argc, char **argv) {
     options.token = env["TOKEN"];
     options.server_vad = false;
     options.output_sample_rate = 16000;
-    options.max_output_tokens = 400;
+    options.max_output_tokens = 1000;
     sle_status st = voice.start(env["URL"], options, sinks);
     if (st != SLE_OK) {
         std::fprintf(stderr, "start: %s: %s\n", sle_strerror(st), voice.last_error().c_str());
