@@ -896,8 +896,8 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
         c->wsi = NULL;
         if (was == ST_READY && !by_us) {
             /* the event first: once the state says closed, a poller may conclude nothing more comes */
-            deliver_error(c, SLE_ERR_CLOSED, NULL, "the server closed the connection (or it died)");
-            set_state(c, ST_CLOSED, SLE_ERR_CLOSED, "the server closed the connection");
+            deliver_error(c, SLE_ERR_CLOSED, NULL, "the connection to the server is lost (closed, or no answer to pings)");
+            set_state(c, ST_CLOSED, SLE_ERR_CLOSED, "the connection to %s is lost (closed, or no answer to pings)", c->url);
         } else {
             set_state(c, ST_CLOSED, SLE_ERR_CLOSED, was == ST_READY ? "closed" : "the server closed the connection "
                                                                                   "before the session was ready");
@@ -1017,8 +1017,11 @@ sle_status sle_connect(const char *url, const sle_options *options, sle_client *
     if (options) {
         sle_status st = validate_options(c, options);
         if (st != SLE_OK) return st;
-        /* copy what this version knows; a newer caller's extra fields are ignored */
+        /* copy what this version knows over the defaults: an older caller's missing fields keep
+         * their defaults, a newer caller's extra fields are ignored */
+        c->opts = defaults;
         memcpy(&c->opts, options, options->struct_size < sizeof c->opts ? options->struct_size : sizeof c->opts);
+        c->opts.struct_size = sizeof c->opts;
     } else {
         c->opts = defaults;
     }

@@ -107,7 +107,8 @@ typedef struct sle_options {
     double top_p;             /* sampling; < 0: the server's default */
     int max_output_tokens;    /* per answer; <= 0: the server's default */
     int output_sample_rate;   /* rate of audio in SLE_EVENT_AUDIO_DELTA: 8000..192000 Hz, default 24000 */
-    int connect_timeout_ms;   /* bound on sle_connect(), from the call to a configured session; default 10000 */
+    int connect_timeout_ms;   /* bound on sle_connect(), from the call to a configured session; default
+                                 10000 (a host name is resolved by the system resolver first, outside it) */
     int keepalive_s;          /* WebSocket ping after this idle time, hang up after twice it; 0: off; default 10 */
     sle_event_callback on_event; /* NULL (default): queue events for sle_poll(); else called on the library's thread */
     void *user_data;          /* passed to on_event */

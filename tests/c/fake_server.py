@@ -10,6 +10,7 @@ how to misbehave:
   /refuse   answers session.update with an error event
   /close    a session, then closes the connection with 1011 after the first client message
   /huge     a session, then one 9 MiB text message
+  /idle     a session, then reads and never answers (the keep-alive test SIGSTOPs the process)
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ async def handler(request: web.Request) -> web.WebSocketResponse:
         await session(ws)
         await ws.receive()
         await ws.close(code=1011, message=b"internal error")
+    elif mode == "idle":  # a session, then only reading (the test freezes this process)
+        await session(ws)
+        async for _ in ws:
+            pass
     elif mode == "huge":
         await session(ws)
         await ws.send_str(json.dumps({"type": "response.output_text.delta", "delta": "x" * (9 << 20)}))

@@ -58,12 +58,12 @@ def start_server(exe: str, bundle: Path, state: Path, name: str, token: str | No
     return proc.pid, port
 
 
-def start_fake(exe: str, state: Path) -> tuple[int, int]:
+def start_fake(exe: str, state: Path, name: str) -> tuple[int, int]:
     """fake_server.py on the server's own Python (it has aiohttp, the server's web library)."""
-    port_file = state / "fake.port"
+    port_file = state / f"{name}.port"
     port_file.unlink(missing_ok=True)
     python = Path(exe).parent / "python"
-    log = (state / "fake.log").open("w")
+    log = (state / f"{name}.log").open("w")
     proc = subprocess.Popen(
         [str(python), str(Path(__file__).with_name("fake_server.py")), str(port_file)],
         stdout=log,
@@ -74,7 +74,7 @@ def start_fake(exe: str, state: Path) -> tuple[int, int]:
     deadline = time.monotonic() + 60
     while not (port_file.exists() and port_file.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"fixture: the fake server did not start:\n{(state / 'fake.log').read_text()[-2000:]}")
+            sys.exit(f"fixture: the {name} server did not start:\n{(state / f'{name}.log').read_text()[-2000:]}")
         time.sleep(0.1)
     return proc.pid, int(port_file.read_text())
 
@@ -107,9 +107,10 @@ def stop(state: Path) -> None:
     if not env.exists():
         return
     fields = dict(line.split("=", 1) for line in env.read_text().splitlines() if "=" in line)
-    pids = [int(fields[k]) for k in ("PID", "VICTIM_PID", "FAKE_PID") if k in fields]
+    pids = [int(fields[k]) for k in ("PID", "VICTIM_PID", "FAKE_PID", "FROZEN_PID") if k in fields]
     for pid in pids:
         try:
+            os.killpg(pid, signal.SIGCONT)  # the keep-alive test stops one
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
@@ -149,11 +150,13 @@ def main() -> None:
     bundle = build_bundle(a.exe, a.state)
     main_pid, main_port = start_server(a.exe, bundle, a.state, "server", TOKEN)
     victim_pid, victim_port = start_server(a.exe, bundle, a.state, "victim", None)
-    fake_pid, fake_port = start_fake(a.exe, a.state)
+    fake_pid, fake_port = start_fake(a.exe, a.state, "fake")
+    frozen_pid, frozen_port = start_fake(a.exe, a.state, "frozen")
     (a.state / "server.env").write_text(
         f"URL=ws://127.0.0.1:{main_port}/v1/realtime\nTOKEN={TOKEN}\nPID={main_pid}\n"
         f"VICTIM_URL=ws://127.0.0.1:{victim_port}/v1/realtime\nVICTIM_PID={victim_pid}\nCLIP={a.clip}\n"
         f"FAKE_URL=ws://127.0.0.1:{fake_port}\nFAKE_PID={fake_pid}\n"
+        f"FROZEN_URL=ws://127.0.0.1:{frozen_port}/idle\nFROZEN_PID={frozen_pid}\n"
     )
     wait_ready(main_pid, main_port, a.state, "server")
     wait_ready(victim_pid, victim_port, a.state, "victim")

@@ -51,8 +51,8 @@ static double now_s(void) {
 
 /* ---- the server's coordinates (server.env: KEY=VALUE lines) ------------------------ */
 
-static char env_url[256], env_token[256], env_clip[1024], env_victim_url[256], env_fake_url[256];
-static long env_victim_pid = 0;
+static char env_url[256], env_token[256], env_clip[1024], env_victim_url[256], env_fake_url[256], env_frozen_url[256];
+static long env_victim_pid = 0, env_frozen_pid = 0;
 
 static int read_env(const char *path) {
     FILE *f = path ? fopen(path, "r") : NULL;
@@ -73,6 +73,8 @@ static int read_env(const char *path) {
         else if (strcmp(line, "VICTIM_URL") == 0) snprintf(env_victim_url, sizeof env_victim_url, "%s", v);
         else if (strcmp(line, "VICTIM_PID") == 0) env_victim_pid = atol(v);
         else if (strcmp(line, "FAKE_URL") == 0) snprintf(env_fake_url, sizeof env_fake_url, "%s", v);
+        else if (strcmp(line, "FROZEN_URL") == 0) snprintf(env_frozen_url, sizeof env_frozen_url, "%s", v);
+        else if (strcmp(line, "FROZEN_PID") == 0) env_frozen_pid = atol(v);
     }
     fclose(f);
     return env_url[0] != 0;
@@ -673,6 +675,33 @@ static void test_protocol_errors(void) {
     sle_destroy(c);
 }
 
+/* A server that freezes (SIGSTOP: no FIN, no RST, nothing) is noticed by the WebSocket
+ * keep-alive: an SLE_ERR_CLOSED event within about twice keepalive_s, not a hang. */
+static void test_server_frozen(void) {
+    REQUIRE(env_frozen_pid > 0 && env_frozen_url[0], "no frozen server in server.env");
+    sle_options o;
+    sle_options_init(&o);
+    o.keepalive_s = 2;
+    sle_client *c = NULL;
+    sle_status st = sle_connect(env_frozen_url, &o, &c);
+    REQUIRE(st == SLE_OK, "connect: %s", sle_last_error(c));
+    REQUIRE(kill((pid_t)env_frozen_pid, SIGSTOP) == 0, "SIGSTOP %ld", env_frozen_pid);
+    double t0 = now_s();
+    CHECK(sle_send_text(c, "are you there?") == SLE_OK, "send_text");
+    int closed_event = 0;
+    sle_event *ev = NULL;
+    while ((st = sle_poll(c, 15000, &ev)) == SLE_OK) {
+        if (ev->type == SLE_EVENT_ERROR && ev->error == SLE_ERR_CLOSED) closed_event = 1;
+        sle_event_free(ev);
+    }
+    double took = now_s() - t0;
+    kill((pid_t)env_frozen_pid, SIGCONT);
+    CHECK(st == SLE_ERR_CLOSED && closed_event, "poll ended with %s, close event %d", sle_strerror(st), closed_event);
+    CHECK(took > 1.5 && took < 8.0, "noticed after %.1f s with a 2 s keep-alive", took);
+    fprintf(stderr, "  frozen server noticed after %.1f s: %s\n", took, sle_last_error(c));
+    sle_destroy(c);
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     if (argc < 2) {
@@ -696,6 +725,7 @@ int main(int argc, char **argv) {
         {"wrong_token", test_wrong_token, 1},
         {"server_killed", test_server_killed, 1},
         {"protocol_errors", test_protocol_errors, 1},
+        {"server_frozen", test_server_frozen, 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         if (strcmp(cases[i].name, name) != 0) continue;
