@@ -56,6 +56,7 @@ struct sle_client {
     sle_options opts;
     char *token;
     char *voice;
+    char *ca_file;
     char *url;      /* the caller's URL, for messages */
     char *url_buf;  /* lws_parse_uri's cut-up copy */
     const char *host;
@@ -981,7 +982,7 @@ static void stop_thread(sle_client *c) {
 }
 
 static sle_status validate_options(sle_client *c, const sle_options *o) {
-    if (o->struct_size < offsetof(sle_options, user_data) + sizeof(void *))
+    if (o->struct_size < offsetof(sle_options, ca_file) + sizeof(const char *))
         return fail(c, SLE_ERR_INVALID_ARGUMENT, "sle_options not initialised with sle_options_init()");
     if (o->output_modalities != SLE_MODALITY_AUDIO && o->output_modalities != SLE_MODALITY_TEXT &&
         o->output_modalities != (SLE_MODALITY_AUDIO | SLE_MODALITY_TEXT))
@@ -1028,8 +1029,10 @@ sle_status sle_connect(const char *url, const sle_options *options, sle_client *
     if (!(c->url = strdup(url))) return fail(c, SLE_ERR_NO_MEMORY, "out of memory");
     if ((c->opts.token && !(c->token = strdup(c->opts.token))) || (c->opts.voice && !(c->voice = strdup(c->opts.voice))))
         return fail(c, SLE_ERR_NO_MEMORY, "out of memory");
+    if (c->opts.ca_file && !(c->ca_file = strdup(c->opts.ca_file))) return fail(c, SLE_ERR_NO_MEMORY, "out of memory");
     c->opts.token = c->token;
     c->opts.voice = c->voice;
+    c->opts.ca_file = c->ca_file;
     if (c->token && (strpbrk(c->token, "\r\n") || strlen(c->token) > 900))
         return fail(c, SLE_ERR_INVALID_ARGUMENT, "the token must be one line of at most 900 bytes");
     sle_status st = parse_url(c, url);
@@ -1058,7 +1061,10 @@ sle_status sle_connect(const char *url, const sle_options *options, sle_client *
     info.connect_timeout_secs = (unsigned)(c->opts.connect_timeout_ms + 999) / 1000;
     info.timeout_secs = info.connect_timeout_secs;
     info.fd_limit_per_thread = 8;
-    if (c->tls) info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+    if (c->tls) {
+        info.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+        info.client_ssl_ca_filepath = c->ca_file; /* NULL: the system's trust store */
+    }
     c->ctx = lws_create_context(&info);
     if (!c->ctx) return fail(c, SLE_ERR_INTERNAL, "cannot create a libwebsockets context");
 
@@ -1181,6 +1187,7 @@ void sle_destroy(sle_client *c) {
     free(c->cancelled_response);
     free(c->token);
     free(c->voice);
+    free(c->ca_file);
     free(c->url);
     free(c->url_buf);
     free(c->path);

@@ -20,7 +20,8 @@
  * Versioning: the ABI follows SLE_VERSION_MAJOR (the shared library's SOVERSION).
  * Structs the caller fills (sle_options) start with a `struct_size` field set by
  * sle_options_init(), so fields can be added in minor versions without breaking
- * binaries built against older headers.
+ * binaries built against older headers; structs the library fills (sle_event) only
+ * ever grow at their end. Platforms: POSIX (Linux, including Jetson; threads are pthreads).
  *
  * Status codes: every function that can fail returns an sle_status (SLE_OK == 0,
  * errors are negative). sle_strerror() gives a static description of a code;
@@ -55,9 +56,7 @@ extern "C" {
 #define SLE_VERSION_MINOR 0
 #define SLE_VERSION_PATCH 0
 
-#if defined(_WIN32) && defined(SLE_BUILD_SHARED)
-#define SLE_API __declspec(dllexport)
-#elif defined(__GNUC__)
+#if defined(__GNUC__)
 #define SLE_API __attribute__((visibility("default")))
 #else
 #define SLE_API
@@ -112,6 +111,8 @@ typedef struct sle_options {
     int keepalive_s;          /* WebSocket ping after this idle time, hang up after twice it; 0: off; default 10 */
     sle_event_callback on_event; /* NULL (default): queue events for sle_poll(); else called on the library's thread */
     void *user_data;          /* passed to on_event */
+    const char *ca_file;      /* wss://: PEM file of the certificate authorities to trust (e.g. the
+                                 server's self-signed certificate); NULL: the system's; copied */
 } sle_options;
 
 /* Fills *options with the defaults above. */

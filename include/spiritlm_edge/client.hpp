@@ -101,6 +101,7 @@ struct Options {
     int output_sample_rate = 24000;
     int connect_timeout_ms = 10000;
     int keepalive_s = 10;
+    std::optional<std::string> ca_file;     // wss://: the CAs to trust; empty: the system's
 };
 
 using EventCallback = std::function<void(const EventView &)>;
@@ -139,6 +140,7 @@ public:
         opts.output_sample_rate = o.output_sample_rate;
         opts.connect_timeout_ms = o.connect_timeout_ms;
         opts.keepalive_s = o.keepalive_s;
+        opts.ca_file = o.ca_file ? o.ca_file->c_str() : nullptr;
         if (callback) {
             cb_.reset(new (std::nothrow) CallbackHolder{std::move(callback), {0}});
             if (!cb_) return SLE_ERR_NO_MEMORY;

@@ -3,8 +3,9 @@
     server_fixture.py start --exe PATH --state DIR --clip FILE
     server_fixture.py stop --state DIR
 
-`start` builds the tiny bundle once (cached in DIR/bundle), starts two servers on free
-loopback ports (the main one with a token, and a "victim" the server-killed test SIGKILLs),
+`start` builds the tiny bundle once (cached in DIR/bundle), starts three servers on free
+loopback ports (the main one with a token, a "victim" the server-killed test SIGKILLs, and
+one serving wss:// with a self-signed certificate) and two fake servers (fake_server.py),
 waits until both answer GET /healthz with 200, writes DIR/server.env (KEY=VALUE lines the
 C tests read) and returns; the servers keep running until `stop`. Standard library only.
 """
@@ -15,6 +16,7 @@ import argparse
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -48,11 +50,46 @@ def build_bundle(exe: str, state: Path) -> Path:
     return bundle
 
 
-def start_server(exe: str, bundle: Path, state: Path, name: str, token: str | None) -> tuple[int, int]:
+def self_signed(state: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with the openssl command."""
+    cert, key = state / "cert.pem", state / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def start_server(
+    exe: str, bundle: Path, state: Path, name: str, token: str | None, tls: tuple[Path, Path] | None = None
+) -> tuple[int, int]:
     port = free_port()
     cmd = [exe, "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
     if token:
         cmd += ["--token", token]
+    if tls:
+        cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     log = (state / f"{name}.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return proc.pid, port
@@ -79,7 +116,9 @@ def start_fake(exe: str, state: Path, name: str) -> tuple[int, int]:
     return proc.pid, int(port_file.read_text())
 
 
-def wait_ready(pid: int, port: int, state: Path, name: str) -> None:
+def wait_ready(pid: int, port: int, state: Path, name: str, cert: Path | None = None) -> None:
+    scheme = "https" if cert else "http"
+    context = ssl.create_default_context(cafile=str(cert)) if cert else None
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
@@ -93,7 +132,7 @@ def wait_ready(pid: int, port: int, state: Path, name: str) -> None:
         except ChildProcessError:
             pass
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/healthz", timeout=2, context=context) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -107,7 +146,7 @@ def stop(state: Path) -> None:
     if not env.exists():
         return
     fields = dict(line.split("=", 1) for line in env.read_text().splitlines() if "=" in line)
-    pids = [int(fields[k]) for k in ("PID", "VICTIM_PID", "FAKE_PID", "FROZEN_PID") if k in fields]
+    pids = [int(fields[k]) for k in ("PID", "VICTIM_PID", "FAKE_PID", "FROZEN_PID", "TLS_PID") if k in fields]
     for pid in pids:
         try:
             os.killpg(pid, signal.SIGCONT)  # the keep-alive test stops one
@@ -150,6 +189,8 @@ def main() -> None:
     bundle = build_bundle(a.exe, a.state)
     main_pid, main_port = start_server(a.exe, bundle, a.state, "server", TOKEN)
     victim_pid, victim_port = start_server(a.exe, bundle, a.state, "victim", None)
+    cert, key = self_signed(a.state)
+    tls_pid, tls_port = start_server(a.exe, bundle, a.state, "tls", TOKEN, (cert, key))
     fake_pid, fake_port = start_fake(a.exe, a.state, "fake")
     frozen_pid, frozen_port = start_fake(a.exe, a.state, "frozen")
     (a.state / "server.env").write_text(
@@ -157,9 +198,11 @@ def main() -> None:
         f"VICTIM_URL=ws://127.0.0.1:{victim_port}/v1/realtime\nVICTIM_PID={victim_pid}\nCLIP={a.clip}\n"
         f"FAKE_URL=ws://127.0.0.1:{fake_port}\nFAKE_PID={fake_pid}\n"
         f"FROZEN_URL=ws://127.0.0.1:{frozen_port}/idle\nFROZEN_PID={frozen_pid}\n"
+        f"TLS_URL=wss://127.0.0.1:{tls_port}/v1/realtime\nTLS_PID={tls_pid}\nTLS_CA={cert}\n"
     )
     wait_ready(main_pid, main_port, a.state, "server")
     wait_ready(victim_pid, victim_port, a.state, "victim")
+    wait_ready(tls_pid, tls_port, a.state, "tls", cert)
     print(f"fixture: servers ready on ports {main_port} (token) and {victim_port} (victim)")
 
 

@@ -53,6 +53,7 @@ static double now_s(void) {
 
 static char env_url[256], env_token[256], env_clip[1024], env_victim_url[256], env_fake_url[256], env_frozen_url[256];
 static long env_victim_pid = 0, env_frozen_pid = 0;
+static char env_tls_url[256], env_tls_ca[1024];
 
 static int read_env(const char *path) {
     FILE *f = path ? fopen(path, "r") : NULL;
@@ -75,6 +76,8 @@ static int read_env(const char *path) {
         else if (strcmp(line, "FAKE_URL") == 0) snprintf(env_fake_url, sizeof env_fake_url, "%s", v);
         else if (strcmp(line, "FROZEN_URL") == 0) snprintf(env_frozen_url, sizeof env_frozen_url, "%s", v);
         else if (strcmp(line, "FROZEN_PID") == 0) env_frozen_pid = atol(v);
+        else if (strcmp(line, "TLS_URL") == 0) snprintf(env_tls_url, sizeof env_tls_url, "%s", v);
+        else if (strcmp(line, "TLS_CA") == 0) snprintf(env_tls_ca, sizeof env_tls_ca, "%s", v);
     }
     fclose(f);
     return env_url[0] != 0;
@@ -702,6 +705,28 @@ static void test_server_frozen(void) {
     sle_destroy(c);
 }
 
+/* wss:// to a server with a self-signed certificate: trusted through ca_file, a text turn
+ * works; without it the certificate is refused (SLE_ERR_CONNECT, not a silent downgrade). */
+static void test_tls(void) {
+    REQUIRE(env_tls_url[0] && env_tls_ca[0], "no TLS server in server.env");
+    sle_options o = server_options();
+    o.output_modalities = SLE_MODALITY_TEXT;
+    o.ca_file = env_tls_ca;
+    sle_client *c = connect_or_report(env_tls_url, &o);
+    if (c) {
+        CHECK(sle_send_text(c, "Hello over TLS.") == SLE_OK, "send_text");
+        turn t;
+        turn_init(&t);
+        CHECK(run_until_done(c, &t, 60) && t.text_deltas > 0 && t.errors == 0, "no text answer over TLS");
+        sle_destroy(c);
+    }
+    o.ca_file = NULL; /* the system's trust store does not know the self-signed certificate */
+    sle_status st = sle_connect(env_tls_url, &o, &c);
+    CHECK(st == SLE_ERR_CONNECT, "untrusted certificate gave %s (%s)", sle_strerror(st), sle_last_error(c));
+    fprintf(stderr, "  untrusted: %s\n", sle_last_error(c));
+    sle_destroy(c);
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     if (argc < 2) {
@@ -726,6 +751,7 @@ int main(int argc, char **argv) {
         {"server_killed", test_server_killed, 1},
         {"protocol_errors", test_protocol_errors, 1},
         {"server_frozen", test_server_frozen, 1},
+        {"tls", test_tls, 1},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         if (strcmp(cases[i].name, name) != 0) continue;
