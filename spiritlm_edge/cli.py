@@ -302,6 +302,9 @@ def run_cmd(
     no_barge_in: bool = typer.Option(
         False, "--no-barge-in", help="Don't stop the answer when the user speaks (speakers without echo cancellation)."
     ),
+    barge_in_min_ms: float = typer.Option(
+        300.0, "--barge-in-min-ms", help="Speech that cuts the answer; shorter speech (an 'mm-hmm') does not."
+    ),
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
     n_gpu_layers: Optional[int] = GpuLayersOption,
@@ -333,7 +336,7 @@ def run_cmd(
         summary = run_mic_session(
             conversation.respond, input_device=_device(input_device), output_device=_device(output_device),
             max_seconds=max_seconds, vad_model=vad_model, bundle=spirit_lm.bundle, barge_in=not no_barge_in,
-            end_silence_ms=end_silence_ms,
+            end_silence_ms=end_silence_ms, barge_in_min_ms=barge_in_min_ms,
         )
         typer.echo(f"session ended: {summary}", err=True)
         return
