@@ -18,6 +18,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+import soxr
 from server_utils import Client, RunningServer, chunks, clip_24k, decode_deltas, pcm16_b64
 
 from spiritlm_edge.runtime.audio import load_audio
@@ -696,3 +697,61 @@ def test_serve_command_answers_then_exits_cleanly_on_sigterm(tiny_base_bundle):
     assert done["status"] == "cancelled" and done["status_details"]["error"]["code"] == "server_shutdown"
     assert any(e["type"] == "error" and e["error"]["code"] == "server_shutdown" for e in events)
     assert close_code == 1001 and rc == 0, output
+
+
+# ----------------------------------------------------------------------------- the kiosk page
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = os.environ.get("SPIRITLM_KIOSK_SCREENSHOT")  # e.g. docs/kiosk.png: keep the mid-answer screenshot
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_kiosk_page_in_a_real_browser(server, clip, tmp_path):
+    """Headless Chromium with a fake microphone fed from the LibriSpeech clip: the page goes
+    listening -> thinking -> speaking -> listening, plays the answer and shows its latency."""
+    import soundfile
+    from playwright.sync_api import sync_playwright
+
+    microphone = tmp_path / "microphone.wav"
+    speech = np.concatenate([np.zeros(8000, np.float32), clip[: int(2.8 * 16000)], np.zeros(20 * 16000, np.float32)])
+    soundfile.write(microphone, soxr.resample(speech, 16000, 48000), 48000, subtype="PCM_16")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={microphone}",
+            "--autoplay-policy=no-user-gesture-required"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            # bypass_csp: the test's own probes are evaluated scripts, which the page's CSP forbids
+            page = browser.new_page(viewport={"width": 1280, "height": 760}, bypass_csp=True)
+            console = []
+            page.on("console", lambda message: console.append(message.text))
+            page.goto(f"{server.http}/")
+            page.wait_for_function("document.querySelector('#connection').textContent === 'connected'",
+                                   timeout=20000)
+            page.click("#start")
+            page.wait_for_function("window.kiosk.states.includes('listening')", timeout=20000)
+            page.wait_for_function("window.kiosk.states.includes('speaking') && window.kiosk.played > 4800",
+                                   timeout=90000)
+            shot = tmp_path / "kiosk.png"
+            page.screenshot(path=str(shot))
+            page.wait_for_function("window.kiosk.turns.length >= 1 && window.kiosk.states.lastIndexOf('listening')"
+                                   " > window.kiosk.states.indexOf('speaking')", timeout=90000)
+            states = page.evaluate("window.kiosk.states")
+            turns = page.evaluate("window.kiosk.turns")
+            latency = page.inner_text("#turns tr:last-child .first-audio")
+            errors = page.evaluate("window.kiosk.errors")
+        finally:
+            browser.close()
+    first_listening = states.index("listening")
+    speaking = states.index("speaking", first_listening)
+    assert "thinking" in states[first_listening:speaking], states
+    assert "listening" in states[speaking:], states
+    assert turns[0]["firstAudioMs"] is not None and turns[0]["firstAudioMs"] > 0
+    assert latency.endswith(" ms") and int(latency.split()[0]) == turns[0]["firstAudioMs"]
+    assert errors == [], (errors, console)
+    if SCREENSHOT:
+        import shutil
+
+        shutil.copyfile(shot, SCREENSHOT)
