@@ -340,6 +340,7 @@ class _Response:
     audio_samples: int = 0  # at the output rate
     first_audio_s: float | None = None
     resampler: Any = None
+    previous_item: str | None = None
 
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -716,8 +717,8 @@ class RealtimeSession:
         item["content"] = []
         await self.send({"type": "response.output_item.added", "response_id": response.id, "output_index": 0,
                          "item": item})
-        await self.send({"type": "conversation.item.added", "previous_item_id": self._last_item, "item": item})
-        self._last_item = response.item_id
+        response.previous_item, self._last_item = self._last_item, response.item_id
+        await self.send({"type": "conversation.item.added", "previous_item_id": response.previous_item, "item": item})
         part = {"type": "text", "text": ""} if text_only else {"type": "audio", "transcript": ""}
         await self.send({"type": "response.content_part.added", **ids, "part": part})
 
@@ -770,11 +771,20 @@ class RealtimeSession:
 
     async def _finish_response(self, response: _Response, status: str, timings: dict, failure: dict | None,
                                ids: dict, text_only: bool) -> None:
-        if status == "completed" and response.resampler is not None:
+        if status == "completed" and response.cancel_reason is None and response.resampler is not None:
             await self._send_audio(response, response.resampler.resample_chunk(np.zeros(0, np.float32), last=True),
                                    ids)
-        if response.cancel_reason is not None:
-            status = "cancelled"
+        details: dict[str, Any] | None = None
+        if response.cancel_reason in ("client_cancelled", "turn_detected"):
+            status, details = "cancelled", {"type": "cancelled", "reason": response.cancel_reason}
+        elif response.cancel_reason is not None:  # the server ended it (shutdown, client gone): no protocol reason
+            error = {"type": "server_error", "code": response.cancel_reason,
+                     "message": f"cancelled: {response.cancel_reason}"}
+            status, details = "cancelled", {"type": "cancelled", "error": error}
+        elif status == "failed":
+            details = {"type": "failed", "error": failure}
+        elif timings.get("new_tokens", 0) >= response.request.sampling["max_new_tokens"]:
+            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         audio_ms = response.audio_samples * 1000 // response.output_rate
         if text_only:
             await self.send({"type": "response.output_text.done", **ids, "text": response.text})
@@ -787,24 +797,13 @@ class RealtimeSession:
         item = self._item(response, "completed" if status == "completed" else "incomplete")
         await self.send({"type": "response.output_item.done", "response_id": response.id, "output_index": 0,
                          "item": item})
-        await self.send({"type": "conversation.item.done", "previous_item_id": None, "item": item})
-        details: dict[str, Any] | None = None
-        if status == "cancelled" and response.cancel_reason in ("client_cancelled", "turn_detected"):
-            details = {"type": "cancelled", "reason": response.cancel_reason}
-        elif status == "cancelled":  # the server ended it (shutdown, client gone): the protocol has no reason
-            details = {"type": "cancelled", "error": {"type": "server_error", "code": response.cancel_reason,
-                                                      "message": f"cancelled: {response.cancel_reason}"}}
-        elif status == "failed":
-            details = {"type": "failed", "error": failure}
-        elif timings.get("new_tokens", 0) >= response.request.sampling["max_new_tokens"]:
-            status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
+        await self.send({"type": "conversation.item.done", "previous_item_id": response.previous_item, "item": item})
         input_tokens, output_tokens = int(timings.get("prompt_tokens", 0)), int(timings.get("new_tokens", 0))
         usage = {"total_tokens": input_tokens + output_tokens, "input_tokens": input_tokens,
                  "output_tokens": output_tokens}
         total_s = time.perf_counter() - response.started
-        extension = {"audio_ms": audio_ms, "total_ms": round(total_s * 1000, 1),
-                     "first_audio_ms": None if response.first_audio_s is None
-                     else round(response.first_audio_s * 1000, 1),
+        first_audio_ms = None if response.first_audio_s is None else round(response.first_audio_s * 1000, 1)
+        extension = {"audio_ms": audio_ms, "first_audio_ms": first_audio_ms, "total_ms": round(total_s * 1000, 1),
                      "timings": timings}
         await self.send({"type": "response.done", "response": self._response_object(
             response, status, [item], status_details=details, usage=usage, spiritlm=extension)})

@@ -412,7 +412,6 @@ def _random_bad_message(rng: random.Random) -> str:
         {"instructions": "x"}, {"output_modalities": ["video"]}, {"conversation": "none"}, {"bogus": 1}, 5])})
 
 
-@pytest.mark.slow
 def test_fuzz_1000_messages_each_get_an_error_and_the_next_turn_works(server):
     rng = random.Random(1234)
     messages = [_random_bad_message(rng) for _ in range(1000)]
@@ -439,7 +438,6 @@ def test_fuzz_1000_messages_each_get_an_error_and_the_next_turn_works(server):
 # ----------------------------------------------------------------------------- load and lifetime
 
 
-@pytest.mark.slow
 def test_ten_clients_at_once_and_one_too_many_is_busy(engine):
     limits = Limits(max_connections=10, max_queued_turns=16)
     running = RunningServer(create_app(ServerConfig(port=0, limits=limits), engine=engine))
@@ -527,7 +525,7 @@ def test_soak_200_turns_memory_is_flat(server, capsys):
     elapsed = time.perf_counter() - started
     growth_mb = (rss[200] - rss[10]) / 2**20
     with capsys.disabled():
-        print(f"\nsoak: 200 spoken-answer turns in {elapsed:.1f} s; RSS at turn 10 {rss[10] / 2**20:.1f} MiB, "
+        print(f"\nsoak: 200 turns (text in, speech out) in {elapsed:.1f} s; RSS at turn 10 {rss[10] / 2**20:.1f} MiB, "
               f"at turn 200 {rss[200] / 2**20:.1f} MiB ({growth_mb:+.1f} MiB)")
     assert growth_mb < 40  # flat: the conversation's text grows by a few KB; leaks would be MBs per turn
 
@@ -706,7 +704,7 @@ SCREENSHOT = os.environ.get("SPIRITLM_KIOSK_SCREENSHOT")  # e.g. docs/kiosk.png:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no Debian chromium here: apt-get install chromium")
 def test_kiosk_page_in_a_real_browser(server, clip, tmp_path):
     """Headless Chromium with a fake microphone fed from the LibriSpeech clip: the page goes
     listening -> thinking -> speaking -> listening, plays the answer and shows its latency."""
