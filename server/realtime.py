@@ -453,7 +453,9 @@ class RealtimeSession:
             return None
         detector = TurnDetector(
             threshold=detection["threshold"], end_silence_ms=detection["silence_duration_ms"],
-            pad_ms=detection["prefix_padding_ms"], max_utterance_s=self.limits.max_turn_audio_s,
+            pad_ms=detection["prefix_padding_ms"],
+            # cut a never-ending turn before the buffer limit (which also holds the idle pre-roll) is hit
+            max_utterance_s=max(1.0, self.limits.max_turn_audio_s - 2 * IDLE_BUFFER_S),
         )
         return TurnTaking(self._vad, detector, barge_in=detection["interrupt_response"],
                           barge_in_min_ms=detection["barge_in_min_ms"])

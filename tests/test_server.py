@@ -753,3 +753,15 @@ def test_kiosk_page_in_a_real_browser(server, clip, tmp_path):
         import shutil
 
         shutil.copyfile(shot, SCREENSHOT)
+
+
+def test_readme_server_example_runs(server, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Server"):]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    exec(compile(code.replace("127.0.0.1:8765", f"127.0.0.1:{server.port}"), "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r"^(completed|incomplete) \d+ ms of speech", out, flags=re.M), out
