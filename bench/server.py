@@ -90,10 +90,11 @@ async def server_turn(engine: Engine, port: int, clip_24k: np.ndarray, max_new_t
 
     client = AsyncOpenAI(api_key="loopback", websocket_base_url=f"ws://127.0.0.1:{port}/v1")
     async with client.realtime.connect(model="spiritlm") as connection:
-        await connection.session.update(session={
+        session: Any = {  # temperature: our extension (greedy), not in the SDK's session type
             "type": "realtime", "output_modalities": ["audio"], "max_output_tokens": max_new_tokens,
             "temperature": 0, "audio": {"input": {"turn_detection": None}},
-        })
+        }
+        await connection.session.update(session=session)
         pcm = np.clip(np.round(clip_24k * 32767), -32768, 32767).astype("<i2")
         for start in range(0, len(pcm), 2400):
             chunk = base64.b64encode(pcm[start:start + 2400].tobytes()).decode()

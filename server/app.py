@@ -48,7 +48,7 @@ FRAME_CAP_FACTOR = 4  # frames above this many times max_message_bytes close the
 ENGINE: web.AppKey[Engine | None] = web.AppKey("engine", Engine | None)  # type: ignore[arg-type]
 CONFIG: web.AppKey[ServerConfig] = web.AppKey("config", object)  # type: ignore[arg-type]
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", object)  # type: ignore[arg-type]
-SESSIONS: web.AppKey[set] = web.AppKey("sessions", set)
+SESSIONS: web.AppKey[set[Any]] = web.AppKey("sessions", set)  # type: ignore[arg-type]
 LOAD_ERROR: web.AppKey[str] = web.AppKey("load_error", str)
 
 
@@ -291,14 +291,15 @@ def create_app(config: ServerConfig, engine: Engine | None = None, load_engine: 
     async def shutdown(app: web.Application) -> None:
         # SIGTERM / Ctrl-C: cancel the turns in flight (the worker stops within one decode
         # step) and tell every client why its connection closes.
-        for session, ws in list(app[SESSIONS]):
+        for session, ws in list(app[SESSIONS]):  # type: ignore[index]
             await session.error("server_shutdown", "The server is shutting down.", type="server_error")
             await session.close("server_shutdown")
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
     async def cleanup(app: web.Application) -> None:
-        if load_engine is not None and app[ENGINE] is not None:  # an engine handed in stays its owner's
-            await asyncio.get_running_loop().run_in_executor(None, app[ENGINE].close)
+        engine = app[ENGINE]
+        if load_engine is not None and engine is not None:  # an engine handed in stays its owner's
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
     app.cleanup_ctx.append(load)
     app.on_shutdown.append(shutdown)

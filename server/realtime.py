@@ -490,15 +490,17 @@ class RealtimeSession:
             await self._hear(samples)
 
     async def _hear(self, samples: np.ndarray) -> None:
+        turns = self._turns
+        assert turns is not None  # called with server VAD only
         audio = np.concatenate([self._block_rest, samples]) if len(self._block_rest) else samples
         n_blocks = len(audio) // BLOCK_SAMPLES
         self._block_rest = audio[n_blocks * BLOCK_SAMPLES:].copy()
         for i in range(n_blocks):
             block = audio[i * BLOCK_SAMPLES:(i + 1) * BLOCK_SAMPLES]
             answering = self._response is not None and self._response.cancel_reason is None
-            for turn_event in self._turns.feed(block, answering=answering):
+            for turn_event in turns.feed(block, answering=answering):
                 await self._on_turn_event(turn_event)
-        if not self._turns.speaking and self._speech_item is None:
+        if not turns.speaking and self._speech_item is None:
             self._trim_buffer(int(IDLE_BUFFER_S * SAMPLE_RATE))
 
     def _trim_buffer(self, keep: int) -> None:

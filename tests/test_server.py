@@ -74,6 +74,15 @@ async def speak(client: Client, audio_24k: np.ndarray, silence_s: float = 2.5) -
         await client.send({"type": "input_audio_buffer.append", "audio": pcm16_b64(piece)})
 
 
+async def start_long_answer(client: Client, text: str) -> None:
+    """A fresh connection's first answer, long enough to be stopped while it streams audio."""
+    await client.recv()
+    await client.send({"type": "session.update", "session": {"max_output_tokens": 4096}})
+    await client.send(text_item(text))
+    await client.send({"type": "response.create"})
+    await client.until("response.output_audio.delta")
+
+
 # ----------------------------------------------------------------------------- the protocol
 
 
@@ -164,11 +173,7 @@ def test_mixed_turn_manual_commit_and_16k_extension(server, clip):
 def test_cancel_stops_generation_within_a_decode_step(server, engine):
     async def main():
         async with Client(server.url) as client:
-            await client.recv()
-            await client.send({"type": "session.update", "session": {"max_output_tokens": 4096}})
-            await client.send(text_item("Tell me everything"))
-            await client.send({"type": "response.create"})
-            await client.until("response.output_audio.delta")
+            await start_long_answer(client, "Tell me everything")
             cancelled_at = time.perf_counter()
             await client.send({"type": "response.cancel"})
             events = await client.until("response.done")
@@ -481,11 +486,7 @@ def test_ten_clients_at_once_and_one_too_many_is_busy(engine):
 def test_disconnect_mid_answer_frees_everything(server, engine):
     async def main():
         async with Client(server.url) as client:
-            await client.recv()
-            await client.send({"type": "session.update", "session": {"max_output_tokens": 4096}})
-            await client.send(text_item("Go on and on"))
-            await client.send({"type": "response.create"})
-            await client.until("response.output_audio.delta")
+            await start_long_answer(client, "Go on and on")
         gone = time.perf_counter()
         while engine.queued and time.perf_counter() - gone < 5:
             await asyncio.sleep(0.01)
@@ -669,11 +670,7 @@ def test_serve_command_answers_then_exits_cleanly_on_sigterm(tiny_base_bundle):
 
         async def main():
             async with Client(f"ws://127.0.0.1:{port}/v1/realtime") as client:
-                await client.recv()
-                await client.send({"type": "session.update", "session": {"max_output_tokens": 4096}})
-                await client.send(text_item("Keep talking"))
-                await client.send({"type": "response.create"})
-                await client.until("response.output_audio.delta")
+                await start_long_answer(client, "Keep talking")
                 process.send_signal(signal.SIGTERM)
                 events = []
                 try:
@@ -765,3 +762,19 @@ def test_readme_server_example_runs(server, capsys):
     exec(compile(code.replace("127.0.0.1:8765", f"127.0.0.1:{server.port}"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r"^(completed|incomplete) \d+ ms of speech", out, flags=re.M), out
+
+
+def test_server_imports_without_torch():
+    """The edge install serves: the server's modules import with torch and the export layers blocked."""
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchaudio", "transformers", "onnx") or \\
+                name.startswith(("spiritlm_edge.export", "spiritlm_edge.quant")):
+            raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Block())
+import spiritlm_edge.server.app, spiritlm_edge.server.realtime, spiritlm_edge.server.engine
+assert "torch" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
