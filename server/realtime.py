@@ -70,7 +70,7 @@ class Limits:
     max_text_chars: int = 4000  # text of one conversation item
     idle_timeout_s: float = 300.0  # no client message for this long closes the connection
     max_connections: int = 8
-    max_queued_turns: int = 4  # turns waiting for the model, all connections together
+    max_queued_turns: int = 4  # turns waiting for the model, all connections (the Engine enforces it; serve passes it)
 
 
 def default_session(engine: Engine) -> dict[str, Any]:

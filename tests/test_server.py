@@ -778,3 +778,58 @@ import spiritlm_edge.server.app, spiritlm_edge.server.realtime, spiritlm_edge.se
 assert "torch" not in sys.modules
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_idle_connection_is_closed_with_an_error(engine):
+    running = RunningServer(create_app(ServerConfig(port=0, limits=Limits(idle_timeout_s=0.5)), engine=engine))
+
+    async def main():
+        async with Client(running.url) as client:
+            await client.recv()
+            error = await client.recv(timeout=5)
+            await client.ws.receive(timeout=5)
+            return error, client.ws.closed
+
+    try:
+        error, closed = run(main())
+    finally:
+        running.stop()
+    assert error["error"]["code"] == "idle_timeout" and closed
+
+
+def test_turns_beyond_the_queue_get_busy(engine):
+    running = RunningServer(create_app(ServerConfig(port=0, limits=Limits(max_queued_turns=1)), engine=engine))
+    queue_limit, engine.max_queued_turns = engine.max_queued_turns, 1
+
+    async def one(i):
+        async with Client(running.url) as client:
+            await client.recv()
+            await client.send({"type": "session.update", "session": {"max_output_tokens": 200}})
+            await client.send(text_item(f"Client {i}"))
+            await client.send({"type": "response.create"})
+            while True:
+                event = await client.recv()
+                if event["type"] == "error":
+                    return event["error"]["code"]
+                if event["type"] == "response.done":
+                    return event["response"]["status"]
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    try:
+        results = run(main())
+    finally:
+        engine.max_queued_turns = queue_limit
+        running.stop()
+    # one runs, one waits, the others are told the model is busy (and their connections stay usable)
+    assert results.count("busy") >= 1 and sum(r in ("completed", "incomplete") for r in results) >= 2, results
+
+
+def test_serve_refuses_a_network_bind_without_a_token(tiny_base_bundle):
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "spiritlm-edge"
+    result = subprocess.run([str(exe), "serve", "--bundle", str(tiny_base_bundle), "--host", "0.0.0.0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--token" in result.stderr
