@@ -91,13 +91,16 @@ async def server_turn(engine: Engine, port: int, clip_24k: np.ndarray, max_new_t
     client = AsyncOpenAI(api_key="loopback", websocket_base_url=f"ws://127.0.0.1:{port}/v1")
     async with client.realtime.connect(model="spiritlm") as connection:
         session: Any = {  # temperature: our extension (greedy), not in the SDK's session type
-            "type": "realtime", "output_modalities": ["audio"], "max_output_tokens": max_new_tokens,
-            "temperature": 0, "audio": {"input": {"turn_detection": None}},
+            "type": "realtime",
+            "output_modalities": ["audio"],
+            "max_output_tokens": max_new_tokens,
+            "temperature": 0,
+            "audio": {"input": {"turn_detection": None}},
         }
         await connection.session.update(session=session)
         pcm = np.clip(np.round(clip_24k * 32767), -32768, 32767).astype("<i2")
         for start in range(0, len(pcm), 2400):
-            chunk = base64.b64encode(pcm[start:start + 2400].tobytes()).decode()
+            chunk = base64.b64encode(pcm[start : start + 2400].tobytes()).decode()
             await connection.input_audio_buffer.append(audio=chunk)
         await connection.input_audio_buffer.commit()
         async for event in connection:
@@ -151,7 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine.close()
     median_in, median_server = statistics.median(in_process), statistics.median(through_server)
     result = {
-        "bundle": str(args.bundle), "variant": engine.variant, "cpu": _cpu_name(), "repeat": args.repeat,
+        "bundle": str(args.bundle),
+        "variant": engine.variant,
+        "cpu": _cpu_name(),
+        "repeat": args.repeat,
         "max_new_tokens": args.max_new_tokens,
         "in_process_first_audio_ms": round(median_in * 1000, 1),
         "server_first_audio_ms": round(median_server * 1000, 1),
@@ -164,10 +170,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"time to first audio, median of {args.repeat} ({result['cpu']}):")
     print(f"  in-process            {result['in_process_first_audio_ms']:8.1f} ms")
     print(f"  through the server    {result['server_first_audio_ms']:8.1f} ms  (openai SDK Realtime client, loopback)")
-    print(f"  added by the server   {result['added_ms']:8.1f} ms  ({result['added_percent']:+.1f} %, "
-          "difference of the medians)")
-    print(f"  added, paired         {result['added_paired_ms']:8.1f} ms  client-seen minus the pipeline's own "
-          "first_audio_s, same turn")
+    print(
+        f"  added by the server   {result['added_ms']:8.1f} ms  ({result['added_percent']:+.1f} %, "
+        "difference of the medians)"
+    )
+    print(
+        f"  added, paired         {result['added_paired_ms']:8.1f} ms  client-seen minus the pipeline's own "
+        "first_audio_s, same turn"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

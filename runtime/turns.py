@@ -148,7 +148,10 @@ class TurnTaking:
             self._during_answer, self._barged = answering, False
             events.append(SpeechStarted(self._start_ms, answering))
         if (
-            answering and self._during_answer and not self._barged and self.detector.speaking
+            answering
+            and self._during_answer
+            and not self._barged
+            and self.detector.speaking
             and self.detector.speech_ms >= self.barge_in_min_ms
         ):
             self._barged = True

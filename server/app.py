@@ -48,7 +48,7 @@ FRAME_CAP_FACTOR = 4  # frames above this many times max_message_bytes close the
 ENGINE: web.AppKey[Engine | None] = web.AppKey("engine", Engine | None)  # type: ignore[arg-type]
 CONFIG: web.AppKey[ServerConfig] = web.AppKey("config", object)  # type: ignore[arg-type]
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", object)  # type: ignore[arg-type]
-SESSIONS: web.AppKey[set[Any]] = web.AppKey("sessions", set)  # type: ignore[arg-type]
+SESSIONS: web.AppKey[set[Any]] = web.AppKey("sessions", set)
 LOAD_ERROR: web.AppKey[str] = web.AppKey("load_error", str)
 
 
@@ -109,15 +109,21 @@ class Metrics:
         r = self.registry
         self.turns = Counter("spiritlm_turns", "Responses by final status.", ["status"], registry=r)
         self.first_audio = Histogram(
-            "spiritlm_time_to_first_audio_seconds", "From response start to its first audio delta.", registry=r,
+            "spiritlm_time_to_first_audio_seconds",
+            "From response start to its first audio delta.",
+            registry=r,
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
         )
         self.turn_seconds = Histogram(
-            "spiritlm_turn_seconds", "From response start to response.done.", registry=r,
+            "spiritlm_turn_seconds",
+            "From response start to response.done.",
+            registry=r,
             buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
         )
         self.tokens_per_s = Histogram(
-            "spiritlm_decode_tokens_per_second", "LM decode speed per turn.", registry=r,
+            "spiritlm_decode_tokens_per_second",
+            "LM decode speed per turn.",
+            registry=r,
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
         )
         self.sessions = Gauge("spiritlm_sessions", "Open Realtime connections.", registry=r)
@@ -157,7 +163,7 @@ def _token_ok(request: web.Request, token: str | None) -> bool:
     for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
         protocol = protocol.strip()
         if protocol.startswith(KEY_SUBPROTOCOL):
-            offered.append(protocol[len(KEY_SUBPROTOCOL):])
+            offered.append(protocol[len(KEY_SUBPROTOCOL) :])
     return any(hmac.compare_digest(candidate.encode(), token.encode()) for candidate in offered)
 
 
@@ -166,26 +172,55 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
     config, metrics = app[CONFIG], app[METRICS]
     if not _origin_allowed(request, config):
         metrics.error("forbidden_origin")
-        return web.json_response({"error": {"code": "forbidden_origin", "message": "This Origin may not connect; "
-                                  "start the server with --allow-origin ORIGIN to allow it."}}, status=403)
+        return web.json_response(
+            {
+                "error": {
+                    "code": "forbidden_origin",
+                    "message": "This Origin may not connect; start the server with --allow-origin ORIGIN to allow it.",
+                }
+            },
+            status=403,
+        )
     if not _token_ok(request, config.token):
         metrics.error("invalid_token")
-        return web.json_response({"error": {"code": "invalid_token", "message": "Missing or wrong token: send "
-                                  "'Authorization: Bearer TOKEN'."}}, status=401)
+        return web.json_response(
+            {
+                "error": {
+                    "code": "invalid_token",
+                    "message": "Missing or wrong token: send 'Authorization: Bearer TOKEN'.",
+                }
+            },
+            status=401,
+        )
     engine = app[ENGINE]
     if engine is None:
-        return web.json_response({"error": {"code": "not_ready", "message": "The model is still loading."}},
-                                 status=503, headers={"Retry-After": "5"})
+        return web.json_response(
+            {"error": {"code": "not_ready", "message": "The model is still loading."}},
+            status=503,
+            headers={"Retry-After": "5"},
+        )
     limits = config.limits
-    ws = web.WebSocketResponse(protocols=("realtime",), heartbeat=HEARTBEAT_S, compress=False,
-                               max_msg_size=limits.max_message_bytes * FRAME_CAP_FACTOR)
+    ws = web.WebSocketResponse(
+        protocols=("realtime",),
+        heartbeat=HEARTBEAT_S,
+        compress=False,
+        max_msg_size=limits.max_message_bytes * FRAME_CAP_FACTOR,
+    )
     await ws.prepare(request)
     sessions = app[SESSIONS]
     if len(sessions) >= limits.max_connections:
         metrics.error("busy")
-        await ws.send_json({"type": "error", "event_id": "event_busy", "error": {
-            "type": "server_error", "code": "busy", "message": f"The server holds {limits.max_connections} "
-            "connections already; try again later."}})
+        await ws.send_json(
+            {
+                "type": "error",
+                "event_id": "event_busy",
+                "error": {
+                    "type": "server_error",
+                    "code": "busy",
+                    "message": f"The server holds {limits.max_connections} connections already; try again later.",
+                },
+            }
+        )
         await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
         return ws
 
@@ -209,8 +244,11 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
             if message.type == WSMsgType.TEXT:
                 await session.handle(message.data)
             elif message.type == WSMsgType.BINARY:
-                await session.error("binary_frame", "Events are JSON text frames; binary frames are not part of "
-                                    "the protocol (audio goes base64 in input_audio_buffer.append).")
+                await session.error(
+                    "binary_frame",
+                    "Events are JSON text frames; binary frames are not part of "
+                    "the protocol (audio goes base64 in input_audio_buffer.append).",
+                )
             else:  # CLOSE, CLOSING, CLOSED, or ERROR (e.g. a frame over the cap: closed with 1009)
                 if message.type == WSMsgType.ERROR:
                     log.info("connection closed: %s", ws.exception())
@@ -230,8 +268,14 @@ async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "failed", "error": request.app[LOAD_ERROR]}, status=500)
     if engine is None:
         return web.json_response({"status": "loading"}, status=503)
-    return web.json_response({"status": "ready", "variant": engine.variant,
-                              "sessions": len(request.app[SESSIONS]), "queued_turns": engine.queued})
+    return web.json_response(
+        {
+            "status": "ready",
+            "variant": engine.variant,
+            "sessions": len(request.app[SESSIONS]),
+            "queued_turns": engine.queued,
+        }
+    )
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -274,6 +318,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None, load_engine: 
     async def load(app: web.Application) -> Any:
         task = None
         if app[ENGINE] is None and load_engine is not None:
+
             async def loader() -> None:
                 started = time.perf_counter()
                 try:
@@ -283,6 +328,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None, load_engine: 
                     log.error("loading the model failed: %s", exc)
                     return
                 log.info("model loaded in %.1f s: ready", time.perf_counter() - started)
+
             task = asyncio.create_task(loader())
         yield
         if task is not None and not task.done():
@@ -321,7 +367,19 @@ def serve(bundle: str | os.PathLike, config: ServerConfig, **spirit_lm_options: 
     app = create_app(config, load_engine=load_engine)
     scheme = "https" if ssl_context else "http"
     host = f"[{config.host}]" if ":" in config.host else config.host
-    log.info("serving %s on %s://%s:%d (page /, WebSocket /v1/realtime, /healthz, /metrics)",
-             bundle, scheme, host, config.port)
-    web.run_app(app, host=config.host, port=config.port, ssl_context=ssl_context, print=None,
-                shutdown_timeout=10.0, handle_signals=True)
+    log.info(
+        "serving %s on %s://%s:%d (page /, WebSocket /v1/realtime, /healthz, /metrics)",
+        bundle,
+        scheme,
+        host,
+        config.port,
+    )
+    web.run_app(
+        app,
+        host=config.host,
+        port=config.port,
+        ssl_context=ssl_context,
+        print=None,
+        shutdown_timeout=10.0,
+        handle_signals=True,
+    )

@@ -93,7 +93,8 @@ class Engine:
     def __init__(self, spirit_lm: SpiritLM, max_queued_turns: int = 4):
         self.spirit_lm = spirit_lm
         self._lm = _InterruptibleLM(spirit_lm.lm)
-        spirit_lm.lm = self._lm  # the pipeline pulls its tokens through the cancel check
+        # the pipeline pulls its tokens through the cancel check (a proxy: the LM's API, plus the check)
+        spirit_lm.lm = self._lm  # type: ignore[assignment]
         self.max_queued_turns = max_queued_turns
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spiritlm-model")
         self._in_flight = 0  # turns running or waiting; touched on the event loop only
@@ -138,7 +139,10 @@ class Engine:
         self._in_flight += 1
         try:
             return await loop.run_in_executor(
-                self._executor, self._turn, conversation, request,
+                self._executor,
+                self._turn,
+                conversation,
+                request,
                 lambda event: _call_soon(loop, on_event, event),
             )
         finally:
@@ -176,7 +180,7 @@ class Engine:
         except TurnCancelled:
             return TurnOutcome("cancelled")
         finally:
-            stream.close()
+            stream.close()  # type: ignore[attr-defined]  # a generator: closing unwinds the pipeline, in this thread
             self._lm.cancel = None
 
     def close(self) -> None:

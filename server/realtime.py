@@ -31,6 +31,7 @@ import numpy as np
 import soxr
 
 from spiritlm_edge.runtime.audio import SAMPLE_RATE
+from spiritlm_edge.runtime.errors import SpiritLMEdgeError
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
 from spiritlm_edge.runtime.turns import (
     DEFAULT_BARGE_IN_MIN_MS,
@@ -184,8 +185,9 @@ def _voice(value: Any, param: str) -> str:
     voice = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     if voice not in ("0", "1", "2", "3"):
         raise ProtocolError(
-            "invalid_value", f"{param} {value!r} is not a voice of this model: use '0', '1', '2' or '3' "
-            "(the vocoder's speakers).", param,
+            "invalid_value",
+            f"{param} {value!r} is not a voice of this model: use '0', '1', '2' or '3' (the vocoder's speakers).",
+            param,
         )
     return voice
 
@@ -210,20 +212,43 @@ def apply_session_update(session: dict[str, Any], update: Any) -> dict[str, Any]
     """A new session: ``session`` with ``update`` applied, or ProtocolError (nothing applied)."""
     _expect(update, dict, "session")
     new = copy.deepcopy(session)
-    _unknown(update, {
-        "type", "model", "output_modalities", "instructions", "tools", "tool_choice", "max_output_tokens",
-        "audio", "temperature", "top_p", "tracing", "include", "truncation", "prompt", "id", "object",
-    }, "session")
+    _unknown(
+        update,
+        {
+            "type",
+            "model",
+            "output_modalities",
+            "instructions",
+            "tools",
+            "tool_choice",
+            "max_output_tokens",
+            "audio",
+            "temperature",
+            "top_p",
+            "tracing",
+            "include",
+            "truncation",
+            "prompt",
+            "id",
+            "object",
+        },
+        "session",
+    )
     if update.get("type", "realtime") != "realtime":
-        raise ProtocolError("invalid_value", "session.type must be 'realtime' (transcription sessions are not "
-                            "supported).", "session.type")
+        raise ProtocolError(
+            "invalid_value",
+            "session.type must be 'realtime' (transcription sessions are not supported).",
+            "session.type",
+        )
     if "model" in update:
         new["model"] = str(_expect(update["model"], str, "session.model"))
     if "output_modalities" in update:
         new["output_modalities"] = _modalities(update["output_modalities"], "session.output_modalities")
     if update.get("instructions"):
-        raise _unsupported("session.instructions", "Spirit LM is a continuation model without a system prompt; "
-                           "give context as conversation items instead.")
+        raise _unsupported(
+            "session.instructions",
+            "Spirit LM is a continuation model without a system prompt; give context as conversation items instead.",
+        )
     if update.get("tools"):
         raise _unsupported("session.tools", "Spirit LM cannot call tools.")
     if update.get("tool_choice") not in (None, "auto", "none"):
@@ -279,8 +304,20 @@ def _apply_input(current: dict[str, Any], update: dict[str, Any]) -> None:
     kind = detection.get("type", "server_vad")
     if kind != "server_vad":
         raise _unsupported(f"{param}.type", f"{kind!r}: only 'server_vad' (or null for manual commits).")
-    _unknown(detection, {"type", "threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
-                         "interrupt_response", "barge_in_min_ms", "idle_timeout_ms"}, param)
+    _unknown(
+        detection,
+        {
+            "type",
+            "threshold",
+            "prefix_padding_ms",
+            "silence_duration_ms",
+            "create_response",
+            "interrupt_response",
+            "barge_in_min_ms",
+            "idle_timeout_ms",
+        },
+        param,
+    )
     if detection.get("idle_timeout_ms") is not None:
         raise _unsupported(f"{param}.idle_timeout_ms", "the model does not speak unprompted.")
     new = dict(current["turn_detection"] or default_detection())
@@ -298,8 +335,13 @@ def _apply_input(current: dict[str, Any], update: dict[str, Any]) -> None:
 
 def default_detection() -> dict[str, Any]:
     return {
-        "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 700,
-        "create_response": True, "interrupt_response": True, "barge_in_min_ms": int(DEFAULT_BARGE_IN_MIN_MS),
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 700,
+        "create_response": True,
+        "interrupt_response": True,
+        "barge_in_min_ms": int(DEFAULT_BARGE_IN_MIN_MS),
     }
 
 
@@ -384,8 +426,14 @@ class RealtimeSession:
         except (ConnectionError, RuntimeError):
             self._closed = True  # the client is gone: everything is freed by close()
 
-    async def error(self, code: str, message: str, event_id: str | None = None, param: str | None = None,
-                    type: str = "invalid_request_error") -> None:
+    async def error(
+        self,
+        code: str,
+        message: str,
+        event_id: str | None = None,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
         if self.metrics is not None:
             self.metrics.error(code)
         error = {"type": type, "code": code, "message": message, "param": param, "event_id": event_id}
@@ -408,8 +456,11 @@ class RealtimeSession:
     async def handle(self, message: str | bytes) -> None:
         """One client message; every problem becomes an ``error`` event."""
         if len(message) > self.limits.max_message_bytes:
-            await self.error("message_too_large", f"The message has {len(message)} bytes; the limit is "
-                             f"{self.limits.max_message_bytes}. Send audio in smaller appends (e.g. 100 ms).")
+            await self.error(
+                "message_too_large",
+                f"The message has {len(message)} bytes; the limit is "
+                f"{self.limits.max_message_bytes}. Send audio in smaller appends (e.g. 100 ms).",
+            )
             return
         try:
             event = json.loads(message)
@@ -423,8 +474,12 @@ class RealtimeSession:
         kind = event.get("type")
         handler = self._handlers().get(kind) if isinstance(kind, str) else None
         if handler is None:
-            await self.error("unknown_event", f"Unsupported event type {kind!r}: see docs/protocol.md for the "
-                             "events spiritlm-edge accepts.", event_id, "type")
+            await self.error(
+                "unknown_event",
+                f"Unsupported event type {kind!r}: see docs/protocol.md for the events spiritlm-edge accepts.",
+                event_id,
+                "type",
+            )
             return
         try:
             await handler(event)
@@ -432,6 +487,11 @@ class RealtimeSession:
             await self.error(exc.code, exc.message, event_id, exc.param, exc.type)
         except Busy as exc:
             await self.error("busy", f"The model is busy ({exc}); try again shortly.", event_id, type="server_error")
+        except SpiritLMEdgeError as exc:  # the runtime refused the input (bad audio, too long for the context)
+            await self.error("invalid_value", str(exc), event_id)
+        except Exception as exc:  # a bug of ours: this event fails, the connection and the others go on
+            log.exception("handling %s failed", kind)
+            await self.error("server_error", f"Handling {kind} failed: {exc}", event_id, type="server_error")
 
     def _handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[None]]]:
         return {
@@ -452,13 +512,15 @@ class RealtimeSession:
         if detection is None:
             return None
         detector = TurnDetector(
-            threshold=detection["threshold"], end_silence_ms=detection["silence_duration_ms"],
+            threshold=detection["threshold"],
+            end_silence_ms=detection["silence_duration_ms"],
             pad_ms=detection["prefix_padding_ms"],
             # cut a never-ending turn before the buffer limit (which also holds the idle pre-roll) is hit
             max_utterance_s=max(1.0, self.limits.max_turn_audio_s - 2 * IDLE_BUFFER_S),
         )
-        return TurnTaking(self._vad, detector, barge_in=detection["interrupt_response"],
-                          barge_in_min_ms=detection["barge_in_min_ms"])
+        return TurnTaking(
+            self._vad, detector, barge_in=detection["interrupt_response"], barge_in_min_ms=detection["barge_in_min_ms"]
+        )
 
     async def _session_update(self, event: dict[str, Any]) -> None:
         old = self.session
@@ -482,8 +544,12 @@ class RealtimeSession:
             samples = self._resampler.resample_chunk(samples)
         limit = int(self.limits.max_turn_audio_s * SAMPLE_RATE)
         if self._buffer_samples + len(samples) > limit:
-            raise ProtocolError("input_audio_buffer_full", f"The input audio buffer holds at most "
-                                f"{self.limits.max_turn_audio_s:g} s per turn: commit or clear it.", "audio")
+            raise ProtocolError(
+                "input_audio_buffer_full",
+                f"The input audio buffer holds at most "
+                f"{self.limits.max_turn_audio_s:g} s per turn: commit or clear it.",
+                "audio",
+            )
         self._buffer.append(samples)
         self._buffer_samples += len(samples)
         if self._turns is not None:
@@ -494,9 +560,9 @@ class RealtimeSession:
         assert turns is not None  # called with server VAD only
         audio = np.concatenate([self._block_rest, samples]) if len(self._block_rest) else samples
         n_blocks = len(audio) // BLOCK_SAMPLES
-        self._block_rest = audio[n_blocks * BLOCK_SAMPLES:].copy()
+        self._block_rest = audio[n_blocks * BLOCK_SAMPLES :].copy()
         for i in range(n_blocks):
-            block = audio[i * BLOCK_SAMPLES:(i + 1) * BLOCK_SAMPLES]
+            block = audio[i * BLOCK_SAMPLES : (i + 1) * BLOCK_SAMPLES]
             answering = self._response is not None and self._response.cancel_reason is None
             for turn_event in turns.feed(block, answering=answering):
                 await self._on_turn_event(turn_event)
@@ -513,14 +579,24 @@ class RealtimeSession:
         detection = self.session["audio"]["input"]["turn_detection"]
         if isinstance(event, SpeechStarted):
             self._speech_item = self._id("item")
-            await self.send({"type": "input_audio_buffer.speech_started", "item_id": self._speech_item,
-                             "audio_start_ms": int(event.audio_start_ms)})
+            await self.send(
+                {
+                    "type": "input_audio_buffer.speech_started",
+                    "item_id": self._speech_item,
+                    "audio_start_ms": int(event.audio_start_ms),
+                }
+            )
         elif isinstance(event, BargeIn):
             if self._response is not None and detection["interrupt_response"]:
                 self._cancel(self._response, "turn_detected")
         elif isinstance(event, SpeechStopped):
-            await self.send({"type": "input_audio_buffer.speech_stopped", "item_id": self._speech_item,
-                             "audio_end_ms": int(event.audio_end_ms)})
+            await self.send(
+                {
+                    "type": "input_audio_buffer.speech_stopped",
+                    "item_id": self._speech_item,
+                    "audio_end_ms": int(event.audio_end_ms),
+                }
+            )
         elif isinstance(event, TurnEnded):
             item_id, self._speech_item = self._speech_item or self._id("item"), None
             self._buffer, self._buffer_samples = [], 0
@@ -534,9 +610,12 @@ class RealtimeSession:
     async def _commit(self, event: dict[str, Any]) -> None:
         ms = self._buffer_samples * 1000 // SAMPLE_RATE
         if ms < MIN_COMMIT_MS:
-            raise ProtocolError("input_audio_buffer_commit_empty", f"Error committing input audio buffer: buffer "
-                                f"too small. Expected at least {MIN_COMMIT_MS}ms of audio, but buffer only has "
-                                f"{ms:.2f}ms of audio.")
+            raise ProtocolError(
+                "input_audio_buffer_commit_empty",
+                f"Error committing input audio buffer: buffer "
+                f"too small. Expected at least {MIN_COMMIT_MS}ms of audio, but buffer only has "
+                f"{ms:.2f}ms of audio.",
+            )
         audio = np.concatenate(self._buffer)
         self._buffer, self._buffer_samples = [], 0
         if self._turns is not None:
@@ -548,8 +627,14 @@ class RealtimeSession:
         previous, self._last_item = self._last_item, item_id
         self._pending.append(("SPEECH", audio))
         await self.send({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": previous})
-        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
-                "content": [{"type": "input_audio", "transcript": None}]}
+        item = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [{"type": "input_audio", "transcript": None}],
+        }
         await self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
         await self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
 
@@ -568,8 +653,10 @@ class RealtimeSession:
         if item.get("type", "message") != "message":
             raise _unsupported(f"item.type {item.get('type')!r}", "only messages (Spirit LM cannot call tools).")
         if item.get("role") != "user":
-            raise _unsupported(f"item.role {item.get('role')!r}", "only 'user' items: Spirit LM has no system "
-                               "prompt, and assistant items come from the model.")
+            raise _unsupported(
+                f"item.role {item.get('role')!r}",
+                "only 'user' items: Spirit LM has no system prompt, and assistant items come from the model.",
+            )
         content = _expect(item.get("content"), list, "item.content")
         if not content:
             raise ProtocolError("invalid_value", "item.content is empty.", "item.content")
@@ -581,19 +668,26 @@ class RealtimeSession:
             if kind == "input_text":
                 text = _expect(part.get("text"), str, f"{param}.text")
                 if len(text) > self.limits.max_text_chars:
-                    raise ProtocolError("text_too_long", f"{param}.text has {len(text)} characters; the limit is "
-                                        f"{self.limits.max_text_chars}.", f"{param}.text")
+                    raise ProtocolError(
+                        "text_too_long",
+                        f"{param}.text has {len(text)} characters; the limit is {self.limits.max_text_chars}.",
+                        f"{param}.text",
+                    )
                 if text.strip():
                     inputs.append(("TEXT", text))
             elif kind == "input_audio":
                 pcm = decode_pcm16(part.get("audio"), f"{param}.audio")
                 rate = self.session["audio"]["input"]["format"]["rate"]
                 if len(pcm) > self.limits.max_turn_audio_s * rate:
-                    raise ProtocolError("input_audio_buffer_full", f"{param}.audio is longer than "
-                                        f"{self.limits.max_turn_audio_s:g} s.", f"{param}.audio")
+                    raise ProtocolError(
+                        "input_audio_buffer_full",
+                        f"{param}.audio is longer than {self.limits.max_turn_audio_s:g} s.",
+                        f"{param}.audio",
+                    )
                 if len(pcm) * 1000 < MIN_COMMIT_MS * rate:
-                    raise ProtocolError("invalid_audio", f"{param}.audio is shorter than {MIN_COMMIT_MS} ms.",
-                                        f"{param}.audio")
+                    raise ProtocolError(
+                        "invalid_audio", f"{param}.audio is shorter than {MIN_COMMIT_MS} ms.", f"{param}.audio"
+                    )
                 samples = pcm.astype(np.float32) / 32768.0
                 if rate != SAMPLE_RATE:
                     samples = soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ")
@@ -605,9 +699,19 @@ class RealtimeSession:
         item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else self._id("item")
         previous, self._last_item = self._last_item, item_id
         self._pending.extend(inputs)
-        out = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
-               "content": [{"type": p["type"], "text": p["text"]} if p["type"] == "input_text"
-                           else {"type": "input_audio", "transcript": None} for p in content]}
+        out = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [
+                {"type": p["type"], "text": p["text"]}
+                if p["type"] == "input_text"
+                else {"type": "input_audio", "transcript": None}
+                for p in content
+            ],
+        }
         await self.send({"type": "conversation.item.added", "previous_item_id": previous, "item": out})
         await self.send({"type": "conversation.item.done", "previous_item_id": previous, "item": out})
 
@@ -615,15 +719,25 @@ class RealtimeSession:
         item_id = _expect(event.get("item_id"), str, "item_id")
         audio_end_ms = _expect(event.get("audio_end_ms"), int, "audio_end_ms")
         if item_id not in self._assistant_audio_ms:
-            raise ProtocolError("item_not_found", f"No assistant audio item {item_id!r} in this conversation.",
-                                "item_id")
+            raise ProtocolError(
+                "item_not_found", f"No assistant audio item {item_id!r} in this conversation.", "item_id"
+            )
         sent = self._assistant_audio_ms[item_id]
         if not 0 <= audio_end_ms <= sent:
-            raise ProtocolError("invalid_value", f"audio_end_ms {audio_end_ms} is outside the item's {sent} ms of "
-                                "audio.", "audio_end_ms")
+            raise ProtocolError(
+                "invalid_value",
+                f"audio_end_ms {audio_end_ms} is outside the item's {sent} ms of audio.",
+                "audio_end_ms",
+            )
         self._assistant_audio_ms[item_id] = audio_end_ms
-        await self.send({"type": "conversation.item.truncated", "item_id": item_id,
-                         "content_index": int(event.get("content_index", 0) or 0), "audio_end_ms": audio_end_ms})
+        await self.send(
+            {
+                "type": "conversation.item.truncated",
+                "item_id": item_id,
+                "content_index": int(event.get("content_index", 0) or 0),
+                "audio_end_ms": audio_end_ms,
+            }
+        )
 
     # -- responses ------------------------------------------------------------------------
 
@@ -644,9 +758,24 @@ class RealtimeSession:
         response.request.cancel.set()
 
     def _response_config(self, options: dict[str, Any]) -> dict[str, Any]:
-        _unknown(options, {"output_modalities", "max_output_tokens", "temperature", "top_p", "audio",
-                           "instructions", "tools", "tool_choice", "conversation", "metadata", "input", "prompt"},
-                 "response")
+        _unknown(
+            options,
+            {
+                "output_modalities",
+                "max_output_tokens",
+                "temperature",
+                "top_p",
+                "audio",
+                "instructions",
+                "tools",
+                "tool_choice",
+                "conversation",
+                "metadata",
+                "input",
+                "prompt",
+            },
+            "response",
+        )
         if options.get("instructions"):
             raise _unsupported("response.instructions", "Spirit LM takes no instructions.")
         if options.get("tools"):
@@ -675,29 +804,49 @@ class RealtimeSession:
     async def _start_response(self, options: dict[str, Any], event_id: str | None) -> None:
         config = self._response_config(options)
         if self._response is not None and self._response.cancel_reason is None:
-            raise ProtocolError("conversation_already_has_active_response", "Conversation already has an active "
-                                f"response in progress: {self._response.id}. Wait until the response is finished "
-                                "before creating a new one (or cancel it).")
+            raise ProtocolError(
+                "conversation_already_has_active_response",
+                "Conversation already has an active "
+                f"response in progress: {self._response.id}. Wait until the response is finished "
+                "before creating a new one (or cancel it).",
+            )
         if not self._pending and not self.conversation.segments:
-            raise ProtocolError("nothing_to_respond_to", "The conversation is empty: commit audio or create a "
-                                "user item first.")
+            raise ProtocolError(
+                "nothing_to_respond_to", "The conversation is empty: commit audio or create a user item first."
+            )
         if self.engine.queued > self.engine.max_queued_turns:
             raise Busy(f"{self.engine.queued} turns are running or waiting for the model")
         previous = self._response
         inputs, self._pending = self._pending, []
-        request = TurnRequest(inputs, output_modality(config["output_modalities"]), int(config["voice"]),
-                              sampling_options(config, self.engine.n_ctx))
-        response = _Response(self._id("resp"), self._id("item"), config["output_modalities"], config["voice"],
-                             self.session["audio"]["output"]["format"]["rate"], request, time.perf_counter())
+        request = TurnRequest(
+            inputs,
+            output_modality(config["output_modalities"]),
+            int(config["voice"]),
+            sampling_options(config, self.engine.n_ctx),
+        )
+        response = _Response(
+            self._id("resp"),
+            self._id("item"),
+            config["output_modalities"],
+            config["voice"],
+            self.session["audio"]["output"]["format"]["rate"],
+            request,
+            time.perf_counter(),
+        )
         self._response = response
         response.task = asyncio.create_task(self._run_response(response, config, previous))
 
     def _response_object(self, response: _Response, status: str, output: list, **extra: Any) -> dict[str, Any]:
         return {
-            "object": "realtime.response", "id": response.id, "status": status, "output": output,
-            "conversation_id": self.session["id"], "output_modalities": response.modalities,
-            "audio": {"output": {"format": {"type": "audio/pcm", "rate": response.output_rate},
-                                 "voice": response.voice}},
+            "object": "realtime.response",
+            "id": response.id,
+            "status": status,
+            "output": output,
+            "conversation_id": self.session["id"],
+            "output_modalities": response.modalities,
+            "audio": {
+                "output": {"format": {"type": "audio/pcm", "rate": response.output_rate}, "voice": response.voice}
+            },
             **extra,
         }
 
@@ -707,20 +856,33 @@ class RealtimeSession:
         return {"type": "output_audio", "transcript": response.text}
 
     def _item(self, response: _Response, status: str) -> dict[str, Any]:
-        return {"id": response.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
-                "status": status, "content": [self._content(response)]}
+        return {
+            "id": response.item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "assistant",
+            "status": status,
+            "content": [self._content(response)],
+        }
 
     async def _run_response(self, response: _Response, config: dict[str, Any], previous: _Response | None) -> None:
         if previous is not None and previous.task is not None:
             await asyncio.gather(previous.task, return_exceptions=True)  # answers never overlap
         ids = {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
         text_only = response.modalities == ["text"]
-        await self.send({"type": "response.created", "response": self._response_object(
-            response, "in_progress", [], max_output_tokens=config["max_output_tokens"])})
+        await self.send(
+            {
+                "type": "response.created",
+                "response": self._response_object(
+                    response, "in_progress", [], max_output_tokens=config["max_output_tokens"]
+                ),
+            }
+        )
         item = self._item(response, "in_progress")
         item["content"] = []
-        await self.send({"type": "response.output_item.added", "response_id": response.id, "output_index": 0,
-                         "item": item})
+        await self.send(
+            {"type": "response.output_item.added", "response_id": response.id, "output_index": 0, "item": item}
+        )
         response.previous_item, self._last_item = self._last_item, response.item_id
         await self.send({"type": "conversation.item.added", "previous_item_id": response.previous_item, "item": item})
         part = {"type": "text", "text": ""} if text_only else {"type": "audio", "transcript": ""}
@@ -758,8 +920,9 @@ class RealtimeSession:
             samples = np.asarray(event.samples, np.float32).reshape(-1)
             if response.output_rate != event.sample_rate:
                 if response.resampler is None:
-                    response.resampler = soxr.ResampleStream(event.sample_rate, response.output_rate, 1,
-                                                             dtype="float32", quality="HQ")
+                    response.resampler = soxr.ResampleStream(
+                        event.sample_rate, response.output_rate, 1, dtype="float32", quality="HQ"
+                    )
                 samples = response.resampler.resample_chunk(samples)
             await self._send_audio(response, samples, ids)
         elif isinstance(event, TurnEnd) and event.text and not response.text:
@@ -773,17 +936,20 @@ class RealtimeSession:
         response.audio_samples += len(samples)
         await self.send({"type": "response.output_audio.delta", **ids, "delta": encode_pcm16(samples)})
 
-    async def _finish_response(self, response: _Response, status: str, timings: dict, failure: dict | None,
-                               ids: dict, text_only: bool) -> None:
+    async def _finish_response(
+        self, response: _Response, status: str, timings: dict, failure: dict | None, ids: dict, text_only: bool
+    ) -> None:
         if status == "completed" and response.cancel_reason is None and response.resampler is not None:
-            await self._send_audio(response, response.resampler.resample_chunk(np.zeros(0, np.float32), last=True),
-                                   ids)
+            await self._send_audio(response, response.resampler.resample_chunk(np.zeros(0, np.float32), last=True), ids)
         details: dict[str, Any] | None = None
         if response.cancel_reason in ("client_cancelled", "turn_detected"):
             status, details = "cancelled", {"type": "cancelled", "reason": response.cancel_reason}
         elif response.cancel_reason is not None:  # the server ended it (shutdown, client gone): no protocol reason
-            error = {"type": "server_error", "code": response.cancel_reason,
-                     "message": f"cancelled: {response.cancel_reason}"}
+            error = {
+                "type": "server_error",
+                "code": response.cancel_reason,
+                "message": f"cancelled: {response.cancel_reason}",
+            }
             status, details = "cancelled", {"type": "cancelled", "error": error}
         elif status == "failed":
             details = {"type": "failed", "error": failure}
@@ -799,18 +965,32 @@ class RealtimeSession:
         part = {"type": "text", "text": response.text} if text_only else {"type": "audio", "transcript": response.text}
         await self.send({"type": "response.content_part.done", **ids, "part": part})
         item = self._item(response, "completed" if status == "completed" else "incomplete")
-        await self.send({"type": "response.output_item.done", "response_id": response.id, "output_index": 0,
-                         "item": item})
+        await self.send(
+            {"type": "response.output_item.done", "response_id": response.id, "output_index": 0, "item": item}
+        )
         await self.send({"type": "conversation.item.done", "previous_item_id": response.previous_item, "item": item})
         input_tokens, output_tokens = int(timings.get("prompt_tokens", 0)), int(timings.get("new_tokens", 0))
-        usage = {"total_tokens": input_tokens + output_tokens, "input_tokens": input_tokens,
-                 "output_tokens": output_tokens}
+        usage = {
+            "total_tokens": input_tokens + output_tokens,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+        }
         total_s = time.perf_counter() - response.started
         first_audio_ms = None if response.first_audio_s is None else round(response.first_audio_s * 1000, 1)
-        extension = {"audio_ms": audio_ms, "first_audio_ms": first_audio_ms, "total_ms": round(total_s * 1000, 1),
-                     "timings": timings}
-        await self.send({"type": "response.done", "response": self._response_object(
-            response, status, [item], status_details=details, usage=usage, spiritlm=extension)})
+        extension = {
+            "audio_ms": audio_ms,
+            "first_audio_ms": first_audio_ms,
+            "total_ms": round(total_s * 1000, 1),
+            "timings": timings,
+        }
+        await self.send(
+            {
+                "type": "response.done",
+                "response": self._response_object(
+                    response, status, [item], status_details=details, usage=usage, spiritlm=extension
+                ),
+            }
+        )
         if self.metrics is not None:
             self.metrics.turn(status, response.first_audio_s, total_s, timings.get("decode_tokens_per_s"))
         if self._response is response:

@@ -82,8 +82,9 @@ class Client:
     async def __aenter__(self) -> Client:
         self.http = aiohttp.ClientSession()
         try:
-            self.ws = await self.http.ws_connect(self.url, headers=self.headers, ssl=self.ssl,
-                                                 protocols=self.protocols, max_msg_size=0)
+            self.ws = await self.http.ws_connect(
+                self.url, headers=self.headers, ssl=self.ssl, protocols=self.protocols, max_msg_size=0
+            )
         except BaseException:
             await self.http.close()
             raise
@@ -133,4 +134,4 @@ def clip_24k(clip_16k: np.ndarray) -> np.ndarray:
 def chunks(samples: np.ndarray, rate: int = 24000, ms: int = 100):
     step = rate * ms // 1000
     for start in range(0, len(samples), step):
-        yield samples[start:start + step]
+        yield samples[start : start + step]

@@ -53,13 +53,17 @@ def run(coro, timeout: float = 120):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-TEXT_ONLY = {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"],
-                                                    "max_output_tokens": 8}}
+TEXT_ONLY = {
+    "type": "session.update",
+    "session": {"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 8},
+}
 
 
 def text_item(text: str) -> dict:
-    return {"type": "conversation.item.create",
-            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}
+    return {
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+    }
 
 
 async def text_turn(client: Client, text: str = "Hello there", **response) -> list[dict]:
@@ -91,10 +95,19 @@ def test_spoken_turn_with_server_vad(server, clip):
         async with Client(server.url) as client:
             created = await client.recv()
             assert created["type"] == "session.created" and created["session"]["type"] == "realtime"
-            await client.send({"type": "session.update", "session": {
-                "type": "realtime", "max_output_tokens": 60,
-                "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 2000}},
-                          "output": {"voice": "1"}}}})
+            await client.send(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "type": "realtime",
+                        "max_output_tokens": 60,
+                        "audio": {
+                            "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 2000}},
+                            "output": {"voice": "1"},
+                        },
+                    },
+                }
+            )
             updated = await client.until("session.updated")
             assert updated[-1]["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 2000
             await speak(client, clip_24k(clip))
@@ -102,11 +115,20 @@ def test_spoken_turn_with_server_vad(server, clip):
             return [e["type"] for e in events], events
 
     kinds, events = run(main())
-    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-             "input_audio_buffer.committed", "conversation.item.added", "response.created",
-             "response.output_item.added", "response.content_part.added", "response.output_audio.delta",
-             "response.output_audio.done", "response.content_part.done", "response.output_item.done",
-             "response.done"]
+    order = [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "conversation.item.added",
+        "response.created",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_audio.delta",
+        "response.output_audio.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.done",
+    ]
     positions = [kinds.index(k) for k in order]
     assert positions == sorted(positions), kinds
     started = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")
@@ -150,9 +172,18 @@ def test_mixed_turn_manual_commit_and_16k_extension(server, clip):
     async def main():
         async with Client(server.url) as client:
             await client.recv()
-            await client.send({"type": "session.update", "session": {"max_output_tokens": 30, "audio": {
-                "input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None},
-                "output": {"format": {"type": "audio/pcm", "rate": 16000}}}}})
+            await client.send(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "max_output_tokens": 30,
+                        "audio": {
+                            "input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None},
+                            "output": {"format": {"type": "audio/pcm", "rate": 16000}},
+                        },
+                    },
+                }
+            )
             await client.until("session.updated")
             for piece in chunks(clip[:32000], rate=16000):
                 await client.send({"type": "input_audio_buffer.append", "audio": pcm16_b64(piece)})
@@ -193,12 +224,20 @@ def test_cancel_stops_generation_within_a_decode_step(server, engine):
     assert engine.queued == 0
 
 
+@pytest.mark.slow
 def test_barge_in_cancels_the_answer_and_answers_the_new_turn(server, clip):
     async def main():
         async with Client(server.url) as client:
             await client.recv()
-            await client.send({"type": "session.update", "session": {"max_output_tokens": 4096, "audio": {
-                "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}}})
+            await client.send(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "max_output_tokens": 4096,
+                        "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}},
+                    },
+                }
+            )
             await client.send(text_item("Talk for a long time"))
             await client.send({"type": "response.create"})
             await client.until("response.output_audio.delta")
@@ -224,11 +263,13 @@ def test_truncate_reports_what_was_played(server):
             events = await text_turn(client, "Hi")
             item = events[-1]["response"]["output"][0]["id"]
             played = events[-1]["response"]["spiritlm"]["audio_ms"] // 2
-            await client.send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
-                               "audio_end_ms": played})
+            await client.send(
+                {"type": "conversation.item.truncate", "item_id": item, "content_index": 0, "audio_end_ms": played}
+            )
             truncated = await client.recv()
-            await client.send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
-                               "audio_end_ms": 10**6})
+            await client.send(
+                {"type": "conversation.item.truncate", "item_id": item, "content_index": 0, "audio_end_ms": 10**6}
+            )
             error = await client.recv()
             return truncated, error, played
 
@@ -246,11 +287,20 @@ def test_openai_sdk_spoken_turn(server, clip):
     async def main():
         client = AsyncOpenAI(api_key="unused-on-loopback", websocket_base_url=f"ws://127.0.0.1:{server.port}/v1")
         async with client.realtime.connect(model="spiritlm") as connection:
-            await connection.session.update(session={
-                "type": "realtime", "output_modalities": ["audio"], "max_output_tokens": 60,
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
-                                    "turn_detection": {"type": "server_vad", "silence_duration_ms": 2000}},
-                          "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "2"}}})
+            await connection.session.update(
+                session={
+                    "type": "realtime",
+                    "output_modalities": ["audio"],
+                    "max_output_tokens": 60,
+                    "audio": {
+                        "input": {
+                            "format": {"type": "audio/pcm", "rate": 24000},
+                            "turn_detection": {"type": "server_vad", "silence_duration_ms": 2000},
+                        },
+                        "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "2"},
+                    },
+                }
+            )
             audio = np.concatenate([clip_24k(clip), np.zeros(3 * 24000, np.float32)])
             for piece in chunks(audio):
                 await connection.input_audio_buffer.append(audio=pcm16_b64(piece))
@@ -276,10 +326,12 @@ def test_openai_sdk_text_turn(server):
     async def main():
         client = AsyncOpenAI(api_key="unused-on-loopback", websocket_base_url=f"ws://127.0.0.1:{server.port}/v1")
         async with client.realtime.connect(model="spiritlm") as connection:
-            await connection.session.update(session={"type": "realtime", "output_modalities": ["text"],
-                                                     "max_output_tokens": 12})
-            await connection.conversation.item.create(item={
-                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello"}]})
+            await connection.session.update(
+                session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 12}
+            )
+            await connection.conversation.item.create(
+                item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello"}]}
+            )
             await connection.response.create()
             text = ""
             async for event in connection:
@@ -304,31 +356,52 @@ BAD_MESSAGES = [
     ("{not json", "invalid_json"),
     ("[1, 2]", "invalid_event"),
     (json.dumps({"type": "no.such.event"}), "unknown_event"),
-    (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}}),
-     "invalid_audio_format"),
-    (json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"rate": 44100}}}}}),
-     "invalid_audio_format"),
+    (
+        json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}}),
+        "invalid_audio_format",
+    ),
+    (
+        json.dumps({"type": "session.update", "session": {"audio": {"input": {"format": {"rate": 44100}}}}}),
+        "invalid_audio_format",
+    ),
     (json.dumps({"type": "session.update", "session": {"instructions": "Be nice"}}), "unsupported_feature"),
-    (json.dumps({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}}),
-     "unsupported_feature"),
+    (
+        json.dumps({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}}),
+        "unsupported_feature",
+    ),
     (json.dumps({"type": "session.update", "session": {"temperature": "hot"}}), "invalid_type"),
     (json.dumps({"type": "session.update", "session": {"audio": {"output": {"voice": "alloy"}}}}), "invalid_value"),
     (json.dumps({"type": "session.update", "session": {"bogus": 1}}), "unknown_parameter"),
-    (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()}),
-     "invalid_audio"),
+    (
+        json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()}),
+        "invalid_audio",
+    ),
     (json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"}), "invalid_audio"),
     (json.dumps({"type": "input_audio_buffer.append", "audio": 12}), "invalid_type"),
     (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
     (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
-    (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "system",
-                                                             "content": [{"type": "input_text", "text": "x"}]}}),
-     "unsupported_feature"),
-    (json.dumps({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
-                                                             "content": [{"type": "input_text",
-                                                                          "text": "x" * 5000}]}}),
-     "text_too_long"),
-    (json.dumps({"type": "conversation.item.truncate", "item_id": "nope", "content_index": 0, "audio_end_ms": 0}),
-     "item_not_found"),
+    (
+        json.dumps(
+            {
+                "type": "conversation.item.create",
+                "item": {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "x"}]},
+            }
+        ),
+        "unsupported_feature",
+    ),
+    (
+        json.dumps(
+            {
+                "type": "conversation.item.create",
+                "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x" * 5000}]},
+            }
+        ),
+        "text_too_long",
+    ),
+    (
+        json.dumps({"type": "conversation.item.truncate", "item_id": "nope", "content_index": 0, "audio_end_ms": 0}),
+        "item_not_found",
+    ),
     (json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (300 * 1024)}), "message_too_large"),
 ]
 
@@ -397,24 +470,46 @@ def _random_bad_message(rng: random.Random) -> str:
     if kind == 2:
         return json.dumps({"type": "".join(rng.choice("abc._") for _ in range(rng.randrange(1, 30)))})
     if kind == 3:
-        return json.dumps({"type": "input_audio_buffer.append",
-                           "audio": rng.choice([None, 5, [], "!!", base64.b64encode(os.urandom(2 * rng.randrange(
-                               1, 50) + 1)).decode()])})
+        return json.dumps(
+            {
+                "type": "input_audio_buffer.append",
+                "audio": rng.choice(
+                    [None, 5, [], "!!", base64.b64encode(os.urandom(2 * rng.randrange(1, 50) + 1)).decode()]
+                ),
+            }
+        )
     if kind == 4:
         field = rng.choice(["temperature", "top_p", "max_output_tokens", "output_modalities", "voice"])
         value = rng.choice([-1, 99999, "x", [], {}, None if field != "voice" else 7])
         session = {"audio": {"output": {"voice": value}}} if field == "voice" else {field: value}
         return json.dumps({"type": "session.update", "session": session})
     if kind == 5:
-        return json.dumps({"type": "conversation.item.create",
-                           "item": rng.choice([None, {}, {"type": "message", "role": "user", "content": []},
-                                               {"type": "function_call"}, {"role": "user", "content": [{"type": 1}]}])})
+        return json.dumps(
+            {
+                "type": "conversation.item.create",
+                "item": rng.choice(
+                    [
+                        None,
+                        {},
+                        {"type": "message", "role": "user", "content": []},
+                        {"type": "function_call"},
+                        {"role": "user", "content": [{"type": 1}]},
+                    ]
+                ),
+            }
+        )
     if kind == 6:
         return json.dumps({"type": "response.cancel", "response_id": rng.choice([None, "resp_x"])})
     if kind == 7:
         return json.dumps({"type": "input_audio_buffer.commit", "event_id": str(rng.random())})
-    return json.dumps({"type": "response.create", "response": rng.choice([
-        {"instructions": "x"}, {"output_modalities": ["video"]}, {"conversation": "none"}, {"bogus": 1}, 5])})
+    return json.dumps(
+        {
+            "type": "response.create",
+            "response": rng.choice(
+                [{"instructions": "x"}, {"output_modalities": ["video"]}, {"conversation": "none"}, {"bogus": 1}, 5]
+            ),
+        }
+    )
 
 
 def test_fuzz_1000_messages_each_get_an_error_and_the_next_turn_works(server):
@@ -526,8 +621,10 @@ def test_soak_200_turns_memory_is_flat(server, capsys):
     elapsed = time.perf_counter() - started
     growth_mb = (rss[200] - rss[10]) / 2**20
     with capsys.disabled():
-        print(f"\nsoak: 200 turns (text in, speech out) in {elapsed:.1f} s; RSS at turn 10 {rss[10] / 2**20:.1f} MiB, "
-              f"at turn 200 {rss[200] / 2**20:.1f} MiB ({growth_mb:+.1f} MiB)")
+        print(
+            f"\nsoak: 200 turns (text in, speech out) in {elapsed:.1f} s; RSS at turn 10 {rss[10] / 2**20:.1f} MiB, "
+            f"at turn 200 {rss[200] / 2**20:.1f} MiB ({growth_mb:+.1f} MiB)"
+        )
     assert growth_mb < 40  # flat: the conversation's text grows by a few KB; leaks would be MBs per turn
 
 
@@ -535,8 +632,9 @@ def test_soak_200_turns_memory_is_flat(server, capsys):
 
 
 def test_token_origin_and_bind_checks(engine):
-    running = RunningServer(create_app(ServerConfig(port=0, token="s3cret-token", allow_origins=["https://kiosk.local"]),
-                                       engine=engine))
+    running = RunningServer(
+        create_app(ServerConfig(port=0, token="s3cret-token", allow_origins=["https://kiosk.local"]), engine=engine)
+    )
     import aiohttp
 
     async def status(headers=None, protocols=()):
@@ -554,8 +652,9 @@ def test_token_origin_and_bind_checks(engine):
             "bearer": await status({"Authorization": "Bearer s3cret-token"}),
             "subprotocol": await status(protocols=("realtime", "openai-insecure-api-key.s3cret-token")),
             "bad_origin": await status({"Authorization": "Bearer s3cret-token", "Origin": "https://evil.example"}),
-            "own_origin": await status({"Authorization": "Bearer s3cret-token",
-                                        "Origin": f"http://127.0.0.1:{running.port}"}),
+            "own_origin": await status(
+                {"Authorization": "Bearer s3cret-token", "Origin": f"http://127.0.0.1:{running.port}"}
+            ),
             "allowed_origin": await status({"Authorization": "Bearer s3cret-token", "Origin": "https://kiosk.local"}),
         }
 
@@ -584,8 +683,14 @@ def test_healthz_metrics_and_page(server):
         assert r.status == 200 and json.load(r)["status"] == "ready"
     with urllib.request.urlopen(f"{server.http}/metrics") as r:
         metrics = r.read().decode()
-    for name in ("spiritlm_turns_total", "spiritlm_time_to_first_audio_seconds_bucket", "spiritlm_turn_seconds_count",
-                 "spiritlm_decode_tokens_per_second", "spiritlm_sessions", "spiritlm_errors_total"):
+    for name in (
+        "spiritlm_turns_total",
+        "spiritlm_time_to_first_audio_seconds_bucket",
+        "spiritlm_turn_seconds_count",
+        "spiritlm_decode_tokens_per_second",
+        "spiritlm_sessions",
+        "spiritlm_errors_total",
+    ):
         assert name in metrics
     with urllib.request.urlopen(f"{server.http}/") as r:
         page = r.read().decode()
@@ -607,15 +712,22 @@ def test_tls_with_a_self_signed_certificate(engine, tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     config = ServerConfig(port=0, tls_cert=cert_path, tls_key=key_path)
     running = RunningServer(create_app(config, engine=engine), ssl_context=config.ssl_context())
     trusting = ssl.create_default_context(cafile=str(cert_path))
@@ -650,9 +762,21 @@ def _free_port() -> int:
 def test_serve_command_answers_then_exits_cleanly_on_sigterm(tiny_base_bundle):
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "spiritlm_edge.cli", "serve", "--bundle", str(tiny_base_bundle), "--port", str(port),
-         "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "spiritlm_edge.cli",
+            "serve",
+            "--bundle",
+            str(tiny_base_bundle),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     import urllib.request
 
@@ -711,10 +835,19 @@ def test_kiosk_page_in_a_real_browser(server, clip, tmp_path):
     microphone = tmp_path / "microphone.wav"
     speech = np.concatenate([np.zeros(8000, np.float32), clip[: int(2.8 * 16000)], np.zeros(20 * 16000, np.float32)])
     soundfile.write(microphone, soxr.resample(speech, 16000, 48000), 48000, subtype="PCM_16")
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
-            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={microphone}",
-            "--autoplay-policy=no-user-gesture-required"]
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:
@@ -723,16 +856,19 @@ def test_kiosk_page_in_a_real_browser(server, clip, tmp_path):
             console = []
             page.on("console", lambda message: console.append(message.text))
             page.goto(f"{server.http}/")
-            page.wait_for_function("document.querySelector('#connection').textContent === 'connected'",
-                                   timeout=20000)
+            page.wait_for_function("document.querySelector('#connection').textContent === 'connected'", timeout=20000)
             page.click("#start")
             page.wait_for_function("window.kiosk.states.includes('listening')", timeout=20000)
-            page.wait_for_function("window.kiosk.states.includes('speaking') && window.kiosk.played > 4800",
-                                   timeout=90000)
+            page.wait_for_function(
+                "window.kiosk.states.includes('speaking') && window.kiosk.played > 4800", timeout=90000
+            )
             shot = tmp_path / "kiosk.png"
             page.screenshot(path=str(shot))
-            page.wait_for_function("window.kiosk.turns.length >= 1 && window.kiosk.states.lastIndexOf('listening')"
-                                   " > window.kiosk.states.indexOf('speaking')", timeout=90000)
+            page.wait_for_function(
+                "window.kiosk.turns.length >= 1 && window.kiosk.states.lastIndexOf('listening')"
+                " > window.kiosk.states.indexOf('speaking')",
+                timeout=90000,
+            )
             states = page.evaluate("window.kiosk.states")
             turns = page.evaluate("window.kiosk.turns")
             latency = page.inner_text("#turns tr:last-child .first-audio")
@@ -757,7 +893,7 @@ def test_readme_server_example_runs(server, capsys):
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Server"):]
+    section = readme[readme.index("## Server") :]
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     exec(compile(code.replace("127.0.0.1:8765", f"127.0.0.1:{server.port}"), "README.md", "exec"), {})
     out = capsys.readouterr().out
@@ -830,6 +966,10 @@ def test_serve_refuses_a_network_bind_without_a_token(tiny_base_bundle):
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "spiritlm-edge"
-    result = subprocess.run([str(exe), "serve", "--bundle", str(tiny_base_bundle), "--host", "0.0.0.0"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(exe), "serve", "--bundle", str(tiny_base_bundle), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "--token" in result.stderr
