@@ -37,6 +37,8 @@ from spiritlm_edge.runtime.events import AudioChunk
 from spiritlm_edge.server.app import ServerConfig, create_app
 from spiritlm_edge.server.engine import Engine
 
+PAUSE_S = 0.3  # between turns
+
 
 def _cpu_name() -> str:
     try:
@@ -143,8 +145,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     in_process, through_server, paired = [], [], []
     try:
         for i in range(args.warmup + args.repeat):
-            a = in_process_turn(engine, clip, sampling)
+            # Alternate which path goes first, and let the previous turn's teardown (connection close,
+            # garbage) finish: otherwise the second turn of each pair pays for the first.
+            if i % 2 == 0:
+                time.sleep(PAUSE_S)
+                a = in_process_turn(engine, clip, sampling)
+            time.sleep(PAUSE_S)
             b, pipeline = asyncio.run(server_turn(engine, server.port, clip_24k, args.max_new_tokens))
+            if i % 2 == 1:
+                time.sleep(PAUSE_S)
+                a = in_process_turn(engine, clip, sampling)
             if i >= args.warmup:
                 in_process.append(a)
                 through_server.append(b)
