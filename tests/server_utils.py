@@ -44,7 +44,7 @@ def validate_server_event(event: dict) -> None:
 class RunningServer:
     """An aiohttp app served on a free loopback port by its own event loop in a thread."""
 
-    def __init__(self, app: web.Application, ssl_context=None, host: str = "127.0.0.1"):
+    def __init__(self, app: web.Application, ssl_context=None, host: str = "127.0.0.1", port: int = 0):
         self.app = app
         self.loop = asyncio.new_event_loop()
         self.runner = web.AppRunner(app, handle_signals=False)
@@ -53,7 +53,7 @@ class RunningServer:
 
         async def start():
             await self.runner.setup()
-            site = web.TCPSite(self.runner, host, 0, ssl_context=ssl_context)
+            site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context, reuse_address=True)
             await site.start()
             return self.runner.addresses[0][1]
 

@@ -973,3 +973,51 @@ def test_serve_refuses_a_network_bind_without_a_token(tiny_base_bundle):
         timeout=60,
     )
     assert result.returncode == 2 and "--token" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="no Debian chromium here: apt-get install chromium")
+def test_kiosk_page_says_when_the_microphone_is_refused_and_reconnects(engine):
+    """No fake-UI flag: Chromium refuses the microphone (headless, nobody to ask); then the server
+    goes away and comes back on the same port: the page says so and reconnects by itself."""
+    from playwright.sync_api import sync_playwright
+
+    first = RunningServer(create_app(ServerConfig(port=0), engine=engine))
+    port = first.port
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-device-for-media-stream",
+        "--deny-permission-prompts",
+    ]
+    second = None
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            page = browser.new_page(bypass_csp=True)
+            page.goto(f"{first.http}/")
+            page.wait_for_function("document.querySelector('#connection').textContent === 'connected'", timeout=20000)
+            page.click("#start")
+            page.wait_for_selector("#message:not([hidden])", timeout=20000)
+            refused = page.inner_text("#message")
+            first.stop()
+            page.wait_for_function(
+                "document.querySelector('#connection').textContent === 'disconnected'", timeout=20000
+            )
+            gone = page.inner_text("#message")
+            state = page.text_content("#state")
+            second = RunningServer(create_app(ServerConfig(port=0), engine=engine), port=port)
+            page.wait_for_function("document.querySelector('#connection').textContent === 'connected'", timeout=30000)
+            back = page.inner_text("#message")
+        finally:
+            browser.close()
+            if second is not None:
+                second.stop()
+    assert "microphone was refused" in refused
+    assert "went away" in gone and "reconnecting" in gone and state == "offline"
+    assert back == ""
