@@ -167,31 +167,24 @@ def _token_ok(request: web.Request, token: str | None) -> bool:
     return any(hmac.compare_digest(candidate.encode(), token.encode()) for candidate in offered)
 
 
+def _refuse(metrics: Metrics, status: int, code: str, message: str) -> web.Response:
+    """An HTTP answer to a handshake we refuse (the WebSocket never opens)."""
+    metrics.error(code)
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
 async def realtime_ws(request: web.Request) -> web.StreamResponse:
     app = request.app
     config, metrics = app[CONFIG], app[METRICS]
     if not _origin_allowed(request, config):
-        metrics.error("forbidden_origin")
-        return web.json_response(
-            {
-                "error": {
-                    "code": "forbidden_origin",
-                    "message": "This Origin may not connect; start the server with --allow-origin ORIGIN to allow it.",
-                }
-            },
-            status=403,
+        return _refuse(
+            metrics,
+            403,
+            "forbidden_origin",
+            "This Origin may not connect; start the server with --allow-origin ORIGIN to allow it.",
         )
     if not _token_ok(request, config.token):
-        metrics.error("invalid_token")
-        return web.json_response(
-            {
-                "error": {
-                    "code": "invalid_token",
-                    "message": "Missing or wrong token: send 'Authorization: Bearer TOKEN'.",
-                }
-            },
-            status=401,
-        )
+        return _refuse(metrics, 401, "invalid_token", "Missing or wrong token: send 'Authorization: Bearer TOKEN'.")
     engine = app[ENGINE]
     if engine is None:
         return web.json_response(

@@ -4,7 +4,7 @@ Every connection keeps its own :class:`Conversation` (its dialogue and so the LM
 cache prefix), but the model is one: turns run one at a time on a single worker thread,
 off the event loop, so a slow turn never stalls pings, health checks or other
 connections. A turn that finds ``max_queued_turns`` turns already waiting is refused
-with :class:`Busy` rather than queued without bound.
+with :class:`Busy` (at :meth:`Engine.reserve`) rather than queued without bound.
 
 Cancellation stops generation within one decode step: the LM's token iterator is wrapped
 (:class:`_InterruptibleLM`) so that it checks the turn's cancel flag after every token,
@@ -128,15 +128,24 @@ class Engine:
     def queued(self) -> int:
         return self._in_flight
 
+    def reserve(self) -> None:
+        """Take a place in the queue for a turn (call on the event loop, before the response
+        starts, so that concurrent requests cannot overfill it). Raises :class:`Busy` when full;
+        :meth:`run_turn` gives the place back."""
+        if self._in_flight > self.max_queued_turns:
+            raise Busy(f"{self._in_flight} turns are running or waiting for the model")
+        self._in_flight += 1
+
+    def release(self) -> None:
+        """Give back a place taken with :meth:`reserve` that :meth:`run_turn` did not use."""
+        self._in_flight -= 1
+
     async def run_turn(
         self, conversation: Conversation, request: TurnRequest, on_event: Callable[[Any], None]
     ) -> TurnOutcome:
-        """Run one turn on the worker; ``on_event`` gets the pipeline's events on the event loop,
-        in order, before this returns. Raises :class:`Busy` when the queue is full."""
-        if self._in_flight > self.max_queued_turns:
-            raise Busy(f"{self._in_flight} turns are running or waiting for the model")
+        """Run one turn on the worker, in the place :meth:`reserve` took (given back here);
+        ``on_event`` gets the pipeline's events on the event loop, in order, before this returns."""
         loop = asyncio.get_running_loop()
-        self._in_flight += 1
         try:
             return await loop.run_in_executor(
                 self._executor,
@@ -146,7 +155,7 @@ class Engine:
                 lambda event: _call_soon(loop, on_event, event),
             )
         finally:
-            self._in_flight -= 1
+            self.release()
 
     def _turn(self, conversation: Conversation, request: TurnRequest, emit: Callable[[Any], None]) -> TurnOutcome:
         if request.cancel.is_set():

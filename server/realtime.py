@@ -91,15 +91,7 @@ def default_session(engine: Engine) -> dict[str, Any]:
                 "format": {"type": "audio/pcm", "rate": PROTOCOL_RATE},
                 "transcription": None,
                 "noise_reduction": None,
-                "turn_detection": {
-                    "type": "server_vad",
-                    "threshold": 0.5,
-                    "prefix_padding_ms": 300,
-                    "silence_duration_ms": 700,
-                    "create_response": True,
-                    "interrupt_response": True,
-                    "barge_in_min_ms": int(DEFAULT_BARGE_IN_MIN_MS),  # extension
-                },
+                "turn_detection": default_detection(),
             },
             "output": {"format": {"type": "audio/pcm", "rate": PROTOCOL_RATE}, "voice": "2", "speed": 1.0},
         },
@@ -383,6 +375,15 @@ class _Response:
     first_audio_s: float | None = None
     resampler: Any = None
     previous_item: str | None = None
+
+    @property
+    def ids(self) -> dict[str, Any]:
+        """The fields that place a delta: response, item, output and content index."""
+        return {"response_id": self.id, "item_id": self.item_id, "output_index": 0, "content_index": 0}
+
+    @property
+    def text_only(self) -> bool:
+        return self.modalities == ["text"]
 
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -814,8 +815,7 @@ class RealtimeSession:
             raise ProtocolError(
                 "nothing_to_respond_to", "The conversation is empty: commit audio or create a user item first."
             )
-        if self.engine.queued > self.engine.max_queued_turns:
-            raise Busy(f"{self.engine.queued} turns are running or waiting for the model")
+        self.engine.reserve()  # raises Busy; from here on, the response's task gives the place back
         previous = self._response
         inputs, self._pending = self._pending, []
         request = TurnRequest(
@@ -866,10 +866,17 @@ class RealtimeSession:
         }
 
     async def _run_response(self, response: _Response, config: dict[str, Any], previous: _Response | None) -> None:
+        try:
+            await self._open_response(response, config, previous)
+        except BaseException:
+            self.engine.release()  # the turn never reached the model: give back its place in the queue
+            raise
+        await self._stream_response(response)
+
+    async def _open_response(self, response: _Response, config: dict[str, Any], previous: _Response | None) -> None:
         if previous is not None and previous.task is not None:
             await asyncio.gather(previous.task, return_exceptions=True)  # answers never overlap
-        ids = {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
-        text_only = response.modalities == ["text"]
+        ids, text_only = response.ids, response.text_only
         await self.send(
             {
                 "type": "response.created",
@@ -888,6 +895,8 @@ class RealtimeSession:
         part = {"type": "text", "text": ""} if text_only else {"type": "audio", "transcript": ""}
         await self.send({"type": "response.content_part.added", **ids, "part": part})
 
+    async def _stream_response(self, response: _Response) -> None:
+        ids, text_only = response.ids, response.text_only
         events: asyncio.Queue = asyncio.Queue()
         status, timings, failure = "completed", {}, None
         runner = asyncio.create_task(self.engine.run_turn(self.conversation, response.request, events.put_nowait))
@@ -901,9 +910,6 @@ class RealtimeSession:
                 await self._stream_event(response, getter.result(), ids, text_only)
             outcome = runner.result()
             status, timings = outcome.status, outcome.timings
-        except Busy as exc:
-            failure = {"type": "server_error", "code": "busy", "message": f"The model is busy ({exc})."}
-            status = "failed"
         except Exception as exc:  # a model failure ends this response, not the connection
             log.exception("response %s failed", response.id)
             status, failure = "failed", {"type": "server_error", "code": "model_error", "message": str(exc)}

@@ -78,6 +78,12 @@ async def speak(client: Client, audio_24k: np.ndarray, silence_s: float = 2.5) -
         await client.send({"type": "input_audio_buffer.append", "audio": pcm16_b64(piece)})
 
 
+async def update_session(client: Client, **session) -> dict:
+    """session.update with these fields; returns the session.updated event."""
+    await client.send({"type": "session.update", "session": session})
+    return (await client.until("session.updated"))[-1]
+
+
 async def start_long_answer(client: Client, text: str) -> None:
     """A fresh connection's first answer, long enough to be stopped while it streams audio."""
     await client.recv()
@@ -172,19 +178,9 @@ def test_mixed_turn_manual_commit_and_16k_extension(server, clip):
     async def main():
         async with Client(server.url) as client:
             await client.recv()
-            await client.send(
-                {
-                    "type": "session.update",
-                    "session": {
-                        "max_output_tokens": 30,
-                        "audio": {
-                            "input": {"format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None},
-                            "output": {"format": {"type": "audio/pcm", "rate": 16000}},
-                        },
-                    },
-                }
-            )
-            await client.until("session.updated")
+            pcm16k = {"type": "audio/pcm", "rate": 16000}
+            audio = {"input": {"format": pcm16k, "turn_detection": None}, "output": {"format": pcm16k}}
+            await update_session(client, max_output_tokens=30, audio=audio)
             for piece in chunks(clip[:32000], rate=16000):
                 await client.send({"type": "input_audio_buffer.append", "audio": pcm16_b64(piece)})
             await client.send({"type": "input_audio_buffer.commit"})
@@ -229,15 +225,8 @@ def test_barge_in_cancels_the_answer_and_answers_the_new_turn(server, clip):
     async def main():
         async with Client(server.url) as client:
             await client.recv()
-            await client.send(
-                {
-                    "type": "session.update",
-                    "session": {
-                        "max_output_tokens": 4096,
-                        "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}},
-                    },
-                }
-            )
+            vad = {"type": "server_vad", "silence_duration_ms": 500}
+            await update_session(client, max_output_tokens=4096, audio={"input": {"turn_detection": vad}})
             await client.send(text_item("Talk for a long time"))
             await client.send({"type": "response.create"})
             await client.until("response.output_audio.delta")
@@ -821,6 +810,16 @@ def test_serve_command_answers_then_exits_cleanly_on_sigterm(tiny_base_bundle):
 # ----------------------------------------------------------------------------- the kiosk page
 
 CHROMIUM = "/usr/bin/chromium"
+# Chromium as root on a machine without a network: no sandbox, GPU, QUIC, first-run or background traffic
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT = os.environ.get("SPIRITLM_KIOSK_SCREENSHOT")  # e.g. docs/kiosk.png: keep the mid-answer screenshot
 
 
@@ -836,13 +835,7 @@ def test_kiosk_page_in_a_real_browser(server, clip, tmp_path):
     speech = np.concatenate([np.zeros(8000, np.float32), clip[: int(2.8 * 16000)], np.zeros(20 * 16000, np.float32)])
     soundfile.write(microphone, soxr.resample(speech, 16000, 48000), 48000, subtype="PCM_16")
     args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *CHROMIUM_FLAGS,
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
         f"--use-file-for-fake-audio-capture={microphone}",
@@ -933,6 +926,7 @@ def test_idle_connection_is_closed_with_an_error(engine):
     assert error["error"]["code"] == "idle_timeout" and closed
 
 
+@pytest.mark.slow
 def test_turns_beyond_the_queue_get_busy(engine):
     running = RunningServer(create_app(ServerConfig(port=0, limits=Limits(max_queued_turns=1)), engine=engine))
     queue_limit, engine.max_queued_turns = engine.max_queued_turns, 1
@@ -940,7 +934,7 @@ def test_turns_beyond_the_queue_get_busy(engine):
     async def one(i):
         async with Client(running.url) as client:
             await client.recv()
-            await client.send({"type": "session.update", "session": {"max_output_tokens": 200}})
+            await client.send({"type": "session.update", "session": {"max_output_tokens": 600}})
             await client.send(text_item(f"Client {i}"))
             await client.send({"type": "response.create"})
             while True:
@@ -960,6 +954,7 @@ def test_turns_beyond_the_queue_get_busy(engine):
         running.stop()
     # one runs, one waits, the others are told the model is busy (and their connections stay usable)
     assert results.count("busy") >= 1 and sum(r in ("completed", "incomplete") for r in results) >= 2, results
+    assert "failed" not in results  # refused before the response starts, never half-way
 
 
 def test_serve_refuses_a_network_bind_without_a_token(tiny_base_bundle):
@@ -985,13 +980,7 @@ def test_kiosk_page_says_when_the_microphone_is_refused_and_reconnects(engine):
     first = RunningServer(create_app(ServerConfig(port=0), engine=engine))
     port = first.port
     args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *CHROMIUM_FLAGS,
         "--use-fake-device-for-media-stream",
         "--deny-permission-prompts",
     ]
