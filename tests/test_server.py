@@ -1010,3 +1010,39 @@ def test_kiosk_page_says_when_the_microphone_is_refused_and_reconnects(engine):
     assert "microphone was refused" in refused
     assert "went away" in gone and "reconnecting" in gone and state == "offline"
     assert back == ""
+
+
+def test_cancel_takes_effect_before_the_next_decode_step():
+    """The LM proxy checks the cancel flag after every token, before llama.cpp decodes another."""
+    import threading
+
+    from spiritlm_edge.server.engine import TurnCancelled, _InterruptibleLM
+
+    class FakeLM:
+        n_ctx = 64
+
+        def __init__(self):
+            self.decoded, self.closed = 0, False
+
+        def generate(self, ids, max_new_tokens=10, **kwargs):
+            def tokens():
+                try:
+                    for i in range(max_new_tokens):
+                        self.decoded += 1  # one decode step per token
+                        yield i
+                finally:
+                    self.closed = True
+
+            return tokens()
+
+    lm = FakeLM()
+    proxy = _InterruptibleLM(lm)
+    assert proxy.n_ctx == 64  # everything else is the LM's own
+    proxy.cancel = cancel = threading.Event()
+    got = []
+    with pytest.raises(TurnCancelled):
+        for token in proxy.generate([1, 2], max_new_tokens=100):
+            got.append(token)
+            if token == 3:
+                cancel.set()
+    assert got == [0, 1, 2, 3] and lm.decoded == 4 and lm.closed
