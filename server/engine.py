@@ -23,10 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
 from spiritlm_edge.runtime.pipeline import Conversation, SpiritLM
+from spiritlm_edge.runtime.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class TurnRequest:
     inputs: list[tuple[str, Any]]  # ("TEXT", str) or ("SPEECH", float32 16 kHz array)
     output_modality: str  # SPEECH, TEXT or ARBITRARY
     speaker_id: int
-    sampling: dict[str, Any]
+    sampling: SamplingConfig
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -163,15 +162,12 @@ class Engine:
         started = time.perf_counter()
         # The user's turn joins the dialogue before the answer starts, so that a cancelled
         # answer still leaves what the user said in the model's memory.
-        speech = self.spirit_lm.speech_tokenizer
-        conversation.segments = conversation.segments + [
-            ("SPEECH", speech.encode_string(np.asarray(content, np.float32))) if kind == "SPEECH" else ("TEXT", content)
-            for kind, content in request.inputs
-        ]
+        conversation.segments = conversation.segments + self.spirit_lm.encode_inputs(request.inputs)
         encode_s = time.perf_counter() - started
         conversation.speaker_id = request.speaker_id
         self._lm.cancel = request.cancel
-        stream = conversation.stream([], output_modality=request.output_modality, **request.sampling)
+        conversation.sampling = request.sampling
+        stream = conversation.stream([], output_modality=request.output_modality)
         try:
             for event in stream:
                 if isinstance(event, TurnEnd):

@@ -33,6 +33,7 @@ import soxr
 from spiritlm_edge.runtime.audio import SAMPLE_RATE
 from spiritlm_edge.runtime.errors import SpiritLMEdgeError
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
+from spiritlm_edge.runtime.sampling import SamplingConfig
 from spiritlm_edge.runtime.turns import (
     DEFAULT_BARGE_IN_MIN_MS,
     BargeIn,
@@ -101,21 +102,17 @@ def default_session(engine: Engine) -> dict[str, Any]:
     }
 
 
-def sampling_options(config: dict[str, Any], n_ctx: int) -> dict[str, Any]:
-    """The pipeline's sampling keywords for a session or response configuration.
-
-    The one place where protocol settings become sampling arguments (to become a
-    SamplingConfig when the runtime has one).
-    """
+def sampling_config(config: dict[str, Any], n_ctx: int) -> SamplingConfig:
+    """The runtime's :class:`SamplingConfig` for a session or response configuration: the one
+    place where protocol settings become sampling settings (temperature 0 is greedy)."""
     max_tokens = config["max_output_tokens"]
-    max_new_tokens = n_ctx // 2 if max_tokens == "inf" else int(max_tokens)
     temperature = float(config["temperature"])
-    return {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": temperature > 0,
-        "temperature": temperature,
-        "top_p": float(config["top_p"]),
-    }
+    return SamplingConfig(
+        max_new_tokens=n_ctx // 2 if max_tokens == "inf" else int(max_tokens),
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_p=float(config["top_p"]),
+    )
 
 
 def output_modality(modalities: list[str]) -> str:
@@ -822,7 +819,7 @@ class RealtimeSession:
             inputs,
             output_modality(config["output_modalities"]),
             int(config["voice"]),
-            sampling_options(config, self.engine.n_ctx),
+            sampling_config(config, self.engine.n_ctx),
         )
         response = _Response(
             self._id("resp"),
@@ -959,7 +956,7 @@ class RealtimeSession:
             status, details = "cancelled", {"type": "cancelled", "error": error}
         elif status == "failed":
             details = {"type": "failed", "error": failure}
-        elif timings.get("new_tokens", 0) >= response.request.sampling["max_new_tokens"]:
+        elif timings.get("new_tokens", 0) >= response.request.sampling.max_new_tokens:
             status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         audio_ms = response.audio_samples * 1000 // response.output_rate
         if text_only:
