@@ -145,7 +145,7 @@ def test_lm_greedy_continuation_gpu_vs_cpu_at_f16(tiny_base_checkpoints, tmp_pat
         pytest.skip("llama-cpp-python was built without a GPU backend (see the README: CMAKE_ARGS=-DGGML_CUDA=on)")
     import llama_cpp
 
-    from spiritlm_edge.export.lm import export_lm
+    from spiritlm_edge.export.build import export_lm
 
     gguf = export_lm(tiny_base_checkpoints, "base", tmp_path, quant="F16", progress=False)
 
