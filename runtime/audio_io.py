@@ -389,9 +389,7 @@ def import_sounddevice():
     try:
         return importlib.import_module("sounddevice")
     except ImportError:
-        raise AudioError(
-            "Live audio needs the sounddevice package: pip install 'spiritlm-edge[mic]'."
-        ) from None
+        raise AudioError("Live audio needs the sounddevice package: pip install 'spiritlm-edge[mic]'.") from None
     except OSError as exc:  # sounddevice raises OSError when libportaudio is missing
         raise AudioError(
             f"sounddevice cannot load PortAudio ({exc}). Install it: `sudo apt-get install "
@@ -494,8 +492,12 @@ class SoundDeviceInput(AudioInput):
         device_block = max(1, round(BLOCK_SAMPLES * rate / SAMPLE_RATE))
         try:
             self._stream = sd.InputStream(
-                device=index, samplerate=rate, channels=1, dtype="float32",
-                blocksize=device_block, callback=self._callback,
+                device=index,
+                samplerate=rate,
+                channels=1,
+                dtype="float32",
+                blocksize=device_block,
+                callback=self._callback,
             )
             self._stream.start()
         except Exception as exc:
@@ -569,8 +571,12 @@ class SoundDeviceOutput(AudioOutput):
             # The stream runs for the whole session and plays zeros when idle, so that a new
             # answer starts without the latency of opening a stream.
             self._stream = sd.OutputStream(
-                device=index, samplerate=self._rate, channels=1, dtype="float32",
-                blocksize=max(1, round(BLOCK_SAMPLES * self._rate / SAMPLE_RATE)), callback=self._callback,
+                device=index,
+                samplerate=self._rate,
+                channels=1,
+                dtype="float32",
+                blocksize=max(1, round(BLOCK_SAMPLES * self._rate / SAMPLE_RATE)),
+                callback=self._callback,
             )
             self._stream.start()
         except Exception as exc:

@@ -42,8 +42,8 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Union
 
 import numpy as np
 
@@ -63,7 +63,7 @@ from spiritlm_edge.runtime.vad import TurnDetector
 
 log = logging.getLogger(__name__)
 
-Event = Union[TextDelta, AudioChunk, TurnEnd]
+Event = TextDelta | AudioChunk | TurnEnd
 Respond = Callable[[np.ndarray], Iterator[Event]]
 
 # The echo reference is placed this share of the devices' reported latencies back: the
@@ -96,7 +96,9 @@ class SessionSummary:
 
     def __str__(self) -> str:
         interrupted = sum(t.interrupted for t in self.turns)
-        why = {"interrupted": "Ctrl-C", "end_of_input": "end of input"}.get(self.ended_by, self.ended_by.replace("_", "-"))
+        why = {"interrupted": "Ctrl-C", "end_of_input": "end of input"}.get(
+            self.ended_by, self.ended_by.replace("_", "-")
+        )
         detail = f", {interrupted} interrupted" if interrupted else ""
         speech = "" if self.speech_detected else ", no speech detected"
         return f"{len(self.turns)} turns{detail} in {self.seconds:.1f} s of audio{speech} (ended by {why})"
@@ -342,10 +344,12 @@ def run_mic_session(
     from spiritlm_edge.runtime.vad import SileroVAD
 
     if on_status is None:
+
         def on_status(message: str) -> None:
             print(f"[{message}]", file=sys.stderr, flush=True)
 
     if on_turn_end is None and on_text is _print_text:
+
         def on_turn_end(turn: Turn) -> None:
             if turn.text:
                 _print_text("\n")  # end the answer's line before the next status

@@ -98,7 +98,9 @@ class SileroVAD:
 
         self.model_path = find_vad_model(model_path, bundle)
         # One thread: the VAD runs next to the LM, and a 32 ms block costs well under a millisecond.
-        self.session = create_session(self.model_path, providers=["cpu"], n_threads=n_threads)  # tiny model: a GPU would only add transfers
+        self.session = create_session(
+            self.model_path, providers=["cpu"], n_threads=n_threads
+        )  # tiny model: a GPU would only add transfers
         names = {i.name for i in self.session.get_inputs()}
         if names != {"input", "state", "sr"}:
             raise BundleError(
@@ -109,7 +111,7 @@ class SileroVAD:
         self.reset()
 
     @classmethod
-    def from_bundle(cls, bundle, model_path: str | os.PathLike | None = None) -> "SileroVAD":
+    def from_bundle(cls, bundle, model_path: str | os.PathLike | None = None) -> SileroVAD:
         return cls(model_path, bundle=bundle)
 
     def reset(self) -> None:
@@ -120,9 +122,7 @@ class SileroVAD:
     def __call__(self, block: np.ndarray) -> float:
         block = np.asarray(block, dtype=np.float32)
         if block.shape != (BLOCK_SAMPLES,):
-            raise AudioError(
-                f"Silero VAD takes blocks of {BLOCK_SAMPLES} samples at 16 kHz; got shape {block.shape}."
-            )
+            raise AudioError(f"Silero VAD takes blocks of {BLOCK_SAMPLES} samples at 16 kHz; got shape {block.shape}.")
         window = self._window
         window[0, :CONTEXT_SAMPLES] = window[0, -CONTEXT_SAMPLES:]  # previous block's tail
         window[0, CONTEXT_SAMPLES:] = block
