@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -317,10 +317,9 @@ class SpeechEncoder(nn.Module):
         self.config = config
         self.feature_extractor = ConvFeatureExtractor(config)
         self.layer_norm = nn.LayerNorm(config.conv_dim, eps=config.eps)
-        if config.has_projection:
-            self.post_extract_proj = nn.Linear(config.conv_dim, config.embed_dim)
-        else:
-            self.post_extract_proj = None
+        self.post_extract_proj: nn.Linear | None = (
+            nn.Linear(config.conv_dim, config.embed_dim) if config.has_projection else None
+        )
         self.encoder = TransformerEncoder(config)
 
     def forward(self, audio: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
@@ -485,12 +484,14 @@ class _FrontEnd(nn.Module):
     def __init__(self, extractor: ConvFeatureExtractor, config: EncoderConfig):
         super().__init__()
         self.kernel, self.stride = config.conv_layers[0][1:]
-        first = extractor.conv_layers[0]
-        conv = first[0]
+        # Typed views of what _conv_block built (a ModuleList does not know its element types).
+        first = cast(nn.Sequential, extractor.conv_layers[0])
+        conv = cast(nn.Conv1d, first[0])
         # [C_out, 1, k] -> [k, C_out]
         self.weight = nn.Parameter(conv.weight.detach()[:, 0, :].t().contiguous(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self.first_norm = first[2] if len(first) == 4 else None
+        # GroupNorm (extractor_mode "default"), or LayerNorm between transposes ("layer_norm")
+        self.first_norm = cast(nn.GroupNorm | nn.Sequential, first[2]) if len(first) == 4 else None
         self.convs = nn.ModuleList(extractor.conv_layers[1:])
 
     def patches(self, audio: torch.Tensor) -> torch.Tensor:
@@ -575,15 +576,14 @@ class EncoderGraph(nn.Module):
         self.frontend_kind = frontend
         self.layer_norm = encoder.layer_norm
         self.post_extract_proj = encoder.post_extract_proj
-        pos = encoder.encoder.pos_conv[0]
+        pos = cast(WeightNormConv1d, encoder.encoder.pos_conv[0])  # the Sequential holds only it
         self.pos_conv = nn.Conv1d(
             config.embed_dim, config.embed_dim, pos.kernel, padding=pos.kernel // 2, groups=pos.groups
         )
-        self.pos_conv.weight.data.copy_(pos.weight().detach())
-        self.pos_conv.bias.data.copy_(pos.bias.detach())
+        self.pos_conv.load_state_dict({"weight": pos.weight().detach(), "bias": pos.bias.detach()})
         self.pos_trim = pos.kernel % 2 == 0
         self.encoder_layer_norm = encoder.encoder.layer_norm
-        self.layers = nn.ModuleList(_Layer2d(layer) for layer in encoder.encoder.layers[:n_layers])
+        self.layers = nn.ModuleList(_Layer2d(cast(EncoderLayer, layer)) for layer in encoder.encoder.layers[:n_layers])
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         if self.normalize:  # over the whole chunk; eps as fairseq's F.layer_norm / HF's extractor
@@ -637,7 +637,7 @@ def export_graph_onnx(
         torch.onnx.export(
             graph,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
             dynamo=False,
             opset_version=opset,
             input_names=["audio"],

@@ -68,7 +68,18 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 
 
 class GateRefused(ModelError):
-    """An int8/fp16 model fell below the accuracy gate (pass ``force`` to write it anyway)."""
+    """An int8/fp16 model fell below the accuracy gate (pass ``force`` to write it anyway).
+
+    ``report`` is what :func:`quantize_bundle` would have returned, refused tries included,
+    so that a caller can still show every figure.
+    """
+
+    def __init__(self, message: str, report: dict[str, dict]):
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self):  # pickle (multiprocessing) rebuilds it with both arguments
+        return type(self), (str(self), self.report)
 
 
 # ----------------------------------------------------------------------------- audio
@@ -581,7 +592,7 @@ def quantize_bundle(
             feeds = _encoder_feeds(clips, 4.0)
         gate_feeds = feeds if name == "vocoder" else _encoder_feeds(clips, 30.0)
         reference = _session(fp32_path, n_threads)
-        candidates = []
+        candidates: list[tuple[str, str, Recipe | None]] = []
         if int8:
             candidates += [("int8", label, recipe) for label, recipe in plans[name].recipes]
         if fp16:
@@ -650,11 +661,10 @@ def quantize_bundle(
                     if last:
                         refused.append(f"{name} {precision} ({'; '.join(failures)})")
     if refused:
-        error = GateRefused(
+        raise GateRefused(
             "Accuracy gate refused: " + ", ".join(refused) + ". Nothing was written for these (passing "
             "variants were). Measure with your own speech (--calibration a.wav ...) or pass --force to "
-            "write them anyway."
+            "write them anyway.",
+            report,
         )
-        error.report = report
-        raise error
     return report

@@ -72,7 +72,7 @@ class AudioOutput:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buffer = _PlaybackBuffer()
         # Every sample handed to the device, silence included: echo cancellation's far end.
         self.reference = FarEndReference()
@@ -120,7 +120,7 @@ class AudioOutput:
 class _PlaybackBuffer:
     """Queued samples shared between ``play`` (any thread) and the device's pull."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._chunks: collections.deque = collections.deque()
         self._offset = 0  # samples of _chunks[0] already pulled
         self._lock = threading.Lock()
@@ -184,7 +184,7 @@ class FarEndReference:
     RESYNC_SECONDS = 0.2
     RESYNC_READS = 8
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._ring = np.zeros(int(self.CAPACITY_SECONDS * SAMPLE_RATE), dtype=np.float32)
         self._written = 0  # samples written since the start, on the 16 kHz timeline
         self._cursor: int | None = None  # next sample read() returns

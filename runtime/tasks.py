@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from spiritlm_edge.runtime.errors import SpiritLMEdgeError
@@ -34,13 +35,13 @@ def read_examples(path: str | os.PathLike) -> list[tuple[Path, str]]:
     return pairs
 
 
-def asr_prompt(speech_tokenizer, audio, examples: list[tuple[Path, str]] = ()) -> str:
+def asr_prompt(speech_tokenizer, audio, examples: Sequence[tuple[Path, str]] = ()) -> str:
     """``[Speech]<units>[Text]transcript\\n`` per example, then ``[Speech]<query units>[Text]``."""
     shots = "".join(f"{SPEECH_PREFIX}{speech_tokenizer.encode_string(a)}{TEXT_PREFIX}{text}\n" for a, text in examples)
     return f"{shots}{SPEECH_PREFIX}{speech_tokenizer.encode_string(audio)}{TEXT_PREFIX}"
 
 
-def tts_prompt(speech_tokenizer, text: str, examples: list[tuple[Path, str]] = ()) -> str:
+def tts_prompt(speech_tokenizer, text: str, examples: Sequence[tuple[Path, str]] = ()) -> str:
     """``[Text]text[Speech]<units>\\n`` per example, then ``[Text]<query>[Speech]``."""
     if not text.strip():
         raise SpiritLMEdgeError("Nothing to say: the text is empty.")

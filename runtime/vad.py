@@ -56,7 +56,7 @@ def packaged_model_path() -> Path | None:
         return None
     for file in dist.files or []:
         if file.name == MODEL_FILE and file.parent.name == "data":
-            candidate = Path(dist.locate_file(file))
+            candidate = Path(str(dist.locate_file(file)))  # typeshed: a SimplePath, at run time a Path
             if candidate.is_file():
                 return candidate
     return None
@@ -79,11 +79,11 @@ def find_vad_model(model_path: str | os.PathLike | None = None, bundle=None) -> 
             bundle = Bundle(bundle)
         if bundle.has(BUNDLE_COMPONENT):
             return bundle.path(BUNDLE_COMPONENT)
-    path = packaged_model_path()
-    if path is None:
+    packaged = packaged_model_path()
+    if packaged is None:
         where = f"bundle {bundle.dir} has no 'vad' component and " if bundle is not None else ""
         raise BundleError(f"No Silero VAD model found: {where}the silero-vad package is not installed. {_INSTALL_HINT}")
-    return path
+    return packaged
 
 
 class SileroVAD:
@@ -217,12 +217,12 @@ class TurnDetector:
         """Speech so far in the current utterance, first to last speech block; 0 when idle."""
         return 0.0 if self._blocks is None else (self._last_speech + 1 - self._first_speech) * BLOCK_MS
 
-    def feed(self, block: np.ndarray, prob: float):
+    def feed(self, block: np.ndarray, prob: float) -> SpeechStart | Utterance | SpeechDiscarded | None:
         if self._blocks is None:
             return self._feed_idle(block, prob)
-        return self._feed_speaking(block, prob)
+        return self._feed_speaking(self._blocks, block, prob)
 
-    def _feed_idle(self, block, prob):
+    def _feed_idle(self, block: np.ndarray, prob: float) -> SpeechStart | None:
         self._history.append(block)
         self._run = self._run + 1 if prob >= self.threshold else 0
         if self._run < self.start_blocks:
@@ -235,21 +235,23 @@ class TurnDetector:
         self._run = 0
         return SpeechStart()
 
-    def _feed_speaking(self, block, prob):
-        self._blocks.append(block)
+    def _feed_speaking(
+        self, blocks: list[np.ndarray], block: np.ndarray, prob: float
+    ) -> Utterance | SpeechDiscarded | None:
+        blocks.append(block)
         if prob >= self.threshold:
-            self._last_speech = len(self._blocks) - 1
+            self._last_speech = len(blocks) - 1
             self._silence = 0
         elif prob < self.neg_threshold or self._silence:
             self._silence += 1
         if self._silence >= self.end_blocks:
-            return self._finish(forced=False)
-        if len(self._blocks) >= self.max_blocks:
-            return self._finish(forced=True)
+            return self._finish(blocks, forced=False)
+        if len(blocks) >= self.max_blocks:
+            return self._finish(blocks, forced=True)
         return None
 
-    def _finish(self, forced: bool):
-        blocks, first, last = self._blocks, self._first_speech, self._last_speech
+    def _finish(self, blocks: list[np.ndarray], forced: bool) -> Utterance | SpeechDiscarded:
+        first, last = self._first_speech, self._last_speech
         end = len(blocks) if forced else min(len(blocks), last + 1 + self.pad_blocks)
         speech_ms = (last + 1 - first) * BLOCK_MS
         self.reset()

@@ -111,6 +111,8 @@ def run_demo(
             chunks += 1
         elif isinstance(event, TurnEnd):
             end = event
+    if end is None:
+        raise AssertionError("generate_stream ended without a TurnEnd")  # it always ends with one
     if end.audio is None:
         echo("the model produced no speech this time (too few units)")
     else:
