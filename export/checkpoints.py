@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -160,8 +160,16 @@ def shape_mismatches(expected: Mapping[str, tuple], found: Mapping[str, tuple], 
     return problems
 
 
+class StateDictModule(Protocol):
+    """What the strict loader needs: an ``nn.Module``, or a view of one under other names."""
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], /) -> Any: ...
+
+
 def load_state_dict_strictly(
-    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, what: str
+    module: StateDictModule, state_dict: Mapping[str, torch.Tensor], path: Path, what: str
 ) -> None:
     """Load every tensor of ``state_dict`` into ``module``; any mismatch is a clear error.
 

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -50,9 +50,8 @@ def _package_weights() -> Path | None:
     """fcpe_c_v001.pt inside the installed torchfcpe package, found without importing it
     (its __init__ imports torchaudio)."""
     try:
-        candidate = Path(
-            importlib.metadata.distribution(FCPE_PACKAGE).locate_file(f"{FCPE_PACKAGE}/{FCPE_PACKAGE_FILE}")
-        )
+        packaged = importlib.metadata.distribution(FCPE_PACKAGE).locate_file(f"{FCPE_PACKAGE}/{FCPE_PACKAGE_FILE}")
+        candidate = Path(str(packaged))  # typeshed: a SimplePath, at run time a Path
         if candidate.is_file():
             return candidate
     except importlib.metadata.PackageNotFoundError:
@@ -92,7 +91,7 @@ def find_fcpe_weights(path: str | os.PathLike | None = None) -> Path:
 # -- mel front end ------------------------------------------------------------------------
 
 
-def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
+def _hz_to_mel_slaney(hz: float | np.ndarray) -> np.ndarray:
     """Slaney's auditory-toolbox mel scale: linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, dtype=np.float64)
     f_sp, min_log_hz = 200.0 / 3, 1000.0
@@ -140,6 +139,9 @@ def windowed_dft_kernels(n_fft: int, win_size: int) -> np.ndarray:
 class LogMel(nn.Module):
     """Waveform [B, N] -> log-mel [B, n_mels, N//hop + 1], as torchfcpe's Wav2MelModule
     (no key shift, centre=False, reflect padding, last frame repeated once)."""
+
+    dft: torch.Tensor  # buffers, registered in __init__
+    mel_basis: torch.Tensor
 
     def __init__(self, sr: int, n_mels: int, n_fft: int, win_size: int, hop: int, fmin: float, fmax: float):
         super().__init__()
@@ -189,7 +191,7 @@ class ConformerConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
         h = self.net["0"](x).transpose(1, 2)
         h = F.glu(self.net["2"](h), dim=1)
-        h = F.silu(self.net["4"]["conv"](h))
+        h = F.silu(cast(nn.ModuleDict, self.net["4"])["conv"](h))
         return self.net["6"](h).transpose(1, 2)
 
 
@@ -236,6 +238,9 @@ class FCPE(nn.Module):
     (f0 = 0) when its confidence (the largest bin activation) is <= the threshold, which
     the runtime applies so that the threshold stays a setting.
     """
+
+    cent_table: torch.Tensor  # buffers, registered in __init__
+    local_offsets: torch.Tensor
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -208,6 +208,7 @@ def model_config(variant: str, size: str = "tiny", num_speakers: int = 4, num_st
     ``"tiny"`` keeps every part but with a few channels."""
     check_variant(variant)
     expressive = variant == "expressive"
+    rb_k: tuple[int, ...]
     if size == "full":
         emb, ch, rb_k, hidden = 128, 512, (3, 7, 11), 128
     elif size == "tiny":
@@ -265,9 +266,7 @@ class WNConv1d(nn.Module):
         """The plain layer with weight norm folded in (for export)."""
         cout, cin, k = self.weight_v.shape
         conv = nn.Conv1d(cin, cout, k, self.stride, self.padding, self.dilation)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight)
-            conv.bias.copy_(self.bias)
+        conv.load_state_dict({"weight": self.weight, "bias": self.bias})
         return conv
 
 
@@ -282,9 +281,7 @@ class WNConvTranspose1d(WNConv1d):
         if polyphase and k - self.stride == 2 * self.padding:
             return PolyphaseUpsample(self.weight.detach(), self.bias.detach(), self.stride, self.padding)
         conv = nn.ConvTranspose1d(cin, cout, k, self.stride, self.padding)
-        with torch.no_grad():
-            conv.weight.copy_(self.weight)
-            conv.bias.copy_(self.bias)
+        conv.load_state_dict({"weight": self.weight, "bias": self.bias})
         return conv
 
 
@@ -314,9 +311,9 @@ class PolyphaseUpsample(nn.Module):
             for o, j in taps:
                 kernel[:, r, :, o - lo] = weight[:, :, j].t()
         self.conv = nn.Conv1d(cin, cout * u, hi - lo + 1, padding=0)
-        with torch.no_grad():
-            self.conv.weight.copy_(kernel.reshape(cout * u, cin, hi - lo + 1))
-            self.conv.bias.copy_(bias.repeat_interleave(u))
+        self.conv.load_state_dict(
+            {"weight": kernel.reshape(cout * u, cin, hi - lo + 1), "bias": bias.repeat_interleave(u)}
+        )
         self.pad = (-lo, hi)  # conv input index q - pad_left + t reads offset t + lo
         self.cout, self.u = cout, u
 
@@ -611,6 +608,8 @@ def load_vocoder(paths: CheckpointPaths, variant: str) -> UnitHiFiGAN:
 
 
 def _as_conv2d(conv: nn.Conv1d) -> nn.Conv2d:
+    if isinstance(conv.padding, str):  # never for the convs fold_weight_norm makes
+        raise ValueError(f"cannot lay out a Conv1d with padding={conv.padding!r} in 2-D; it needs numeric padding")
     out = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -618,10 +617,11 @@ def _as_conv2d(conv: nn.Conv1d) -> nn.Conv2d:
         (1, conv.stride[0]),
         (0, conv.padding[0]),
         (1, conv.dilation[0]),
+        bias=conv.bias is not None,
     )
-    with torch.no_grad():
-        out.weight.copy_(conv.weight.unsqueeze(2))
-        out.bias.copy_(conv.bias)
+    state = conv.state_dict()
+    state["weight"] = state["weight"].unsqueeze(2)
+    out.load_state_dict(state)
     return out
 
 
@@ -704,11 +704,13 @@ class _BlockedGenerator(nn.Module):
         self.ups = copy.deepcopy(folded.ups)
         self.resblocks = folded.resblocks
         self.conv_post = copy.deepcopy(folded.conv_post)
+        # The 2-D layout has every upsampling layer in polyphase form (fold_weight_norm checks).
+        ups = [cast(PolyphaseUpsample, up) for up in self.ups]
         with torch.no_grad():
-            for up in list(self.ups)[1:]:
+            for up in ups[1:]:
                 up.conv.weight.div_(kernels)
             self.conv_post.weight.div_(kernels)
-        for i, up in enumerate(self.ups):
+        for i, up in enumerate(ups):
             channels = up.cout
             self.register_buffer(f"identity{i}", torch.ones(channels, 1, 1, 1))
 
