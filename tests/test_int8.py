@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -159,6 +160,8 @@ def test_gate_refuses_damaged_model_and_force_writes_it(bundle_copy, speech_file
     assert "hubert int8" in str(refused.value) and "--force" in str(refused.value)
     tried = refused.value.report["hubert"]["int8_tried"]
     assert all(not t["written"] and t["figures"]["unit_agreement"] < 0.95 for t in tried)
+    copy = pickle.loads(pickle.dumps(refused.value))  # e.g. handed back by a worker process
+    assert str(copy) == str(refused.value) and copy.report == refused.value.report
     assert "variants" not in read_manifest(bundle_copy)["components"]["hubert"]
     assert not (bundle_copy / "hubert.int8.onnx").exists()
 
