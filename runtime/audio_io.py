@@ -190,7 +190,7 @@ class FarEndReference:
         self._cursor: int | None = None  # next sample read() returns
         self._drifting = 0  # reads in a row that found the cursor out of place
         self._lock = threading.Lock()
-        self._resampler = None
+        self._resampler: Any = None  # a soxr.ResampleStream (untyped) when a rate is not 16 kHz
         self._rate = SAMPLE_RATE
         self.resyncs = 0  # times read() had to jump: underruns, device restarts
         self.breaks = 0
@@ -478,7 +478,7 @@ class SoundDeviceInput(AudioInput):
         self.device = device
         self._queue: queue.Queue = queue.Queue()
         self._stream: Any = None  # a sounddevice stream once started
-        self._resampler = None
+        self._resampler: Any = None  # a soxr.ResampleStream (untyped) when a rate is not 16 kHz
         self._pending = np.zeros(0, dtype=np.float32)
         self.overflows = 0
 
@@ -559,7 +559,7 @@ class SoundDeviceOutput(AudioOutput):
         self.device = device
         self._stream: Any = None  # a sounddevice stream once started
         self._rate = SAMPLE_RATE
-        self._resampler = None
+        self._resampler: Any = None  # a soxr.ResampleStream (untyped) when a rate is not 16 kHz
         self._resample_lock = threading.Lock()
         self._started = False
 
