@@ -48,6 +48,7 @@ from spiritlm_edge.export.checkpoints import (
 from spiritlm_edge.export.fcpe import FCPE, find_fcpe_weights, load_fcpe
 from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, chunks, load_audio
 from spiritlm_edge.runtime.bundle import add_component, sha256_file
+from spiritlm_edge.runtime.pitch import middle_code, neutral_f0_hz, neutral_features
 from spiritlm_edge.runtime.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -514,6 +515,7 @@ def export_onnx(
     _export(vqvae, torch.zeros(1, 2, 8 * step), bundle_dir / VQVAE_ONNX, ["features"], ["codes"],
             {"features": {0: "batch", 2: "frames"}, "codes": {0: "batch", 1: "codes"}}, opset)
 
+    neutral_code, neutral_f0 = neutral_pitch(PitchTokenizer(fcpe, vqvae, config), step)
     add_component(bundle_dir, "fcpe", {
         "file": FCPE_ONNX, "opset": opset, "inputs": ["audio"], "outputs": ["f0", "confidence"],
         "sample_rate": fcpe.sample_rate, "model_hop": fcpe.hop, "frame_hop": F0_HOP,
@@ -526,4 +528,18 @@ def export_onnx(
         "features": config["features"], "normalize_f0": normalizes_f0(config),
         "frame_hop": F0_HOP, "frames_per_code": step, "codebook_size": int(config["vq_params"]["l_bins"]),
         "rate": fcpe.sample_rate / (F0_HOP * step),  # 12.5 Hz for the release
+        "neutral_code": neutral_code, "neutral_f0_hz": neutral_f0,
     }, variant=variant)
+
+
+@torch.no_grad()
+def neutral_pitch(tokenizer: PitchTokenizer, step: int) -> tuple[int, float]:
+    """(neutral pitch code, its contour's F0 in Hz): the code the PyTorch VQ-VAE gives a flat,
+    voiced contour at the speaker-normalised mean (spec section 5). Recorded in bundle.json;
+    the runtime computes the same on ONNX for bundles that lack it."""
+    f0_hz = 0.0
+    if not tokenizer.normalize:
+        f0, vuv = tokenizer.f0_vuv(load_audio(BUNDLED_CLIP))
+        f0_hz = neutral_f0_hz(False, f0.numpy(), vuv.numpy() != 0)
+    codes = tokenizer.vqvae(torch.from_numpy(neutral_features(step, f0_hz)))
+    return middle_code(codes.numpy()), f0_hz

@@ -14,15 +14,18 @@ Audio goes through in chunks of at most 100 s, like the reference::
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from spiritlm_edge.runtime.audio import SAMPLE_RATE, AudioInput, chunks, load_audio
+from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, AudioInput, chunks, load_audio
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import BundleError
 from spiritlm_edge.runtime.onnx_session import create_session
+
+log = logging.getLogger(__name__)
 
 _FCPE_KEYS = ("sample_rate", "model_hop", "frame_hop", "threshold", "f0_min", "f0_max", "interpolate_unvoiced")
 _PITCH_KEYS = ("normalize_f0", "frame_hop", "frames_per_code", "codebook_size")
@@ -37,6 +40,34 @@ def _settings(bundle: Bundle, name: str, keys: Sequence[str]) -> dict[str, Any]:
             "it was made by another spiritlm-edge version. Rebuild the bundle."
         )
     return entry
+
+
+# Codes in the flat contour the neutral pitch code is read from: its middle code must see
+# only the contour, not the zero padding at its ends (with the full-size encoder, the
+# padding reaches about 56 codes in from each end).
+NEUTRAL_CONTOUR_CODES = 256
+
+
+def neutral_features(frames_per_code: int, f0_hz: float) -> np.ndarray:
+    """The VQ-VAE input [1, 2, frames] of a flat, voiced contour at ``f0_hz``: 0 for
+    speaker-normalised features (a contour at the speaker's mean F0 normalises to 0)."""
+    frames = NEUTRAL_CONTOUR_CODES * frames_per_code
+    return np.stack([np.full(frames, f0_hz, np.float32), np.ones(frames, np.float32)])[None]
+
+
+def neutral_f0_hz(normalize: bool, f0: np.ndarray, voiced: np.ndarray) -> float:
+    """F0 of the neutral contour: the speaker-normalised mean (0) for normalised features;
+    otherwise the mean voiced F0 of ``f0`` (the bundled LibriSpeech clip's, measured with
+    the bundle's own F0 model)."""
+    if normalize or not voiced.any():
+        return 0.0
+    return float(f0[voiced].mean(dtype=np.float64))
+
+
+def middle_code(codes) -> int:
+    """The neutral pitch code: the middle code of a flat contour's codes."""
+    flat = np.asarray(codes).reshape(-1)
+    return int(flat[flat.size // 2])
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
@@ -70,6 +101,24 @@ class PitchEngine:
         self.frames_per_code = int(pitch["frames_per_code"])
         self.codebook_size = int(pitch["codebook_size"])
         self.rate = SAMPLE_RATE / (self.frame_hop * self.frames_per_code)
+        recorded = pitch.get("neutral_code")
+        if recorded is None:
+            # bundles exported before spiritlm-edge recorded it: the same computation, on ONNX
+            log.info("bundle.json has no neutral pitch code (older export): computing it from the pitch VQ-VAE")
+            recorded = self.compute_neutral_code()
+        if not (isinstance(recorded, int) and 0 <= recorded < self.codebook_size):
+            raise BundleError(f"bundle.json's neutral pitch code {recorded!r} is not one of the "
+                              f"{self.codebook_size} pitch codes; re-export the bundle (spiritlm-edge build).")
+        self.neutral_code: int = recorded
+
+    def compute_neutral_code(self) -> int:
+        """The code the bundle's VQ-VAE gives a flat, voiced contour at the speaker-normalised
+        mean F0 (spec section 5): what Expressive speech without pitch codes is spoken with."""
+        f0_hz = 0.0
+        if not self.normalize:
+            f0_hz = neutral_f0_hz(False, *self.f0(BUNDLED_CLIP))
+        features = neutral_features(self.frames_per_code, f0_hz)
+        return middle_code(self.vqvae_session.run(None, {"features": features})[0])
 
     @classmethod
     def from_bundle(

@@ -11,6 +11,7 @@ the Spirit LM reference (``units_to_string``, ``string_to_units``, ``split_speec
 from __future__ import annotations
 
 import enum
+import logging
 import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -18,6 +19,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from spiritlm_edge.runtime.errors import ModelError, UnitsError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HUBERT_RATE",
@@ -27,16 +30,19 @@ __all__ = [
     "TEXT_PREFIX",
     "SPEECH_PREFIX",
     "OutputModality",
+    "PitchFallback",
     "SpeechVocab",
     "units_to_string",
     "string_to_units",
     "iter_unit_frames",
+    "last_pitch_code",
     "split_speech_and_text",
     "count_hubert_units",
     "does_start_with_speech_token",
     "does_end_with_speech_token",
     "find_prompt_last_speech_start_position",
     "build_prompt",
+    "common_style",
     "forbidden_token_ids",
     "allowed_token_ids",
 ]
@@ -47,7 +53,13 @@ __all__ = [
 HUBERT_RATE = 24.99
 PITCH_RATE = 12.5
 STYLE_RATE = 1.0
-# Styles picked (at random) for decoding when pitch tokens exist but no style token does.
+# The "pitch but no style" rule. The reference (spiritlm/speech_tokenizer/spiritlm_tokenizer.py,
+# string_to_units) draws one of these three styles uniformly at random, once per decoded string,
+# when a string has [Pi] tokens but no [St] token, so that its Expressive vocoder, which needs a
+# style code per frame, can still speak. We match it because the vocoder was trained on what
+# those styles sound like and a user of the reference expects the same variety; the one
+# difference is that our draw takes a seedable generator (``rng``), so that a seeded generate()
+# is reproducible. This module is the only place the rule lives (see _FrameAssembler.finish).
 MOST_COMMON_STYLES = (71, 68, 98)
 
 TEXT_PREFIX = "[Text]"
@@ -315,6 +327,58 @@ def _make_rng(rng) -> np.random.Generator:
     raise UnitsError(f"rng must be None, an int seed or a numpy Generator, got {type(rng).__name__}")
 
 
+def common_style(rng=None) -> int:
+    """One of MOST_COMMON_STYLES, drawn uniformly from ``rng`` (None, an int seed or a numpy
+    Generator): the style of speech that has pitch codes but no style code."""
+    return int(MOST_COMMON_STYLES[int(_make_rng(rng).integers(len(MOST_COMMON_STYLES)))])
+
+
+def last_pitch_code(prompt: str | None) -> int | None:
+    """The last ``[PiN]`` code in ``prompt`` (None if it has none): the pitch an Expressive
+    answer without pitch codes continues with (spec section 5)."""
+    last = None
+    for m in _UNIT_RE.finditer(prompt or ""):
+        if m.group(1) == "Pi":
+            last = m
+    return None if last is None else int(last.group(2))
+
+
+class PitchFallback:
+    """The pitch code for Expressive speech that has Hubert units but no pitch code at all.
+
+    The reference fails there (a KeyError in its vocoder); spec section 5 defines ours: the
+    last pitch code of the prompt's speech, else the bundle's neutral pitch code (what its
+    pitch VQ-VAE gives a flat voiced contour). One object serves one turn: it logs a warning
+    the first time it is used and stays quiet after that, however many chunks the turn has.
+    """
+
+    def __init__(self, code: int, source: str):
+        if not (isinstance(code, (int, np.integer)) and code >= 0):
+            raise UnitsError(f"a fallback pitch code must be a non-negative integer, got {code!r}")
+        self.code = int(code)
+        self.source = source
+        self.used = False
+
+    @classmethod
+    def for_prompt(cls, prompt: str | None, neutral_code: int) -> "PitchFallback":
+        """The prompt's last pitch code if it has one, else ``neutral_code``."""
+        code = last_pitch_code(prompt)
+        if code is None:
+            return cls(neutral_code, "the bundle's neutral pitch code")
+        return cls(code, "the prompt's last pitch code")
+
+    def take(self, hubert_units: int) -> int:
+        """The code, warning once per object that it stands in for missing pitch codes."""
+        if not self.used:
+            log.warning("Expressive speech with %d Hubert units has no pitch code ([Pi*] token): "
+                        "speaking it with %s, [Pi%d]", hubert_units, self.source, self.code)
+        self.used = True
+        return self.code
+
+    def __repr__(self) -> str:
+        return f"PitchFallback(code={self.code}, source={self.source!r})"
+
+
 def _resolve_variant(variant: str | None, vocab: SpeechVocab | None) -> str | None:
     if variant is not None:
         variant = str(variant).lower()
@@ -330,14 +394,19 @@ class _FrameAssembler:
     """Turns unit tokens into (hubert, pitch, style) frames, emitting each once it is final.
 
     Rules (spec section 5): every [HuN] is a frame with the latest pitch/style seen so far;
-    frames before the first pitch (style) take the first pitch (style) seen; if pitch
+    frames before the first pitch (style) take the first pitch (style) seen; Expressive
+    speech that never has a pitch code takes ``pitch_fallback``'s (when given); if pitch
     exists but style never appears, one of MOST_COMMON_STYLES is drawn once, at the end.
     """
 
-    def __init__(self, rng, vocab: SpeechVocab | None, variant: str | None):
+    def __init__(self, rng, vocab: SpeechVocab | None, variant: str | None,
+                 pitch_fallback: PitchFallback | None = None):
         self.rng = rng
         self.vocab = vocab
+        self.pitch_fallback = pitch_fallback
         self.hubert_only = _resolve_variant(variant, vocab) == "base"
+        if self.hubert_only and pitch_fallback is not None:
+            raise ModelError("pitch_fallback is for Expressive speech; Base has Hubert units only")
         self.pitch: int | None = None  # latest seen
         self.style: int | None = None
         self.first_pitch: int | None = None
@@ -407,9 +476,10 @@ class _FrameAssembler:
     def finish(self) -> list[tuple]:
         if self.carry:
             raise UnitsError(f"the unit stream ends inside a token: {self.carry!r}")
+        if self.first_pitch is None and self.pending and self.pitch_fallback is not None:
+            self.first_pitch = self.pitch_fallback.take(len(self.pending))
         if self.first_pitch is not None and self.first_style is None:
-            rng = _make_rng(self.rng)
-            self.first_style = int(MOST_COMMON_STYLES[int(rng.integers(len(MOST_COMMON_STYLES)))])
+            self.first_style = common_style(self.rng)
         out = []
         for hubert, pitch, style in self.pending:
             out.append((hubert,
@@ -425,6 +495,7 @@ def iter_unit_frames(
     *,
     vocab: SpeechVocab | None = None,
     variant: str | None = None,
+    pitch_fallback: PitchFallback | None = None,
 ) -> Iterator[tuple[int, int | None, int | None]]:
     """Yield ``(hubert, pitch, style)`` frames from unit tokens as they arrive.
 
@@ -440,10 +511,11 @@ def iter_unit_frames(
       until the end of ``tokens``. A stream that never has a style is therefore held to
       the end, where the "pitch but no style" rule draws one of MOST_COMMON_STYLES from
       ``rng`` (a numpy Generator or an int seed). In practice Spirit LM writes [St] and
-      [Pi] first, so nothing is held.
+      [Pi] first, so nothing is held. Expressive speech without any pitch code is held to
+      the end too, where it takes ``pitch_fallback``'s code (or stays None without one).
     Collecting every frame gives exactly what ``string_to_units`` returns.
     """
-    assembler = _FrameAssembler(rng, vocab, variant)
+    assembler = _FrameAssembler(rng, vocab, variant, pitch_fallback)
     for item in tokens:
         yield from assembler.feed(item)
     yield from assembler.finish()
@@ -455,14 +527,16 @@ def string_to_units(
     *,
     vocab: SpeechVocab | None = None,
     variant: str | None = None,
+    pitch_fallback: PitchFallback | None = None,
 ) -> dict[str, str]:
     """Unit string -> per-frame streams for the vocoder (spec section 5), as the reference.
 
     Returns ``{"hubert": "78 42 ...", "pitch": "...", "style": "..."}`` (space-separated
-    strings, one entry per [HuN]); "pitch" only if a pitch token occurs, "style" if a style
-    token occurs or pitch does (then a common style drawn from ``rng``).
+    strings, one entry per [HuN]); "pitch" if a pitch token occurs (or, for Hubert units
+    without one, ``pitch_fallback`` is given), "style" if a style token occurs or pitch
+    does (then a common style drawn from ``rng``).
     """
-    assembler = _FrameAssembler(rng, vocab, variant)
+    assembler = _FrameAssembler(rng, vocab, variant, pitch_fallback)
     frames = assembler.feed(s) + assembler.finish()
     units = {"hubert": " ".join(str(f[0]) for f in frames)}
     if assembler.first_pitch is not None:

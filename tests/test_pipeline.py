@@ -267,3 +267,53 @@ def test_unconstrained_outputs_keep_their_modality(base):
     generated = "[Hu1][Hu2] and words [Hu3][Hu4]"
     speech = base._decode_generated(OutputModality.SPEECH, generated, "[Speech]", 2, 0)
     np.testing.assert_array_equal(speech[0].content, base.speech_tokenizer.decode("[Hu1][Hu2][Hu3][Hu4]", seed=0))
+
+
+def _answer_with_units_only(model, monkeypatch, units):
+    """Make the LM answer with these Hubert units and nothing else (no [Pi], no [St])."""
+    ids = [model.tokenizer.vocab.token_id("hubert", u) for u in units]
+    monkeypatch.setattr(model.lm, "generate", lambda *args, **kwargs: iter(ids))
+    return "".join(f"[Hu{u}]" for u in units)
+
+
+@pytest.mark.parametrize("prompt_pitch", [True, False])
+def test_expressive_answer_without_pitch_codes_is_spoken(expressive, monkeypatch, caplog, prompt_pitch):
+    """Issue 16 / spec section 5: the answer takes the prompt's last pitch code, else the
+    bundle's neutral one; offline and streamed agree; one warning per turn."""
+    answer = _answer_with_units_only(expressive, monkeypatch, [(7 * i) % 50 for i in range(40)])
+    speech = "[St3][Pi21][Hu5][Hu6][Pi9][Hu7]" if prompt_pitch else "[St3][Hu5][Hu6][Hu7]"
+    prompt = f"[Speech]{speech}[Text]and now?[Speech]"
+    code = 9 if prompt_pitch else expressive.speech_tokenizer.pitch.neutral_code
+    # the rule written out: the same answer with that pitch code in front of it
+    expected = expressive.speech_tokenizer.decode(f"[Pi{code}]{answer}", seed=4)
+    with caplog.at_level("WARNING"):
+        offline = expressive.generate(prompt=prompt, output_modality="SPEECH", seed=4)[0].content
+    np.testing.assert_array_equal(offline, expected)
+    assert caplog.text.count("has no pitch code") == 1
+    assert ("prompt's last pitch code" if prompt_pitch else "neutral pitch code") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        events = list(expressive.generate_stream(prompt=prompt, output_modality="SPEECH", seed=4, chunk_frames=8))
+    streamed = np.concatenate([e.samples for e in events if isinstance(e, AudioChunk)])
+    assert streamed.shape == offline.shape
+    assert np.linalg.norm(streamed - offline) <= 1e-3 * np.linalg.norm(offline)
+    assert caplog.text.count("has no pitch code") == 1
+
+
+def test_expressive_continuation_without_pitch_codes(expressive, monkeypatch):
+    """A prompt ending in speech with pitch codes, continued by units alone (ARBITRARY): the
+    prompt's speech is decoded with the answer, so its pitch carries on; streamed == offline."""
+    answer = _answer_with_units_only(expressive, monkeypatch, [(11 * i) % 60 for i in range(40)])
+    prompt_speech = "[St3][Pi21][Hu5][Hu6][Pi9][Hu7]"
+    outputs = expressive.generate(prompt=f"[Speech]{prompt_speech}", output_modality="ARBITRARY", seed=4)
+    assert [o.content_type for o in outputs] == [ContentType.SPEECH]
+    whole = expressive.speech_tokenizer.decode(prompt_speech + answer, seed=4)
+    np.testing.assert_array_equal(outputs[0].content, whole[math.ceil(whole.size * 3 / 43):])
+    events = list(expressive.generate_stream(prompt=f"[Speech]{prompt_speech}", output_modality="ARBITRARY",
+                                             seed=4, chunk_frames=8))
+    streamed = np.concatenate([e.samples for e in events if isinstance(e, AudioChunk)])
+    # streaming skips the prompt's audio decoded alone, offline cuts in proportion to the
+    # units: both are ends of the same whole
+    assert abs(streamed.size - outputs[0].content.size) <= 2 * 640
+    tail = whole[-streamed.size:]
+    assert np.linalg.norm(streamed - tail) <= 1e-3 * np.linalg.norm(tail)

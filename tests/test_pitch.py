@@ -365,3 +365,59 @@ def test_fcpe_checkpoint_errors(tmp_path):
     torch.save({"config_dict": config, "model": real["model"]}, broken)
     with pytest.raises(CheckpointError, match="conv-only"):
         load_fcpe(broken)
+
+
+# -- neutral pitch code (spec section 5) ----------------------------------------------------
+
+
+def _torch_neutral_code(model: pitch.PitchVQVAE, frames_per_code: int, f0_hz: float, codes: int = 256) -> set[int]:
+    """The codes PyTorch's VQ-VAE gives the interior of a flat voiced contour, built here
+    from the spec's words (f0 track at f0_hz, vuv all ones), independently of runtime/pitch.py."""
+    frames = codes * frames_per_code
+    features = torch.stack([torch.full((frames,), f0_hz), torch.ones(frames)])[None]
+    with torch.no_grad():
+        out = model(features)[0].numpy()
+    return set(out[codes // 4: 3 * codes // 4].tolist())
+
+
+def test_neutral_pitch_code_recorded_and_matches_pytorch(bundle_dir, torch_tokenizer, engine):
+    entry = json.loads((bundle_dir / "bundle.json").read_text())["components"]["pitch"]
+    assert entry["normalize_f0"] and entry["neutral_f0_hz"] == 0.0  # normalised: the mean is 0
+    interior = _torch_neutral_code(torch_tokenizer.vqvae, entry["frames_per_code"], 0.0)
+    assert interior == {entry["neutral_code"]}  # a flat contour has one steady code
+    assert engine.neutral_code == entry["neutral_code"]
+
+
+def test_neutral_pitch_code_computed_for_older_bundles(bundle_dir, engine, tmp_path, caplog):
+    for name in ("fcpe.onnx", "pitch_vqvae.onnx"):
+        shutil.copy(bundle_dir / name, tmp_path / name)
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    del manifest["components"]["pitch"]["neutral_code"], manifest["components"]["pitch"]["neutral_f0_hz"]
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    with caplog.at_level("INFO"):
+        older = PitchEngine.from_bundle(tmp_path, n_threads=2)
+    assert older.neutral_code == engine.neutral_code
+    assert "no neutral pitch code" in caplog.text
+    manifest["components"]["pitch"]["neutral_code"] = 64
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="re-export"):
+        PitchEngine.from_bundle(tmp_path)
+
+
+def test_neutral_pitch_code_without_normalisation(bundle_dir, torch_tokenizer, tmp_path):
+    """Feature sets without speaker normalisation: the contour sits at the mean voiced F0 of
+    the bundled clip, measured with the same F0 model."""
+    f0, vuv = torch_tokenizer.f0_vuv(load_audio(audio_mod.BUNDLED_CLIP))
+    mean = float(f0[vuv != 0].double().mean())
+    plain = pitch.PitchTokenizer(torch_tokenizer.fcpe, torch_tokenizer.vqvae, {"features": "f0_interp,vuv"})
+    code, f0_hz = pitch.neutral_pitch(plain, 16)
+    assert f0_hz == pytest.approx(mean, rel=1e-6) and 80 < f0_hz < 400
+    assert _torch_neutral_code(torch_tokenizer.vqvae, 16, f0_hz) == {code}
+    # the runtime's own computation (ONNX FCPE + VQ-VAE) for such a bundle agrees
+    for name in ("fcpe.onnx", "pitch_vqvae.onnx"):
+        shutil.copy(bundle_dir / name, tmp_path / name)
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    del manifest["components"]["pitch"]["neutral_code"]
+    manifest["components"]["pitch"]["normalize_f0"] = False
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    assert PitchEngine.from_bundle(tmp_path, n_threads=2).neutral_code == code

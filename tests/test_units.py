@@ -12,15 +12,18 @@ from spiritlm_edge.runtime.errors import ModelError, UnitsError
 from spiritlm_edge.units import (
     MOST_COMMON_STYLES,
     OutputModality,
+    PitchFallback,
     SpeechVocab,
     allowed_token_ids,
     build_prompt,
+    common_style,
     count_hubert_units,
     does_end_with_speech_token,
     does_start_with_speech_token,
     find_prompt_last_speech_start_position,
     forbidden_token_ids,
     iter_unit_frames,
+    last_pitch_code,
     split_speech_and_text,
     string_to_units,
     units_to_string,
@@ -517,3 +520,52 @@ def test_public_names_importable_from_shim():
     assert spiritlm_edge.OutputModality is shim.OutputModality
     for name in shim.__all__:
         assert hasattr(shim, name), name
+
+
+# --- speech without pitch codes (spec section 5, issue 16) -----------------------------------
+
+
+def test_last_pitch_code():
+    assert last_pitch_code("[Text]hi[Speech][St3][Pi7][Hu1][Pi12][Hu2][Text]ok[Speech]") == 12
+    assert last_pitch_code("[Speech][Hu1][Hu2]") is None
+    assert last_pitch_code(None) is None and last_pitch_code("") is None
+    assert last_pitch_code("[Pi 3][Pi]") is None  # not tokens
+
+
+def test_pitch_fallback_rule_offline_and_streaming(caplog):
+    string = "[Hu1][Hu2][St9][Hu3]"  # Hubert and style, no pitch at all
+    assert string_to_units(string) == {"hubert": "1 2 3", "style": "9 9 9"}  # without a fallback: as before
+    fallback = PitchFallback(7, "the test's code")
+    with caplog.at_level("WARNING"):
+        units = string_to_units(string, pitch_fallback=fallback)
+        frames = list(iter_unit_frames(["[Hu1]", "[Hu2][St", "9]", "[Hu3]"], pitch_fallback=fallback))
+    assert units == {"hubert": "1 2 3", "pitch": "7 7 7", "style": "9 9 9"}
+    assert frames == [(1, 7, 9), (2, 7, 9), (3, 7, 9)]
+    # one warning per fallback object (one turn), however many chunks use it
+    assert caplog.text.count("has no pitch code") == 1 and "the test's code" in caplog.text
+    # no style either: the pitch-but-no-style rule then draws a common style
+    for seed in range(5):
+        bare = string_to_units("[Hu4][Hu5]", rng=seed, pitch_fallback=fallback)
+        assert bare["pitch"] == "7 7" and bare["style"] == string_to_units("[Pi7][Hu4][Hu5]", rng=seed)["style"]
+    # a chunk with its own pitch code never uses the fallback
+    unused = PitchFallback(7, "x")
+    assert string_to_units("[Hu1][Pi3][Hu2]", rng=0, pitch_fallback=unused)["pitch"] == "3 3"
+    assert not unused.used
+    # no Hubert unit: nothing to speak, nothing filled in
+    assert "pitch" not in string_to_units("[St2]", pitch_fallback=unused) and not unused.used
+    with pytest.raises(ModelError, match="Base"):
+        string_to_units("[Hu1]", variant="base", pitch_fallback=fallback)
+    with pytest.raises(UnitsError, match="non-negative"):
+        PitchFallback(-1, "x")
+
+
+def test_pitch_fallback_for_prompt():
+    continued = PitchFallback.for_prompt("[Speech][St3][Pi21][Hu1][Pi5][Hu9]", neutral_code=40)
+    assert (continued.code, continued.source) == (5, "the prompt's last pitch code")
+    neutral = PitchFallback.for_prompt("[Text]hello[Speech]", neutral_code=40)
+    assert (neutral.code, neutral.source) == (40, "the bundle's neutral pitch code")
+
+
+def test_common_style_is_the_reference_rule():
+    assert {common_style(seed) for seed in range(40)} == set(MOST_COMMON_STYLES)
+    assert common_style(np.random.default_rng(3)) == common_style(3)
