@@ -48,8 +48,8 @@ from spiritlm_edge.export.checkpoints import (
 from spiritlm_edge.export.fcpe import FCPE, find_fcpe_weights, load_fcpe
 from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, chunks, load_audio
 from spiritlm_edge.runtime.bundle import add_component, sha256_file
-from spiritlm_edge.runtime.pitch import middle_code, neutral_f0_hz, neutral_features
 from spiritlm_edge.runtime.errors import CheckpointError
+from spiritlm_edge.runtime.pitch import middle_code, neutral_f0_hz, neutral_features
 
 log = logging.getLogger(__name__)
 

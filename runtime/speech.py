@@ -14,11 +14,11 @@ so code written against Spirit LM's speech tokenizer runs unchanged::
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from spiritlm_edge.runtime.audio import AudioInput, load_audio
+from spiritlm_edge.runtime.audio import AudioSource, load_audio
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import UnitsError
 from spiritlm_edge.runtime.hubert import HubertEngine
@@ -32,7 +32,6 @@ from spiritlm_edge.runtime.units import (
     units_to_string,
 )
 from spiritlm_edge.runtime.vocoder import Vocoder
-
 
 # 8 frames (320 ms of audio) for the first streamed chunk: with the generator's context on
 # both sides that is about half the compute of a default 25-frame chunk.
@@ -70,7 +69,7 @@ class SpeechTokenizer:
         self.vocoder = Vocoder.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
 
     @classmethod
-    def from_bundle(cls, bundle, providers=None, n_threads=None) -> "SpeechTokenizer":
+    def from_bundle(cls, bundle, providers=None, n_threads=None) -> SpeechTokenizer:
         return cls(bundle, providers=providers, n_threads=n_threads)
 
     @property
@@ -92,7 +91,7 @@ class SpeechTokenizer:
 
     # -- encoding -------------------------------------------------------------------------
 
-    def encode_units(self, audio: AudioInput, sample_rate: int | None = None) -> dict[str, str]:
+    def encode_units(self, audio: AudioSource, sample_rate: int | None = None) -> dict[str, str]:
         """Unit streams of ``audio`` as space-separated ids, like the reference:
         ``{"hubert": ...}`` and, for Expressive, ``"pitch"`` and ``"style"``."""
         samples = load_audio(audio, sample_rate)
@@ -103,7 +102,7 @@ class SpeechTokenizer:
             units["style"] = " ".join(map(str, self.style(samples)))
         return units
 
-    def encode_string(self, audio: AudioInput, sample_rate: int | None = None) -> str:
+    def encode_string(self, audio: AudioSource, sample_rate: int | None = None) -> str:
         """The LM's view of ``audio``: ``[St..][Pi..][Hu..]...`` (spec section 5)."""
         units = self.encode_units(audio, sample_rate)
         return units_to_string(units, has_pitch=self.has_pitch, has_style=self.has_style)

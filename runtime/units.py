@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 import logging
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ __all__ = [
     "OutputModality",
     "PitchFallback",
     "SpeechVocab",
+    "unit_ids",
     "units_to_string",
     "string_to_units",
     "iter_unit_frames",
@@ -86,7 +87,7 @@ class OutputModality(enum.Enum):
     ARBITRARY = "ARBITRARY"
 
     @classmethod
-    def parse(cls, value: "OutputModality | str") -> "OutputModality":
+    def parse(cls, value: OutputModality | str) -> OutputModality:
         """The member for ``value``: a member or its name in any case ("text", "Speech")."""
         if isinstance(value, cls):
             return value
@@ -121,7 +122,7 @@ class SpeechVocab:
     size: int
 
     @classmethod
-    def from_pieces(cls, piece_to_id: Mapping[str, int], size: int) -> "SpeechVocab":
+    def from_pieces(cls, piece_to_id: Mapping[str, int], size: int) -> SpeechVocab:
         """Find the special pieces in a tokenizer's piece -> id map and check their layout.
 
         ``size`` is the number of embedding rows. Raises ``UnitsError`` naming the piece or
@@ -256,25 +257,50 @@ def _kind(kind: str) -> str:
 # Units -> string
 
 
-def _as_units(value, key: str) -> np.ndarray:
-    """A unit stream as an int64 array: from "1 2 3", [1, 2, 3] or an integer array."""
+def unit_ids(value: object, what: str = "units", size: int | None = None) -> np.ndarray:
+    """One stream of unit ids as a 1-D int64 array: the one parser of unit ids.
+
+    ``value`` is a space-separated string ("78 42 81"), a sequence of integers or of
+    decimal strings, or a 1-D integer array (numpy, or anything ``np.asarray`` takes, a
+    torch tensor included). With ``size``, every id must lie in ``0..size-1``. Anything
+    else raises ``UnitsError`` naming ``what`` and the offending value.
+    """
     if isinstance(value, str):
-        parts = value.split()
-        bad = next((p for p in parts if not p.isdecimal()), None)
-        if bad is not None:
-            raise UnitsError(f"units[{key!r}] must hold non-negative integers separated by spaces, found {bad!r}")
-        return np.array([int(p) for p in parts], dtype=np.int64)
-    arr = np.asarray(value)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        value = value.split()
+    if isinstance(value, (list, tuple)):
+        parsed = []
+        for position, item in enumerate(value):
+            if isinstance(item, str) and item.isdecimal():
+                item = int(item)
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                raise UnitsError(
+                    f"{what} must hold non-negative integer ids, found {item!r} at position {position}"
+                )
+            parsed.append(int(item))
+        ids = np.array(parsed, dtype=np.int64)
+    else:
+        try:
+            ids = np.asarray(value)
+        except (TypeError, ValueError):
+            ids = np.asarray(None)
+        if ids.size == 0 and ids.ndim == 1:
+            ids = ids.astype(np.int64)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise UnitsError(
+                f"{what} must be a space-separated string or a 1-D sequence of integer ids, "
+                f"got {type(value).__name__} of {ids.dtype} with shape {ids.shape}"
+            )
+        ids = ids.astype(np.int64)
+    if ids.size and ids.min() < 0:
+        position = int(np.argmax(ids < 0))
+        raise UnitsError(f"{what} holds a negative id ({int(ids[position])}) at position {position}")
+    if size is not None and ids.size and ids.max() >= size:
+        position = int(np.argmax(ids >= size))
         raise UnitsError(
-            f"units[{key!r}] must be a space-separated string or a 1-D sequence of integers, "
-            f"got {arr.dtype} with shape {arr.shape}"
+            f"{what} id {int(ids[position])} at position {position} is outside the table: valid ids are "
+            f"0..{size - 1}. Were these units made for another model?"
         )
-    if arr.min() < 0:
-        raise UnitsError(f"units[{key!r}] holds a negative unit ({int(arr.min())})")
-    return arr.astype(np.int64)
+    return ids
 
 
 def units_to_string(
@@ -298,7 +324,7 @@ def units_to_string(
         if key not in units:
             why = "" if key == "hubert" else f", but has_{key}=True"
             raise UnitsError(f"units has no {key!r} stream (has {sorted(units)}){why}")
-        values = _as_units(units[key], key)
+        values = unit_ids(units[key], f"units[{key!r}]")
         if vocab is not None and values.size:
             vocab.check_unit(key, int(values.max()))
         index = np.arange(values.size)
@@ -360,7 +386,7 @@ class PitchFallback:
         self.used = False
 
     @classmethod
-    def for_prompt(cls, prompt: str | None, neutral_code: int) -> "PitchFallback":
+    def for_prompt(cls, prompt: str | None, neutral_code: int) -> PitchFallback:
         """The prompt's last pitch code if it has one, else ``neutral_code``."""
         code = last_pitch_code(prompt)
         if code is None:

@@ -14,6 +14,7 @@ from spiritlm_edge.export import vocoder as V
 from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import CheckpointError, ModelError, UnitsError
+from spiritlm_edge.runtime.units import iter_unit_frames
 from spiritlm_edge.runtime.vocoder import Vocoder
 
 VARIANTS = ("base", "expressive")
@@ -135,19 +136,24 @@ def test_stream_equals_offline(setup, dur_pred, chunk_frames):
     assert consumed_at[-1] == len(hubert)
 
 
-def test_stream_backfills_first_codes(setup):
-    """Frames before the first pitch/style code take the first code seen (spec section 5)."""
+def test_stream_takes_complete_frames(setup):
+    """The vocoder speaks complete frames; the rules that fill codes in (first codes, missing
+    pitch or style, spec section 5) live in units.iter_unit_frames alone, whose frames it takes."""
     variant, _, _, vocoder = setup
     hubert, pitch, style = random_units(vocoder, 20, seed=11)
     if variant == "base":
         frames = [int(h) for h in hubert]  # bare ints: hubert-only frames
         expected = vocoder.decode(hubert)
     else:
-        frames = [(int(h), None if i < 3 else int(pitch[i]), None if i < 5 else int(style[i]))
-                  for i, h in enumerate(hubert)]
+        tokens = "".join(f"[Hu{h}]" if i < 3 else f"[Pi{p}][St{s}][Hu{h}]"
+                         for i, (h, p, s) in enumerate(zip(hubert, pitch, style, strict=True)))
+        frames = list(iter_unit_frames([tokens], variant="expressive"))
+        assert frames[0] == (hubert[0], pitch[3], style[3])  # the first codes seen stand for earlier frames
         filled_pitch = np.concatenate([[pitch[3]] * 3, pitch[3:]])
-        filled_style = np.concatenate([[style[5]] * 5, style[5:]])
+        filled_style = np.concatenate([[style[3]] * 3, style[3:]])
         expected = vocoder.decode(hubert, filled_pitch, filled_style)
+        with pytest.raises(UnitsError, match="iter_unit_frames"):
+            list(vocoder.stream([(int(hubert[0]), None, int(style[0]))]))
     audio = np.concatenate(list(vocoder.stream(frames, chunk_frames=3)))
     assert rel_l2(audio, expected) <= 1e-3
 
@@ -172,7 +178,7 @@ def test_bad_inputs(setup):
             vocoder.decode(hubert)
         with pytest.raises(UnitsError, match="pitch id 64"):
             vocoder.decode(hubert, np.full(10, 64), style)
-        with pytest.raises(UnitsError, match="without any pitch"):
+        with pytest.raises(UnitsError, match="no pitch code"):
             list(vocoder.stream([(1, None, None)] * 3))
     else:
         with pytest.raises(ModelError, match=r"styles 0\.\.9"):
