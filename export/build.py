@@ -13,7 +13,11 @@ import shutil
 from pathlib import Path
 
 from spiritlm_edge.export.checkpoints import CheckpointPaths, check_variant, resolve_checkpoint_root
+from spiritlm_edge.export.lm import export_lm
+from spiritlm_edge.export.speech import export_speech
+from spiritlm_edge.quant.llama_quantize import check_quant
 from spiritlm_edge.runtime.bundle import add_component, read_manifest
+from spiritlm_edge.runtime.vad import BUNDLE_COMPONENT, MODEL_FILE, packaged_model_path
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +26,6 @@ def add_vad(bundle_dir: str | Path) -> bool:
     """Copy the Silero VAD ONNX model (MIT) of the installed ``silero-vad`` package into
     the bundle. Returns False, with a warning, where that package is not installed: the
     bundle then still works for files, and ``run --mic`` needs ``--vad-model``."""
-    from spiritlm_edge.runtime.vad import BUNDLE_COMPONENT, MODEL_FILE, packaged_model_path
-
     source = packaged_model_path()
     if source is None:
         log.warning("silero-vad is not installed: the bundle gets no VAD model (pip install --no-deps silero-vad)")
@@ -44,10 +46,6 @@ def build_bundle(
     vocoder_layout: str = "blocked",
 ) -> dict:
     """Export speech engines, LM and VAD of ``variant`` into bundle ``out``; returns the manifest."""
-    from spiritlm_edge.export.lm import export_lm
-    from spiritlm_edge.export.speech import export_speech
-    from spiritlm_edge.quant.llama_quantize import check_quant
-
     check_variant(variant)
     check_quant(quant)  # before minutes of speech export
     paths = CheckpointPaths(resolve_checkpoint_root(checkpoints))

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from spiritlm_edge.export.checkpoints import (
@@ -116,7 +117,7 @@ def _downsampling_steps(down_t: Any, stride_t: Any) -> tuple[list[tuple[int, int
     the width -> emb conv)."""
     if isinstance(stride_t, (list, tuple)):
         steps = []
-        for s, d in zip(stride_t, down_t):
+        for s, d in zip(stride_t, down_t, strict=False):
             s, d = int(s), int(d)
             kernel, pad = (s * 2, s // 2) if s % 2 == 0 else (s * 2 + 1, s // 2 + 1)
             steps += [(s, kernel, pad)] * d
@@ -139,7 +140,8 @@ class EncoderLevel(nn.Module):
         width = int(p["width"])
         blocks: list[nn.Module] = []
         for i, (s, kernel, pad) in enumerate(steps):
-            blocks.append(nn.Sequential(nn.Conv1d(n_in if i == 0 else width, width, kernel, s, pad), DilatedStack(width, p)))
+            conv = nn.Conv1d(n_in if i == 0 else width, width, kernel, s, pad)
+            blocks.append(nn.Sequential(conv, DilatedStack(width, p)))
         if steps or list_form:
             blocks.append(nn.Conv1d(width, n_out, 3, 1, 1))
         self.model = nn.Sequential(*blocks)
@@ -154,20 +156,22 @@ class DecoderLevel(nn.Module):
         width, reverse = int(p["width"]), bool(p.get("reverse_decoder_dilation", False))
         blocks: list[nn.Module] = []
         if isinstance(stride_t, (list, tuple)):
-            stages = [(int(s), int(d)) for s, d in zip(stride_t, down_t)]
+            stages = [(int(s), int(d)) for s, d in zip(stride_t, down_t, strict=False)]
             blocks.append(nn.Conv1d(n_out, width, 3, 1, 1))
             for k, (s, d) in enumerate(stages):
                 kernel, pad = (s * 2, s // 2) if s % 2 == 0 else (s * 2 + 1, s // 2 + 1)
                 last_stage = k == len(stages) - 1
                 for i in range(d):
                     out = n_in if (i == d - 1 and last_stage) else width
-                    blocks.append(nn.Sequential(DilatedStack(width, p, reverse), nn.ConvTranspose1d(width, out, kernel, s, pad)))
+                    up = nn.ConvTranspose1d(width, out, kernel, s, pad)
+                    blocks.append(nn.Sequential(DilatedStack(width, p, reverse), up))
         elif int(down_t) > 0:
             s, d = int(stride_t), int(down_t)
             blocks.append(nn.Conv1d(n_out, width, 3, 1, 1))
             for i in range(d):
                 out = n_in if i == d - 1 else width
-                blocks.append(nn.Sequential(DilatedStack(width, p, reverse), nn.ConvTranspose1d(width, out, s * 2, s, s // 2)))
+                up = nn.ConvTranspose1d(width, out, s * 2, s, s // 2)
+                blocks.append(nn.Sequential(DilatedStack(width, p, reverse), up))
         self.model = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +184,7 @@ class VQEncoder(nn.Module):
         emb_in, emb_out = int(p["input_emb_width"]), int(p["output_emb_width"])
         self.level_blocks = nn.ModuleList([
             EncoderLevel(emb_in if level == 0 else emb_out, emb_out, down_t, stride_t, p)
-            for level, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"])
+            for level, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"], strict=False)
         ])
 
 
@@ -192,7 +196,7 @@ class VQDecoder(nn.Module):
         emb_in, emb_out = int(p["input_emb_width"]), int(p["output_emb_width"])
         self.level_blocks = nn.ModuleList([
             DecoderLevel(emb_out, emb_out, down_t, stride_t, p)
-            for _, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"])
+            for _, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"], strict=False)
         ])
         self.out = nn.Conv1d(emb_out, emb_in, 3, 1, 1)
 
@@ -206,7 +210,8 @@ class Codebook(nn.Module):
 class VQBottleneck(nn.Module):
     def __init__(self, p: dict):
         super().__init__()
-        self.level_blocks = nn.ModuleList([Codebook(int(p["l_bins"]), int(p["emb_width"])) for _ in range(int(p["levels"]))])
+        levels = range(int(p["levels"]))
+        self.level_blocks = nn.ModuleList([Codebook(int(p["l_bins"]), int(p["emb_width"])) for _ in levels])
 
 
 class PitchVQVAE(nn.Module):
@@ -289,8 +294,6 @@ def _check_params(block: Any, name: str, allowed: set, required: set, path: Path
 
 def read_vqvae_config(path: Path) -> dict:
     """The VQ-VAE's config.yaml, interpolations resolved and checked."""
-    import yaml
-
     require_file(path, "pitch VQ-VAE config")
     try:
         raw = yaml.safe_load(path.read_text())
@@ -436,8 +439,6 @@ FULL_CONFIG = _config(width=32, depth=4, emb=128)
 def _write_random(paths: CheckpointPaths, config: dict, seed: int, fcpe_weights=None) -> Path:
     """Random encoder/decoder; codebook rows drawn from the encoder's own latents on the
     bundled LibriSpeech clip, so that real speech maps to many different codes."""
-    import yaml
-
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -29,6 +29,7 @@ from spiritlm_edge.runtime.units import (
     common_style,
     iter_unit_frames,
     string_to_units,
+    unit_ids,
     units_to_string,
 )
 from spiritlm_edge.runtime.vocoder import Vocoder
@@ -36,17 +37,6 @@ from spiritlm_edge.runtime.vocoder import Vocoder
 # 8 frames (320 ms of audio) for the first streamed chunk: with the generator's context on
 # both sides that is about half the compute of a default 25-frame chunk.
 FIRST_CHUNK_FRAMES = 8
-
-
-def _ids(stream: str | Sequence[int] | np.ndarray | None) -> list[int] | None:
-    if stream is None:
-        return None
-    if isinstance(stream, str):
-        try:
-            return [int(x) for x in stream.split()]
-        except ValueError:
-            raise UnitsError(f"Unit stream {stream[:60]!r} is not space-separated integers.") from None
-    return [int(x) for x in stream]
 
 
 class SpeechTokenizer:
@@ -132,14 +122,18 @@ class SpeechTokenizer:
             units = string_to_units(units, rng=seed, pitch_fallback=pitch_fallback)
         if not isinstance(units, dict) or "hubert" not in units:
             raise UnitsError("decode() takes a unit string or a dict with a 'hubert' stream.")
-        hubert = _ids(units["hubert"])
-        if not hubert:
+        hubert = unit_ids(units["hubert"], "units['hubert']")
+        if not hubert.size:
             raise UnitsError("There are no [Hu*] units to synthesise.")
         pitch = style = None
         if self.has_pitch:
             # a dict without pitch (or style) follows the same rules as a string without them
-            pitch = _ids(units.get("pitch")) or [pitch_fallback.take(len(hubert))] * len(hubert)
-            style = _ids(units.get("style")) or [common_style(seed)] * len(pitch)
+            pitch = unit_ids(units.get("pitch", ()), "units['pitch']")
+            if not pitch.size:
+                pitch = np.full(hubert.size, pitch_fallback.take(hubert.size))
+            style = unit_ids(units.get("style", ()), "units['style']")
+            if not style.size:
+                style = np.full(pitch.size, common_style(seed))
         return self.vocoder.decode(hubert, pitch=pitch, style=style, speaker_id=speaker_id, dur_pred=dur_pred)
 
     def decode_stream(

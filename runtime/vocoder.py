@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -180,7 +181,7 @@ class Vocoder:
             last = (stop - lo) * self.hop_length if stop < total else len(audio)
             return audio[(first - lo) * self.hop_length:last]
 
-        spans = list(zip(bounds, bounds[1:]))
+        spans = list(pairwise(bounds))
         if len(spans) > 1 and self._workers > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="vocoder")

@@ -228,8 +228,10 @@ def test_bundle_entries_and_deterministic_export(tiny_paths, bundle_dir, tmp_pat
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
     fcpe, entry = manifest["components"]["fcpe"], manifest["components"]["pitch"]
     assert manifest["variant"] == "expressive"
-    assert (fcpe["model_hop"], fcpe["frame_hop"], fcpe["threshold"], fcpe["f0_min"], fcpe["f0_max"]) == (160, 80, 0.05, 50.0, 1100.0)
-    assert (entry["codebook_size"], entry["frames_per_code"], entry["rate"], entry["normalize_f0"]) == (64, 16, 12.5, True)
+    fcpe_settings = (fcpe["model_hop"], fcpe["frame_hop"], fcpe["threshold"], fcpe["f0_min"], fcpe["f0_max"])
+    assert fcpe_settings == (160, 80, 0.05, 50.0, 1100.0)
+    settings = (entry["codebook_size"], entry["frames_per_code"], entry["rate"], entry["normalize_f0"])
+    assert settings == (64, 16, 12.5, True)
     pitch.export_onnx(tiny_paths, "expressive", tmp_path)
     for name in ("fcpe.onnx", "pitch_vqvae.onnx"):
         assert (tmp_path / name).read_bytes() == (bundle_dir / name).read_bytes(), name
@@ -272,7 +274,8 @@ def test_vqvae_loads_strictly(tiny_paths):
     assert config["features"] == "norm_f0_interp,vuv"
     state = torch.load(tiny_paths.vqvae_dir / "model.pt", weights_only=True)["model"]
     assert "vq.level_blocks.0.k" in state and state["vq.level_blocks.0.k"].shape == (64, 16)
-    assert any(k.startswith("decoder.") for k in state) and any(k.startswith("encoder.level_blocks.0.model.") for k in state)
+    assert any(k.startswith("decoder.") for k in state)
+    assert any(k.startswith("encoder.level_blocks.0.model.") for k in state)
 
 
 def test_vqvae_missing_files(vqvae_copy):

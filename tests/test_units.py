@@ -5,6 +5,8 @@ runtime/units.py: each token gets its time, then a plain sort; each frame looks 
 pitch/style by scanning the token list.
 """
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -236,7 +238,7 @@ def random_token_string(rng) -> str:
 
 def test_round_trip_and_streaming_match_brute_force():
     rng = np.random.default_rng(99)
-    for case in range(200):
+    for _ in range(200):
         s = random_token_string(rng)
         toks = tokens_of(s)
         seed = int(rng.integers(0, 2**31))
@@ -266,7 +268,7 @@ def _random_cuts(s: str, rng) -> list[str]:
         return []
     cuts = sorted(set(rng.integers(0, len(s), size=int(rng.integers(1, 12))).tolist()))
     bounds = [0] + cuts + [len(s)]
-    return [s[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [s[a:b] for a, b in pairwise(bounds)]
 
 
 def test_units_string_units_round_trip():

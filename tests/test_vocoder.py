@@ -128,7 +128,8 @@ def test_stream_equals_offline(setup, dur_pred, chunk_frames):
     if dur_pred:
         cum = np.cumsum(vocoder.durations(hubert))
         d_right = vocoder.duration_context[1]
-        ready = [n for n in range(1, len(hubert) + 1) if n - d_right > 0 and cum[n - d_right - 1] >= chunk_frames + right]
+        ready = [n for n in range(1, len(hubert) + 1)
+                 if n - d_right > 0 and cum[n - d_right - 1] >= chunk_frames + right]
         expected_first = ready[0] if ready else len(hubert)
     else:
         expected_first = min(chunk_frames + right, len(hubert))
@@ -283,5 +284,6 @@ def test_parallel_windows_are_exact(setup, monkeypatch):
     monkeypatch.setattr("spiritlm_edge.runtime.vocoder.MAX_WINDOW_FRAMES", 16)
     assert rel_l2(parallel.decode(hubert, pitch, style), expected) <= 1e-5
     assert len(calls) > 2 + 8
-    frames = list(zip(hubert.tolist(), *(c.tolist() if c is not None else [None] * 80 for c in (pitch, style))))
+    codes = (c.tolist() if c is not None else [None] * 80 for c in (pitch, style))
+    frames = list(zip(hubert.tolist(), *codes, strict=True))
     assert rel_l2(np.concatenate(list(parallel.stream(frames, chunk_frames=60))), expected) <= 1e-5
