@@ -126,7 +126,7 @@ class SpeechTokenizer:
         if not hubert.size:
             raise UnitsError("There are no [Hu*] units to synthesise.")
         pitch = style = None
-        if self.has_pitch:
+        if pitch_fallback is not None:  # Expressive
             # a dict without pitch (or style) follows the same rules as a string without them
             pitch = unit_ids(units.get("pitch", ()), "units['pitch']")
             if not pitch.size:

@@ -317,7 +317,8 @@ def units_to_string(
     outside the model's vocabulary raise ``UnitsError``.
     """
     wanted = {"hubert": True, "pitch": has_pitch, "style": has_style}
-    times, tokens = [], []
+    times: list[np.ndarray] = []
+    tokens: list[str] = []
     for key, prefix in _STREAMS:
         if not wanted[key]:
             continue
@@ -448,7 +449,8 @@ class _FrameAssembler:
         if not isinstance(text, str):
             raise UnitsError(f"unit tokens must be strings like '[Hu12]', got {type(text).__name__}")
         buf = self.carry + text
-        pos, out = 0, []
+        pos = 0
+        out: list[tuple] = []
         while pos < len(buf):
             m = _UNIT_RE.match(buf, pos)
             if m is None:
@@ -611,12 +613,12 @@ def count_hubert_units(s: str) -> int:
 
 def does_start_with_speech_token(s: str | None) -> bool:
     """True if ``s`` starts with a ``[HuN]``, ``[PiN]`` or ``[StN]`` token."""
-    return bool(s) and _UNIT_RE.match(s) is not None
+    return s is not None and _UNIT_RE.match(s) is not None
 
 
 def does_end_with_speech_token(s: str | None) -> bool:
     """True if ``s`` ends with a ``[HuN]``, ``[PiN]`` or ``[StN]`` token."""
-    return bool(s) and re.search(r"\[(?:Hu|Pi|St)\d+\]\Z", s) is not None
+    return s is not None and re.search(r"\[(?:Hu|Pi|St)\d+\]\Z", s) is not None
 
 
 def find_prompt_last_speech_start_position(s: str) -> int | None:

@@ -165,7 +165,9 @@ class Vocoder:
         after ``end``. The range is cut into segments, each synthesized from its own
         context window (exact), to bound memory and to run in parallel (``workers``).
         """
-        total = len(frames["units"])
+        units = frames["units"]
+        assert units is not None  # every window has units; only pitch or style may be absent
+        total = len(units)
         left, right = self.context_frames
         count = end - start
         # A segment shorter than its context would cost more than it saves.
@@ -228,8 +230,8 @@ class Vocoder:
             reps = self.durations(units)
             units = np.repeat(units, reps)
             streams = {k: np.repeat(v, reps) for k, v in streams.items()}
-        frames = {"units": units, "pitch": streams.get("pitch"), "style": streams.get("style")}
-        return self._render(frames, 0, len(units), globals_)
+        per_frame = {"units": units, "pitch": streams.get("pitch"), "style": streams.get("style")}
+        return self._render(per_frame, 0, len(units), globals_)
 
     # ------------------------------------------------------------------ streaming
 
@@ -287,7 +289,7 @@ class StreamingSynthesizer:
         hubert, pitch, style = self._check(frame, len(self.units["units"]) if index is None else index)
         self.units["units"].append(hubert)
         for name, code in (("pitch", pitch), ("style", style)):
-            if name in self.streams:
+            if name in self.streams and code is not None:  # _check refuses a missing code it needs
                 self.units[name].append(code)
         yield from self._emit(final=False)
 
