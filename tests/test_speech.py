@@ -12,7 +12,7 @@ import pytest
 from spiritlm_edge import SpeechTokenizer
 from spiritlm_edge.runtime.audio import load_audio
 from spiritlm_edge.runtime.errors import AudioError, BundleError, SpiritLMEdgeError, UnitsError
-from spiritlm_edge.units import string_to_units, units_to_string
+from spiritlm_edge.units import PitchFallback, common_style, string_to_units, units_to_string
 
 
 @pytest.fixture(scope="module", params=["base", "expressive"])
@@ -136,8 +136,6 @@ def test_bundle_whose_file_does_not_match_its_hash(tiny_base_bundle, tmp_path):
 def test_expressive_units_without_pitch_are_spoken(tiny_expressive_bundle, caplog):
     """Spec section 5 / issue 16: Hubert units alone are spoken with the bundle's neutral pitch
     code (or a given fallback), from a string, a dict, or a stream, all alike."""
-    from spiritlm_edge.units import PitchFallback, common_style
-
     tokenizer = SpeechTokenizer.from_bundle(tiny_expressive_bundle, n_threads=2)
     hubert = [(13 * i) % 90 for i in range(40)]
     string = "".join(f"[Hu{u}]" for u in hubert)
