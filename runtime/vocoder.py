@@ -34,7 +34,7 @@ MAX_WINDOW_FRAMES = 750  # 30 s
 # Parallel windows are at least this long, and at least as long as their context.
 MIN_SEGMENT_FRAMES = 8
 
-Frame = tuple[int, "int | None", "int | None"]
+Frame = tuple[int, int | None, int | None]
 
 
 class Vocoder:
