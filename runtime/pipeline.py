@@ -320,12 +320,14 @@ class SpiritLM:
         audio = np.concatenate(audio_parts) if audio_parts else None
         yield TurnEnd(timings=turn.report(audio), text=text, audio=audio, generated=generated)
 
-    def _stream_run(self, prime, run, pieces, speaker_id, seed, chunk_frames, turn, fallback=None) -> Iterator[np.ndarray]:
+    def _stream_run(self, prime, run, pieces, speaker_id, seed, chunk_frames, turn,
+                    fallback=None) -> Iterator[np.ndarray]:
         """Stream one speech run through the vocoder; ``prime`` (the prompt's trailing
         speech) gives the vocoder its context, and its audio is skipped."""
         skip_samples = 0
         if prime:
-            prime_audio = self.speech_tokenizer.decode(prime, speaker_id=speaker_id, seed=seed, pitch_fallback=fallback)
+            prime_audio = self.speech_tokenizer.decode(prime, speaker_id=speaker_id, seed=seed,
+                                                       pitch_fallback=fallback)
             skip_samples = prime_audio.size
         tokens = iter([prime] if prime else [])
         stream = self.speech_tokenizer.decode_stream(
