@@ -44,12 +44,15 @@ def export_speech(
     steps = [("HuBERT + quantizer", lambda: hubert.export_onnx(paths, variant, out, opset=opset))]
     if variant == "expressive":
         steps += [
-            ("FCPE + pitch VQ-VAE",
-             lambda: pitch.export_onnx(paths, variant, out, opset=opset, fcpe_weights=fcpe_weights)),
+            (
+                "FCPE + pitch VQ-VAE",
+                lambda: pitch.export_onnx(paths, variant, out, opset=opset, fcpe_weights=fcpe_weights),
+            ),
             ("style encoder", lambda: style.export_onnx(paths, variant, out, opset=opset)),
         ]
-    steps.append(("unit HiFi-GAN",
-                  lambda: vocoder.export_onnx(paths, variant, out, opset=opset, layout=vocoder_layout)))
+    steps.append(
+        ("unit HiFi-GAN", lambda: vocoder.export_onnx(paths, variant, out, opset=opset, layout=vocoder_layout))
+    )
     for label, step in steps:
         start = time.perf_counter()
         step()

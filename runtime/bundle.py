@@ -80,9 +80,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
             "(or `spiritlm-edge demo` for a tiny random-weight bundle)."
         )
     if not manifest_path.is_file():
-        raise BundleError(
-            f"{bundle_dir} is not a bundle: it has no {MANIFEST}. Build one with `spiritlm-edge build`."
-        )
+        raise BundleError(f"{bundle_dir} is not a bundle: it has no {MANIFEST}. Build one with `spiritlm-edge build`.")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -172,8 +170,10 @@ def _require(name: str, entry: Mapping[str, Any], keys: tuple[str, ...]) -> None
 def _pair(name: str, entry: Mapping[str, Any], key: str, first: str, second: str) -> tuple[int, int]:
     value = entry[key]
     if not (isinstance(value, Mapping) and first in value and second in value):
-        raise BundleError(f"bundle.json's {name!r} component has {key}={value!r}; expected "
-                          f"{{{first!r}: n, {second!r}: n}}. Rebuild the bundle.")
+        raise BundleError(
+            f"bundle.json's {name!r} component has {key}={value!r}; expected "
+            f"{{{first!r}: n, {second!r}: n}}. Rebuild the bundle."
+        )
     return int(value[first]), int(value[second])
 
 
@@ -207,9 +207,15 @@ class F0Config:
     def from_entry(cls, name: str, entry: Mapping[str, Any]) -> F0Config:
         keys = ("sample_rate", "model_hop", "frame_hop", "threshold", "f0_min", "f0_max", "interpolate_unvoiced")
         _require(name, entry, keys)
-        return cls(int(entry["sample_rate"]), int(entry["model_hop"]), int(entry["frame_hop"]),
-                   float(entry["threshold"]), float(entry["f0_min"]), float(entry["f0_max"]),
-                   bool(entry["interpolate_unvoiced"]))
+        return cls(
+            int(entry["sample_rate"]),
+            int(entry["model_hop"]),
+            int(entry["frame_hop"]),
+            float(entry["threshold"]),
+            float(entry["f0_min"]),
+            float(entry["f0_max"]),
+            bool(entry["interpolate_unvoiced"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -228,8 +234,13 @@ class PitchConfig:
     def from_entry(cls, name: str, entry: Mapping[str, Any]) -> PitchConfig:
         _require(name, entry, ("normalize_f0", "frame_hop", "frames_per_code", "codebook_size"))
         neutral = entry.get("neutral_code")
-        return cls(bool(entry["normalize_f0"]), int(entry["frame_hop"]), int(entry["frames_per_code"]),
-                   int(entry["codebook_size"]), None if neutral is None else int(neutral))
+        return cls(
+            bool(entry["normalize_f0"]),
+            int(entry["frame_hop"]),
+            int(entry["frames_per_code"]),
+            int(entry["codebook_size"]),
+            None if neutral is None else int(neutral),
+        )
 
 
 @dataclass(frozen=True)
@@ -257,13 +268,19 @@ class VocoderConfig:
         _require(name, entry, ("inputs", "sample_rate", "hop_length", "num_units", "context_frames"))
         default_style = entry.get("default_style")
         return cls(
-            inputs=tuple(entry["inputs"]), sample_rate=int(entry["sample_rate"]),
-            hop_length=int(entry["hop_length"]), num_units=int(entry["num_units"]),
-            num_pitch=int(entry.get("num_pitch", 0)), num_style_codes=int(entry.get("num_style_codes", 0)),
-            num_speakers=int(entry.get("num_speakers", 0)), num_styles=int(entry.get("num_styles", 0)),
-            speakers=tuple(entry.get("speakers", ())), styles=tuple(entry.get("styles", ())),
+            inputs=tuple(entry["inputs"]),
+            sample_rate=int(entry["sample_rate"]),
+            hop_length=int(entry["hop_length"]),
+            num_units=int(entry["num_units"]),
+            num_pitch=int(entry.get("num_pitch", 0)),
+            num_style_codes=int(entry.get("num_style_codes", 0)),
+            num_speakers=int(entry.get("num_speakers", 0)),
+            num_styles=int(entry.get("num_styles", 0)),
+            speakers=tuple(entry.get("speakers", ())),
+            styles=tuple(entry.get("styles", ())),
             default_style=None if default_style is None else int(default_style),
-            pitch_upsample=int(entry.get("pitch_upsample", 0)), style_upsample=int(entry.get("style_upsample", 0)),
+            pitch_upsample=int(entry.get("pitch_upsample", 0)),
+            style_upsample=int(entry.get("style_upsample", 0)),
             context_frames=_pair(name, entry, "context_frames", "left", "right"),
             layout=str(entry.get("layout", "plain")),
         )
@@ -284,8 +301,12 @@ class DurationConfig:
 _Config = TypeVar("_Config", EncoderConfig, F0Config, PitchConfig, VocoderConfig, DurationConfig)
 # component name -> the settings its engine reads
 CONFIGS: dict[str, type] = {
-    "hubert": EncoderConfig, "style": EncoderConfig, "fcpe": F0Config, "pitch": PitchConfig,
-    "vocoder": VocoderConfig, "vocoder_duration": DurationConfig,
+    "hubert": EncoderConfig,
+    "style": EncoderConfig,
+    "fcpe": F0Config,
+    "pitch": PitchConfig,
+    "vocoder": VocoderConfig,
+    "vocoder_duration": DurationConfig,
 }
 
 
@@ -360,8 +381,13 @@ class Bundle:
         entry = self.variants(name)[chosen]
         gate = entry.get("gate", {})
         if gate and not gate.get("passed", True) and f"{name}:{chosen}" not in self._verified:
-            log.warning("%s's %s variant failed its accuracy gate and was written with --force; "
-                        "set %s=fp32 to use the fp32 engine.", name, chosen, PRECISION_ENV)
+            log.warning(
+                "%s's %s variant failed its accuracy gate and was written with --force; "
+                "set %s=fp32 to use the fp32 engine.",
+                name,
+                chosen,
+                PRECISION_ENV,
+            )
         return self._checked_path(f"{name}:{chosen}", entry, f"{name} ({chosen})")
 
     def _checked_path(self, key: str, entry: dict[str, Any], name: str, full_hash: bool | None = None) -> Path:

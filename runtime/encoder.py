@@ -46,8 +46,9 @@ class UnitEncoder:
         self.config = config
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle | str | os.PathLike, providers: Sequence[Any] | None = None,
-                    n_threads: int | None = None):
+    def from_bundle(
+        cls, bundle: Bundle | str | os.PathLike, providers: Sequence[Any] | None = None, n_threads: int | None = None
+    ):
         bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         path = bundle.engine_path(cls.component)  # int8 variant when present (SPIRITLM_EDGE_PRECISION)
         return cls(create_session(path, providers, n_threads), bundle.config(cls.component, EncoderConfig), path)

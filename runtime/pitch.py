@@ -93,8 +93,10 @@ class PitchEngine:
             log.info("bundle.json has no neutral pitch code (older export): computing it from the pitch VQ-VAE")
             recorded = self.compute_neutral_code()
         if not (isinstance(recorded, int) and 0 <= recorded < self.codebook_size):
-            raise BundleError(f"bundle.json's neutral pitch code {recorded!r} is not one of the "
-                              f"{self.codebook_size} pitch codes; re-export the bundle (spiritlm-edge build).")
+            raise BundleError(
+                f"bundle.json's neutral pitch code {recorded!r} is not one of the "
+                f"{self.codebook_size} pitch codes; re-export the bundle (spiritlm-edge build)."
+            )
         self.neutral_code: int = recorded
 
     def compute_neutral_code(self) -> int:
@@ -159,7 +161,5 @@ class PitchEngine:
     def __call__(self, audio: AudioSource, sample_rate: int | None = None) -> np.ndarray:
         """Pitch codes (int64, 0..63) of ``audio``, 12.5 per second."""
         samples = load_audio(audio, sample_rate)
-        codes = [
-            self.vqvae_session.run(None, {"features": self.features(chunk)})[0][0] for chunk in chunks(samples)
-        ]
+        codes = [self.vqvae_session.run(None, {"features": self.features(chunk)})[0][0] for chunk in chunks(samples)]
         return np.concatenate(codes).astype(np.int64)

@@ -174,8 +174,18 @@ class SpeechVocab:
             pitch_count = contiguous("pitch", "Pi", pitch_start)
             style_start = pitch_start + pitch_count
             style_count = contiguous("style", "St", style_start)
-        vocab = cls(text_id, text_id, speech_id, hubert_start, hubert_count, pitch_start,
-                    pitch_count, style_start, style_count, int(size))
+        vocab = cls(
+            text_id,
+            text_id,
+            speech_id,
+            hubert_start,
+            hubert_count,
+            pitch_start,
+            pitch_count,
+            style_start,
+            style_count,
+            int(size),
+        )
         if vocab.size < vocab.n_real:
             raise UnitsError(
                 f"the embedding has {vocab.size} rows but the tokenizer needs {vocab.n_real} "
@@ -197,7 +207,7 @@ class SpeechVocab:
 
     @property
     def variant(self) -> str:
-        """"expressive" when pitch and style pieces exist, else "base"."""
+        """ "expressive" when pitch and style pieces exist, else "base"."""
         return "expressive" if self.pitch_count else "base"
 
     @property
@@ -273,9 +283,7 @@ def unit_ids(value: object, what: str = "units", size: int | None = None) -> np.
             if isinstance(item, str) and item.isdecimal():
                 item = int(item)
             if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
-                raise UnitsError(
-                    f"{what} must hold non-negative integer ids, found {item!r} at position {position}"
-                )
+                raise UnitsError(f"{what} must hold non-negative integer ids, found {item!r} at position {position}")
             parsed.append(int(item))
         ids = np.array(parsed, dtype=np.int64)
     else:
@@ -397,8 +405,12 @@ class PitchFallback:
     def take(self, hubert_units: int) -> int:
         """The code, warning once per object that it stands in for missing pitch codes."""
         if not self.used:
-            log.warning("Expressive speech with %d Hubert units has no pitch code ([Pi*] token): "
-                        "speaking it with %s, [Pi%d]", hubert_units, self.source, self.code)
+            log.warning(
+                "Expressive speech with %d Hubert units has no pitch code ([Pi*] token): speaking it with %s, [Pi%d]",
+                hubert_units,
+                self.source,
+                self.code,
+            )
         self.used = True
         return self.code
 
@@ -426,8 +438,9 @@ class _FrameAssembler:
     exists but style never appears, one of MOST_COMMON_STYLES is drawn once, at the end.
     """
 
-    def __init__(self, rng, vocab: SpeechVocab | None, variant: str | None,
-                 pitch_fallback: PitchFallback | None = None):
+    def __init__(
+        self, rng, vocab: SpeechVocab | None, variant: str | None, pitch_fallback: PitchFallback | None = None
+    ):
         self.rng = rng
         self.vocab = vocab
         self.pitch_fallback = pitch_fallback
@@ -461,7 +474,7 @@ class _FrameAssembler:
                 partial = _PARTIAL_UNIT_RE.match(buf, pos)
                 if partial is not None and partial.end() == len(buf):
                     break  # a token cut in two: wait for the rest
-                bad = buf[pos:pos + 20]
+                bad = buf[pos : pos + 20]
                 raise UnitsError(
                     f"not a speech unit token at character {self.consumed + pos}: {bad!r}; "
                     "expected [HuN], [PiN] or [StN] (split text from speech with split_speech_and_text)"
@@ -510,9 +523,9 @@ class _FrameAssembler:
             self.first_style = common_style(self.rng)
         out = []
         for hubert, pitch, style in self.pending:
-            out.append((hubert,
-                        self.first_pitch if pitch is None else pitch,
-                        self.first_style if style is None else style))
+            out.append(
+                (hubert, self.first_pitch if pitch is None else pitch, self.first_style if style is None else style)
+            )
         self.pending.clear()
         return out
 
@@ -598,7 +611,7 @@ def split_speech_and_text(generated: str) -> list[tuple[str, str]]:
 
     pos = 0
     for m in _MARKER_OR_UNIT_RE.finditer(generated):
-        add(generated[pos:m.start()], "t")
+        add(generated[pos : m.start()], "t")
         if m.group(0) not in (TEXT_PREFIX, SPEECH_PREFIX):
             add(m.group(0), "s")
         pos = m.end()

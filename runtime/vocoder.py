@@ -40,8 +40,14 @@ Frame = tuple[int, int | None, int | None]
 class Vocoder:
     """The unit HiFi-GAN of a bundle."""
 
-    def __init__(self, generator: Any, duration: Any, config: VocoderConfig,
-                 duration_config: DurationConfig | None = None, workers: int = 1):
+    def __init__(
+        self,
+        generator: Any,
+        duration: Any,
+        config: VocoderConfig,
+        duration_config: DurationConfig | None = None,
+        workers: int = 1,
+    ):
         self._generator = generator
         self._duration = duration
         self._workers = max(1, int(workers))
@@ -56,8 +62,9 @@ class Vocoder:
         self.duration_context: tuple[int, int] = duration_config.context_units if duration_config else (0, 0)
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle | str | os.PathLike, providers: Sequence | None = None,
-                    n_threads: int | None = None) -> Vocoder:
+    def from_bundle(
+        cls, bundle: Bundle | str | os.PathLike, providers: Sequence | None = None, n_threads: int | None = None
+    ) -> Vocoder:
         """Open the vocoder of ``bundle`` (a :class:`Bundle` or its directory)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle(bundle)
@@ -123,8 +130,10 @@ class Vocoder:
         if "style_id" in self.config.inputs:
             style_id = self.config.default_style if style_id is None else style_id
             if not (isinstance(style_id, (int, np.integer)) and 0 <= style_id < num_styles):
-                raise ModelError(f"style_id {style_id!r} is out of range: this vocoder has styles "
-                                 f"0..{num_styles - 1} ({', '.join(self.styles[:12])}...).")
+                raise ModelError(
+                    f"style_id {style_id!r} is out of range: this vocoder has styles "
+                    f"0..{num_styles - 1} ({', '.join(self.styles[:12])}...)."
+                )
             feeds["style_id"] = np.array([style_id], dtype=np.int64)
         elif style_id is not None:
             raise ModelError("style_id is only for vocoders with global styles (Base); this one has none.")
@@ -181,7 +190,7 @@ class Vocoder:
             audio = self._generate({k: None if v is None else v[lo:hi] for k, v in frames.items()}, globals_)
             # Keep the samples past the last frame only at the sequence's end.
             last = (stop - lo) * self.hop_length if stop < total else len(audio)
-            return audio[(first - lo) * self.hop_length:last]
+            return audio[(first - lo) * self.hop_length : last]
 
         spans = list(pairwise(bounds))
         if len(spans) > 1 and self._workers > 1:
@@ -192,8 +201,15 @@ class Vocoder:
 
     # ------------------------------------------------------------------ offline
 
-    def decode(self, hubert, pitch=None, style=None, speaker_id: int = DEFAULT_SPEAKER,
-               dur_pred: bool = True, style_id: int | None = None) -> np.ndarray:
+    def decode(
+        self,
+        hubert,
+        pitch=None,
+        style=None,
+        speaker_id: int = DEFAULT_SPEAKER,
+        dur_pred: bool = True,
+        style_id: int | None = None,
+    ) -> np.ndarray:
         """Audio (float32, 16 kHz) for units, following the reference's decode rule.
 
         ``hubert``, ``pitch``, ``style``: one id per unit, as ``string_to_units`` gives them
@@ -213,8 +229,10 @@ class Vocoder:
             dur_pred = False
         use_dur = self._use_duration(dur_pred)
         streams = {}
-        for name, codes, size, ratio in (("pitch", pitch, self.num_pitch, self.config.pitch_upsample),
-                                         ("style", style, self.num_style_codes, self.config.style_upsample)):
+        for name, codes, size, ratio in (
+            ("pitch", pitch, self.num_pitch, self.config.pitch_upsample),
+            ("style", style, self.num_style_codes, self.config.style_upsample),
+        ):
             if not size:
                 continue
             if codes is None:
@@ -222,8 +240,10 @@ class Vocoder:
             codes = unit_ids(codes, name, size)
             if len(codes) != frames:
                 if use_dur:
-                    raise UnitsError(f"{len(codes)} {name} codes for {frames} hubert units: with duration "
-                                     "prediction every unit needs its own code.")
+                    raise UnitsError(
+                        f"{len(codes)} {name} codes for {frames} hubert units: with duration "
+                        "prediction every unit needs its own code."
+                    )
                 codes = _upsample(codes, frames, ratio, name)
             streams[name] = codes
         if use_dur:
@@ -235,9 +255,15 @@ class Vocoder:
 
     # ------------------------------------------------------------------ streaming
 
-    def stream(self, frames: Iterable[Frame | int], speaker_id: int = DEFAULT_SPEAKER, dur_pred: bool = True,
-               chunk_frames: int = 25, style_id: int | None = None,
-               first_chunk_frames: int | None = None) -> Iterator[np.ndarray]:
+    def stream(
+        self,
+        frames: Iterable[Frame | int],
+        speaker_id: int = DEFAULT_SPEAKER,
+        dur_pred: bool = True,
+        chunk_frames: int = 25,
+        style_id: int | None = None,
+        first_chunk_frames: int | None = None,
+    ) -> Iterator[np.ndarray]:
         """Yield audio chunks while ``(hubert, pitch, style)`` frames arrive.
 
         Each frame is one unit with its pitch and style codes (``None`` where the vocoder
@@ -266,8 +292,15 @@ class StreamingSynthesizer:
     chunks equal :meth:`Vocoder.decode`. :meth:`finish` times and synthesizes the rest.
     """
 
-    def __init__(self, vocoder: Vocoder, speaker_id: int = DEFAULT_SPEAKER, dur_pred: bool = True,
-                 chunk_frames: int = 25, style_id: int | None = None, first_chunk_frames: int | None = None):
+    def __init__(
+        self,
+        vocoder: Vocoder,
+        speaker_id: int = DEFAULT_SPEAKER,
+        dur_pred: bool = True,
+        chunk_frames: int = 25,
+        style_id: int | None = None,
+        first_chunk_frames: int | None = None,
+    ):
         first_chunk_frames = chunk_frames if first_chunk_frames is None else first_chunk_frames
         for name, value in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
             if not (isinstance(value, int) and value >= 1):
@@ -277,8 +310,9 @@ class StreamingSynthesizer:
         self.globals = vocoder._global_inputs(speaker_id, style_id)
         self.use_duration = vocoder._use_duration(dur_pred)
         # the per-frame code streams this vocoder takes, besides the units
-        self.streams = [name for name, size in (("pitch", vocoder.num_pitch), ("style", vocoder.num_style_codes))
-                        if size]
+        self.streams = [
+            name for name, size in (("pitch", vocoder.num_pitch), ("style", vocoder.num_style_codes)) if size
+        ]
         self.units: dict[str, list[int]] = {"units": [], **{name: [] for name in self.streams}}  # per unit
         self.frames: dict[str, list[int]] = {"units": [], **{name: [] for name in self.streams}}  # per vocoder frame
         self.timed = 0  # units whose durations are final and whose frames are in self.frames
@@ -306,11 +340,11 @@ class StreamingSynthesizer:
         if self.use_duration:
             lo, hi = max(0, self.timed - d_left), min(count, target + d_right)
             reps = self.vocoder._predict_durations(np.asarray(self.units["units"][lo:hi]))
-            reps = reps[self.timed - lo:target - lo]
+            reps = reps[self.timed - lo : target - lo]
         else:
             reps = np.ones(target - self.timed, dtype=np.int64)
         for name, values in self.units.items():
-            self.frames[name].extend(np.repeat(values[self.timed:target], reps).tolist())
+            self.frames[name].extend(np.repeat(values[self.timed : target], reps).tolist())
         self.timed = target
 
     def _emit(self, final: bool) -> Iterator[np.ndarray]:
@@ -326,8 +360,12 @@ class StreamingSynthesizer:
             lo, hi = max(0, start - g_left), min(total, end + g_right)
             window = {name: np.asarray(values[lo:hi], dtype=np.int64) for name, values in self.frames.items()}
             self.emitted = end
-            yield self.vocoder._render({"units": window["units"], "pitch": window.get("pitch"),
-                                        "style": window.get("style")}, start - lo, end - lo, self.globals)
+            yield self.vocoder._render(
+                {"units": window["units"], "pitch": window.get("pitch"), "style": window.get("style")},
+                start - lo,
+                end - lo,
+                self.globals,
+            )
 
     def _check(self, frame: Frame | int, index: int) -> tuple[int, int | None, int | None]:
         if isinstance(frame, (int, np.integer)):
@@ -341,9 +379,11 @@ class StreamingSynthesizer:
             raise UnitsError(f"Frame {index} is {frame!r}: expected (hubert, pitch or None, style or None).") from None
         if hubert is None:
             raise UnitsError(f"Frame {index} has no hubert unit.")
-        for name, value, size, needed in (("hubert", hubert, self.vocoder.num_units, True),
-                                          ("pitch", pitch, self.vocoder.num_pitch, "pitch" in self.streams),
-                                          ("style", style, self.vocoder.num_style_codes, "style" in self.streams)):
+        for name, value, size, needed in (
+            ("hubert", hubert, self.vocoder.num_units, True),
+            ("pitch", pitch, self.vocoder.num_pitch, "pitch" in self.streams),
+            ("style", style, self.vocoder.num_style_codes, "style" in self.streams),
+        ):
             if not needed:
                 continue
             if value is None:
@@ -352,8 +392,9 @@ class StreamingSynthesizer:
                     "make frames with units.iter_unit_frames, which fills codes in by the rules of spec section 5."
                 )
             if not 0 <= value < size:
-                raise UnitsError(f"Frame {index}: {name} id {value} is outside this vocoder's table: "
-                                 f"valid ids are 0..{size - 1}.")
+                raise UnitsError(
+                    f"Frame {index}: {name} id {value} is outside this vocoder's table: valid ids are 0..{size - 1}."
+                )
         return hubert, pitch, style
 
 

@@ -123,14 +123,25 @@ def test_manifest_is_deterministic(tmp_path):
 def test_component_settings_are_typed_and_checked(tmp_path):
     (tmp_path / "vocoder.onnx").write_bytes(b"x")
     (tmp_path / "hubert.onnx").write_bytes(b"x")
-    vocoder = {"file": "vocoder.onnx", "inputs": ["units", "speaker"], "sample_rate": 16000, "hop_length": 640,
-               "num_units": 500, "num_speakers": 4, "context_frames": {"left": 14, "right": 20}}
+    vocoder = {
+        "file": "vocoder.onnx",
+        "inputs": ["units", "speaker"],
+        "sample_rate": 16000,
+        "hop_length": 640,
+        "num_units": 500,
+        "num_speakers": 4,
+        "context_frames": {"left": 14, "right": 20},
+    }
     add_component(tmp_path, "vocoder", vocoder, variant="base")
     add_component(tmp_path, "hubert", {"file": "hubert.onnx", "hop_samples": 640, "rate_hz": 25})
     bundle = Bundle(tmp_path)
     config = bundle.config("vocoder", VocoderConfig)
     assert (config.inputs, config.context_frames, config.num_pitch, config.default_style) == (
-        ("units", "speaker"), (14, 20), 0, None)
+        ("units", "speaker"),
+        (14, 20),
+        0,
+        None,
+    )
     assert bundle.config("vocoder", VocoderConfig) is config  # read once
     with pytest.raises(BundleError, match="'hubert' component lacks min_samples.*Rebuild"):
         bundle.config("hubert", EncoderConfig)

@@ -55,7 +55,7 @@ def test_decode_string_and_dict_agree(tokenizer, librispeech_clip):
     from_dict = tokenizer.decode(string_to_units(string, rng=0), seed=0)
     assert from_string.dtype == np.float32 and from_string.size % 640 == 0
     np.testing.assert_array_equal(from_string, from_dict)
-    assert np.sqrt(np.mean(from_string ** 2)) > 1e-3  # not silent
+    assert np.sqrt(np.mean(from_string**2)) > 1e-3  # not silent
     without_durations = tokenizer.decode(string, dur_pred=False, seed=0)
     assert without_durations.size == len(string_to_units(string)["hubert"].split()) * 640
 
@@ -146,8 +146,9 @@ def test_expressive_units_without_pitch_are_spoken(tiny_expressive_bundle, caplo
     assert "neutral pitch code" in caplog.text
     np.testing.assert_array_equal(from_string, expected)
     np.testing.assert_array_equal(tokenizer.decode({"hubert": " ".join(map(str, hubert))}, seed=3), expected)
-    streamed = np.concatenate(list(tokenizer.decode_stream(iter(string.replace("][", "]|[").split("|")),
-                                                           chunk_frames=6, seed=3)))
+    streamed = np.concatenate(
+        list(tokenizer.decode_stream(iter(string.replace("][", "]|[").split("|")), chunk_frames=6, seed=3))
+    )
     assert np.linalg.norm(streamed - expected) <= 1e-3 * np.linalg.norm(expected)
     given = tokenizer.decode(string, seed=3, pitch_fallback=PitchFallback(17, "a test"))
     np.testing.assert_array_equal(given, tokenizer.decode("[Pi17]" + string, seed=3))

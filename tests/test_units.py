@@ -181,8 +181,7 @@ def test_spec_example_back_to_units():
     assert string_to_units("[Hu3][Hu3][Hu9]") == {"hubert": "3 3 9"}
     assert string_to_units("") == {"hubert": ""}
     # frames before the first pitch/style take the first one seen
-    assert string_to_units("[Hu1][Pi5][Hu2][St7][Pi6][Hu3]") == {
-        "hubert": "1 2 3", "pitch": "5 5 6", "style": "7 7 7"}
+    assert string_to_units("[Hu1][Pi5][Hu2][St7][Pi6][Hu3]") == {"hubert": "1 2 3", "pitch": "5 5 6", "style": "7 7 7"}
     # style without pitch: no pitch stream
     assert string_to_units("[Hu1][St2][Hu4]") == {"hubert": "1 4", "style": "2 2"}
     # whitespace between tokens is ignored
@@ -325,8 +324,10 @@ def test_streaming_yields_as_soon_as_determined():
 @pytest.mark.parametrize(
     "content,expected",
     [
-        ("abc[St1][Pi234][Hu123][Hu45][Text]hello world[",
-         [("abc", "t"), ("[St1][Pi234][Hu123][Hu45]", "s"), ("hello world[", "t")]),
+        (
+            "abc[St1][Pi234][Hu123][Hu45][Text]hello world[",
+            [("abc", "t"), ("[St1][Pi234][Hu123][Hu45]", "s"), ("hello world[", "t")],
+        ),
         ("[St1][Pi2][Hu3][Hu45]", [("[St1][Pi2][Hu3][Hu45]", "s")]),
         ("abc", [("abc", "t")]),
         ("abc[]", [("abc[]", "t")]),
@@ -335,8 +336,10 @@ def test_streaming_yields_as_soon_as_determined():
         ("[Hu1][Speech][Hu2]", [("[Hu1][Hu2]", "s")]),
         ("[Text]", []),
         ("", []),
-        ("[Hu338][Text] and they went[Speech][Hu431][Pi0][Hu457][Text] shoes [",
-         [("[Hu338]", "s"), (" and they went", "t"), ("[Hu431][Pi0][Hu457]", "s"), (" shoes [", "t")]),
+        (
+            "[Hu338][Text] and they went[Speech][Hu431][Pi0][Hu457][Text] shoes [",
+            [("[Hu338]", "s"), (" and they went", "t"), ("[Hu431][Pi0][Hu457]", "s"), (" shoes [", "t")],
+        ),
         ("[Hu1] [Hu2]", [("[Hu1]", "s"), (" ", "t"), ("[Hu2]", "s")]),
         ("[Human] [Hu12", [("[Human] [Hu12", "t")]),
         ("[[Hu7]]", [("[", "t"), ("[Hu7]", "s"), ("]", "t")]),
@@ -352,10 +355,19 @@ def test_split_speech_and_text(content, expected):
 
 def test_speech_token_edges():
     for s, start, end in [
-        ("]]", False, False), ("[]", False, False), ("[[", False, False), ("[Hu100]", True, True),
-        ("abc[]", False, False), ("[St1][Pi234][Hu123][Hu45][Text][abc]", True, False),
-        ("abc[Text]def", False, False), ("[Pi9]", True, True), ("[St0]", True, True),
-        ("[Text][Hu1]", False, True), ("", False, False), (None, False, False), ("[Hux]", False, False),
+        ("]]", False, False),
+        ("[]", False, False),
+        ("[[", False, False),
+        ("[Hu100]", True, True),
+        ("abc[]", False, False),
+        ("[St1][Pi234][Hu123][Hu45][Text][abc]", True, False),
+        ("abc[Text]def", False, False),
+        ("[Pi9]", True, True),
+        ("[St0]", True, True),
+        ("[Text][Hu1]", False, True),
+        ("", False, False),
+        (None, False, False),
+        ("[Hux]", False, False),
     ]:
         assert does_start_with_speech_token(s) is start, s
         assert does_end_with_speech_token(s) is end, s
@@ -392,7 +404,8 @@ def test_build_prompt():
     assert build_prompt([], "arbitrary") == ""
     # prefix only when the modality changes
     assert build_prompt([("t", "a "), ("t", "b"), ("s", u1), ("s", u2), ("t", "c")], "arbitrary") == (
-        "[Text]a b[Speech][Hu1][Hu2][St3][Pi4][Hu5][Text]c")
+        "[Text]a b[Speech][Hu1][Hu2][St3][Pi4][Hu5][Text]c"
+    )
     # few-shot ASR shape from the spec
     shots = [("s", u1), ("t", "one two\n"), ("s", u2)]
     assert build_prompt(shots, "text") == "[Speech][Hu1][Hu2][Text]one two\n[Speech][St3][Pi4][Hu5][Text]"
@@ -436,7 +449,12 @@ def test_output_modality_parse():
 def test_release_vocab_layout():
     assert BASE.variant == "base" and EXPRESSIVE.variant == "expressive"
     assert (BASE.n_text, BASE.text_id, BASE.speech_id, BASE.hubert_start, BASE.hubert_count) == (
-        32000, 32000, 32001, 32002, 501)
+        32000,
+        32000,
+        32001,
+        32002,
+        501,
+    )
     assert BASE.n_real == 32503 and BASE.pitch_count == 0 and BASE.ids("pitch") == range(0)
     assert EXPRESSIVE.ids("pitch") == range(32503, 32567)
     assert EXPRESSIVE.ids("St") == range(32567, 32667) and EXPRESSIVE.n_real == 32667
@@ -454,8 +472,9 @@ def test_release_vocab_layout():
 def test_vocab_from_pieces_is_not_hard_coded():
     # a small vocabulary laid out like the release
     pieces = {f"p{i}": i for i in range(10)}
-    pieces.update({"[Text]": 10, "[Speech]": 11, "[Hu0]": 12, "[Hu1]": 13, "[Hu2]": 14,
-                   "[Pi0]": 15, "[Pi1]": 16, "[St0]": 17})
+    pieces.update(
+        {"[Text]": 10, "[Speech]": 11, "[Hu0]": 12, "[Hu1]": 13, "[Hu2]": 14, "[Pi0]": 15, "[Pi1]": 16, "[St0]": 17}
+    )
     v = SpeechVocab.from_pieces(pieces, 20)
     assert (v.n_text, v.hubert_count, v.pitch_count, v.style_count, v.n_real) == (10, 3, 2, 1, 18)
     assert forbidden_token_ids(None, "text", v) == list(range(10, 20))
@@ -500,11 +519,13 @@ def test_forbidden_token_ids_spec_table():
     # TEXT: the spec's set, plus padding rows past the last real piece
     assert forbidden_token_ids("base", "text", BASE) == text_speech + hu + list(range(32503, 32512))
     assert forbidden_token_ids("expressive", OutputModality.TEXT, EXPRESSIVE) == (
-        text_speech + hu + pi + st + list(range(32667, 32768)))
+        text_speech + hu + pi + st + list(range(32667, 32768))
+    )
     # SPEECH: every text id and the two markers (+ padding)
     assert forbidden_token_ids("base", "speech", BASE) == list(range(32000)) + text_speech + list(range(32503, 32512))
     assert forbidden_token_ids("expressive", "speech", EXPRESSIVE) == (
-        list(range(32000)) + text_speech + list(range(32667, 32768)))
+        list(range(32000)) + text_speech + list(range(32667, 32768))
+    )
     assert allowed_token_ids("expressive", "speech", EXPRESSIVE) == hu + pi + st
     assert allowed_token_ids("base", "speech", BASE) == hu
     assert forbidden_token_ids("base", "arbitrary", BASE) == []

@@ -50,8 +50,13 @@ def random_units(vocoder: Vocoder, n: int, seed: int):
 def test_onnx_matches_pytorch(setup, dur_pred):
     variant, _, model, vocoder = setup
     hubert, pitch, style = random_units(vocoder, 37, seed=int(dur_pred))
-    ref = model.synthesize(hubert.tolist(), None if pitch is None else pitch.tolist(),
-                           None if style is None else style.tolist(), speaker_id=1, dur_pred=dur_pred).numpy()
+    ref = model.synthesize(
+        hubert.tolist(),
+        None if pitch is None else pitch.tolist(),
+        None if style is None else style.tolist(),
+        speaker_id=1,
+        dur_pred=dur_pred,
+    ).numpy()
     out = vocoder.decode(hubert, pitch, style, speaker_id=1, dur_pred=dur_pred)
     assert out.dtype == np.float32
     assert rel_l2(out, ref) <= 1e-3
@@ -98,7 +103,7 @@ def test_non_silent(setup):
     _, _, _, vocoder = setup
     audio = vocoder.decode(*random_units(vocoder, 25, seed=2))
     assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
-    assert np.sqrt(np.mean(audio ** 2)) > 0.01
+    assert np.sqrt(np.mean(audio**2)) > 0.01
 
 
 def counting(frames, consumed):
@@ -113,8 +118,10 @@ def test_stream_equals_offline(setup, dur_pred, chunk_frames):
     _, _, _, vocoder = setup
     hubert, pitch, style = random_units(vocoder, 45, seed=chunk_frames)
     offline = vocoder.decode(hubert, pitch, style, dur_pred=dur_pred)
-    frames = [(int(h), None if pitch is None else int(pitch[i]), None if style is None else int(style[i]))
-              for i, h in enumerate(hubert)]
+    frames = [
+        (int(h), None if pitch is None else int(pitch[i]), None if style is None else int(style[i]))
+        for i, h in enumerate(hubert)
+    ]
     consumed = [0]
     chunks, consumed_at = [], []
     for chunk in vocoder.stream(counting(frames, consumed), dur_pred=dur_pred, chunk_frames=chunk_frames):
@@ -128,8 +135,9 @@ def test_stream_equals_offline(setup, dur_pred, chunk_frames):
     if dur_pred:
         cum = np.cumsum(vocoder.durations(hubert))
         d_right = vocoder.duration_context[1]
-        ready = [n for n in range(1, len(hubert) + 1)
-                 if n - d_right > 0 and cum[n - d_right - 1] >= chunk_frames + right]
+        ready = [
+            n for n in range(1, len(hubert) + 1) if n - d_right > 0 and cum[n - d_right - 1] >= chunk_frames + right
+        ]
         expected_first = ready[0] if ready else len(hubert)
     else:
         expected_first = min(chunk_frames + right, len(hubert))
@@ -146,8 +154,10 @@ def test_stream_takes_complete_frames(setup):
         frames = [int(h) for h in hubert]  # bare ints: hubert-only frames
         expected = vocoder.decode(hubert)
     else:
-        tokens = "".join(f"[Hu{h}]" if i < 3 else f"[Pi{p}][St{s}][Hu{h}]"
-                         for i, (h, p, s) in enumerate(zip(hubert, pitch, style, strict=True)))
+        tokens = "".join(
+            f"[Hu{h}]" if i < 3 else f"[Pi{p}][St{s}][Hu{h}]"
+            for i, (h, p, s) in enumerate(zip(hubert, pitch, style, strict=True))
+        )
         frames = list(iter_unit_frames([tokens], variant="expressive"))
         assert frames[0] == (hubert[0], pitch[3], style[3])  # the first codes seen stand for earlier frames
         filled_pitch = np.concatenate([[pitch[3]] * 3, pitch[3:]])
@@ -230,8 +240,12 @@ def test_loader_errors(tmp_path):
     generator = directory / "generator.pt"
     state = torch.load(generator, weights_only=True)["generator"]
 
-    renamed = {k.replace("weight_g", "parametrizations.weight.original0")
-               .replace("weight_v", "parametrizations.weight.original1"): v for k, v in state.items()}
+    renamed = {
+        k.replace("weight_g", "parametrizations.weight.original0").replace(
+            "weight_v", "parametrizations.weight.original1"
+        ): v
+        for k, v in state.items()
+    }
     torch.save({"generator": renamed}, generator)
     assert V.load_vocoder(paths, "base").speakers == V.TINY_SPEAKERS  # newer weight-norm names load too
 
