@@ -202,6 +202,8 @@ class VQDecoder(nn.Module):
 
 
 class Codebook(nn.Module):
+    k: torch.Tensor  # the codebook rows, a buffer (state-dict key "k", as in the release)
+
     def __init__(self, l_bins: int, emb_width: int):
         super().__init__()
         self.register_buffer("k", torch.zeros(l_bins, emb_width))
@@ -225,17 +227,24 @@ class PitchVQVAE(nn.Module):
         # The reference sums the two halves of a latent twice the codebook's width.
         self.sum_halves = int(config["encoder_params"]["output_emb_width"]) == 2 * int(config["vq_params"]["emb_width"])
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The level-0 codebook [bins, emb]."""
+        level = self.vq.level_blocks[0]
+        assert isinstance(level, Codebook)
+        return level.k
+
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Level-0 latents [B, T', emb] as the codebook sees them."""
         z = self.encoder.level_blocks[0](features).transpose(1, 2)
         if self.sum_halves:
-            width = self.vq.level_blocks[0].k.shape[1]
+            width = self.codebook.shape[1]
             z = z[..., :width] + z[..., width:]
         return z
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         z = self.encode(features)
-        k = self.vq.level_blocks[0].k
+        k = self.codebook
         # Squared distances, written as the reference writes them (same rounding on ties).
         distance = (z * z).sum(-1, keepdim=True) - 2.0 * torch.matmul(z, k.t()) + (k * k).sum(-1)
         return torch.argmin(distance, dim=-1)
@@ -453,7 +462,7 @@ def _write_random(paths: CheckpointPaths, config: dict, seed: int, fcpe_weights=
         latents = latents.repeat(repeats, 1)
         latents = latents + torch.randn(latents.shape, generator=generator) * (0.01 / math.sqrt(latents.shape[1]))
     rows = torch.randperm(latents.shape[0], generator=generator)[:bins]
-    model.vq.level_blocks[0].k.copy_(latents[rows])
+    model.codebook.copy_(latents[rows])
 
     paths.vqvae_dir.mkdir(parents=True, exist_ok=True)
     (paths.vqvae_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
