@@ -24,6 +24,7 @@ one model, one context, one reusable batch and a llama.cpp sampler chain per cal
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -223,6 +224,17 @@ def install_llama_logging() -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
+@contextlib.contextmanager
+def _log_lines() -> Iterator[list[str]]:
+    """llama.cpp's log lines while the block runs (to explain a failure it only logs)."""
+    lines: list[str] = []
+    _log_listeners.append(lines.append)
+    try:
+        yield lines
+    finally:
+        _log_listeners.remove(lines.append)
+
+
 def default_threads() -> int:
     try:
         import psutil
@@ -251,7 +263,7 @@ class LanguageModel:
     ):
         import llama_cpp
 
-        from spiritlm_edge.runtime.providers import lm_gpu_settings
+        from spiritlm_edge.runtime.providers import lm_gpu_memory_error, lm_gpu_settings
 
         # n_gpu_layers None: every layer where llama.cpp has a GPU backend, else 0
         gpu = lm_gpu_settings(n_gpu_layers, kv_cache=kv_cache, flash_attn=flash_attn)
@@ -275,8 +287,13 @@ class LanguageModel:
         self.model_params.n_gpu_layers = gpu["n_gpu_layers"]
         # see module docstring: repacked (AMX) buffers crashed llama_decode on a 7B Q4_K_M
         self.model_params.use_extra_bufts = bool(use_extra_bufts)
-        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
+        with _log_lines() as loading:
+            model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
         if not model:
+            # on a GPU, most often memory: say so, and how much, rather than blame the file
+            oom = lm_gpu_memory_error(loading, "loading the weights", gpu["n_gpu_layers"])
+            if oom is not None:
+                raise oom
             raise BundleError(
                 f"llama.cpp could not load {self.path} (see the spiritlm_edge.llama_cpp log, -v). "
                 "Rebuild the GGUF with `spiritlm-edge export lm`."
@@ -293,10 +310,15 @@ class LanguageModel:
         self.context_params.flash_attn_type = gpu["flash_attn_type"]
         self.context_params.type_k = gpu["type_k"]
         self.context_params.type_v = gpu["type_v"]
-        ctx = llama_cpp.llama_init_from_model(model, self.context_params)
+        with _log_lines() as creating:
+            ctx = llama_cpp.llama_init_from_model(model, self.context_params)
         if not ctx:
             llama_cpp.llama_model_free(model)
             self._model = None
+            oom = lm_gpu_memory_error(creating, f"creating its context (n_ctx={n_ctx}, {kv_cache} KV cache)",
+                                      gpu["n_gpu_layers"])
+            if oom is not None:
+                raise oom
             raise ModelError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch} "
                 "(out of memory?). Try a smaller n_ctx."

@@ -478,3 +478,32 @@ def lm_gpu_settings(
     flash = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
              True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED}[None if flash_attn is None else bool(flash_attn)]
     return {"n_gpu_layers": int(n_gpu_layers), "type_k": type_kv, "type_v": type_kv, "flash_attn_type": flash}
+
+
+# What llama.cpp logs when a GPU allocation fails (ggml-cuda, ggml-alloc, llama-model):
+#   ggml_backend_cuda_buffer_type_alloc_buffer: allocating 3648.00 MiB on device 0: cudaMalloc failed: out of memory
+#   alloc_tensor_range: failed to allocate CUDA0 buffer of size 3825205248
+_CUDA_ALLOC = re.compile(r"allocating ([\d.]+) MiB on device (\d+): cudaMalloc failed: ([^\n]+)")
+_BUFFER_ALLOC = re.compile(r"failed to allocate (\w+) buffer of size (\d+)")
+
+
+def lm_gpu_memory_error(log_lines: Sequence[str], stage: str, n_gpu_layers: int) -> ModelError | None:
+    """A :class:`ModelError` saying that llama.cpp ran out of GPU memory while ``stage``
+    (loading the weights, creating the context), how much it asked for and what to try; None
+    if ``log_lines`` (llama.cpp's log of that stage) show no failed GPU allocation."""
+    text = "".join(log_lines)
+    cuda = _CUDA_ALLOC.search(text)
+    buffer = next((m for m in _BUFFER_ALLOC.finditer(text) if not m.group(1).upper().startswith("CPU")), None)
+    if cuda is None and buffer is None:
+        return None
+    if cuda is not None:
+        asked = f"{float(cuda.group(1)):.0f} MiB on CUDA device {cuda.group(2)} ({cuda.group(3).strip()})"
+    else:
+        asked = f"{int(buffer.group(2)) / 2**20:.0f} MiB for its {buffer.group(1)} buffer"
+    layers = "every layer" if n_gpu_layers >= ALL_LAYERS else f"{n_gpu_layers} layers"
+    return ModelError(
+        f"The GPU ran out of memory while llama.cpp was {stage} with {layers} offloaded: it asked for {asked}. "
+        "Put fewer layers on the GPU (--n-gpu-layers, e.g. 20), quantize the KV cache (--kv-cache q8_0), "
+        "shorten the context (--n-ctx 1024), or free the GPU (other processes, TensorRT engines)."
+    )
+

@@ -33,6 +33,7 @@ from spiritlm_edge.cli import app, main
 from spiritlm_edge.export.speech import export_speech
 from spiritlm_edge.export.tensorrt import build_tensorrt_engines, onnx_components
 from spiritlm_edge.runtime import limits, providers, trt_engine
+from spiritlm_edge.runtime import lm as lm_module
 from spiritlm_edge.runtime.bundle import Bundle, add_component
 from spiritlm_edge.runtime.errors import BundleError, ModelError, SpiritLMEdgeError
 from spiritlm_edge.runtime.onnx_session import clear_session_cache, create_session
@@ -839,3 +840,47 @@ def test_lm_gpu_settings(monkeypatch):
         providers.lm_gpu_settings(kv_cache="q4_0", flash_attn=False)  # a quantized V cache needs flash attention
     with pytest.raises(ModelError, match="q3"):
         providers.kv_cache_type("q3")
+
+
+# Lines llama.cpp logs when offloading fails for lack of GPU memory (ggml-cuda, ggml-alloc, llama-model).
+WEIGHTS_OOM = [
+    "load_tensors: offloading 32 repeating layers to GPU\n",
+    "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 3648.00 MiB on device 0: "
+    "cudaMalloc failed: out of memory\n",
+    "alloc_tensor_range: failed to allocate CUDA0 buffer of size 3825205248\n",
+    "llama_model_load: error loading model: unable to allocate CUDA0 buffer\n",
+]
+CONTEXT_OOM = [
+    "ggml_gallocr_reserve_n: failed to allocate CUDA0 buffer of size 150995968\n",
+    "llama_init_from_model: failed to allocate compute buffers\n",
+]
+
+
+def test_lm_gpu_memory_errors_say_how_much_and_what_to_try():
+    error = providers.lm_gpu_memory_error(WEIGHTS_OOM, "loading the weights", providers.ALL_LAYERS)
+    assert isinstance(error, ModelError)
+    assert "3648 MiB" in str(error) and "device 0" in str(error)
+    assert all(flag in str(error) for flag in ("--n-gpu-layers", "--kv-cache q8_0", "--n-ctx"))
+    assert "144 MiB" in str(providers.lm_gpu_memory_error(CONTEXT_OOM, "creating its context", 20))
+    # a CPU allocation failure or a foreign file is not a GPU memory problem
+    assert providers.lm_gpu_memory_error(["failed to allocate CPU buffer of size 437944320\n"], "x", 0) is None
+    assert providers.lm_gpu_memory_error(["llama_model_load: error loading model: bad magic\n"], "x", 0) is None
+
+
+@pytest.mark.parametrize("stage", ["weights", "context"])
+def test_language_model_reports_gpu_memory_not_a_bad_file(tiny_base_bundle, monkeypatch, stage):
+    """Our LanguageModel, with llama.cpp's load (or context creation) failing the way it does
+    on a GPU without room: the error is about memory, not "rebuild the GGUF"."""
+    def failing(lines):
+        def call(*args):
+            for listener in list(lm_module._log_listeners):
+                for line in lines:
+                    listener(line)
+            return None
+        return call
+
+    name = "llama_model_load_from_file" if stage == "weights" else "llama_init_from_model"
+    monkeypatch.setattr(llama_cpp, name, failing(WEIGHTS_OOM if stage == "weights" else CONTEXT_OOM))
+    with pytest.raises(ModelError, match="ran out of memory") as info:
+        lm_module.LanguageModel.from_bundle(tiny_base_bundle, n_gpu_layers=-1)
+    assert "GGUF" not in str(info.value)
