@@ -99,6 +99,17 @@ class BrokenGpuSession(REAL_SESSION):
         super().__init__(path, sess_options=sess_options, providers=[n for n in names if n == CPU] or None)
 
 
+def says(message, *facts):
+    """``message`` names each of ``facts``, in this order (what it says, not its wording)."""
+    at = 0
+    for fact in facts:
+        at = message.find(fact, at)
+        if at < 0:
+            return False
+        at += len(fact)
+    return True
+
+
 def messages(caplog, level):
     return [r.getMessage() for r in caplog.records if r.levelno == level]
 
@@ -140,11 +151,11 @@ def test_gpu_providers_that_fail_fall_back_to_cpu_with_the_reason(bundle, monkey
 
     warnings = messages(caplog, logging.WARNING)
     assert len(warnings) == 2
-    assert f"double.onnx: {TRT} failed to start" in warnings[0] and "libcudnn.so.9" in warnings[0]
-    assert warnings[0].endswith(f"falling back to {CUDA}")
-    assert f"{CUDA} failed to start" in warnings[1] and warnings[1].endswith(f"falling back to {CPU}")
-    runs_on = [m for m in messages(caplog, logging.INFO) if "runs on" in m]
-    assert runs_on == [f"double.onnx runs on {CPU}, 1 threads ({TRT} failed; {CUDA} failed)"]
+    # each warning: the model, the provider that failed, why, and what is tried next
+    assert says(warnings[0], "double.onnx", TRT, "libcudnn.so.9", CUDA)
+    assert says(warnings[1], "double.onnx", CUDA, "libcudnn.so.9", CPU)
+    (runs_on,) = [m for m in messages(caplog, logging.INFO) if "runs on" in m]  # one line per model
+    assert says(runs_on, "double.onnx", CPU, TRT, CUDA)
 
     # The TensorRT EP was given explicit profiles from bundle.json and a cache in the bundle.
     trt_attempt = next(a for a in BrokenGpuSession.attempts if provider_names(a)[:1] == [TRT])
@@ -181,7 +192,7 @@ def test_onnxruntime_own_fallback_is_detected_and_its_error_reported(bundle, mon
     assert session.get_providers() == [CPU]
     assert created == [[CUDA, CPU]]  # ORT's CPU session was kept, not made twice
     (warning,) = messages(caplog, logging.WARNING)
-    assert "no CUDA-capable device is detected" in warning and warning.endswith(f"falling back to {CPU}")
+    assert says(warning, CUDA, "no CUDA-capable device is detected", CPU)
 
 
 def test_asked_for_provider_that_is_missing_warns_and_runs_on_cpu(bundle, caplog):
@@ -189,14 +200,14 @@ def test_asked_for_provider_that_is_missing_warns_and_runs_on_cpu(bundle, caplog
     session = create_session(bundle / "double.onnx", providers="cuda", n_threads=1)
     assert session.get_providers() == [CPU]
     (warning,) = messages(caplog, logging.WARNING)
-    assert f"{CUDA} is not available" in warning and "onnxruntime-gpu" in warning
+    assert says(warning, CUDA, "onnxruntime-gpu")  # what is missing and what to install
 
 
 def test_default_chain_on_this_cpu_machine_logs_one_line(bundle, caplog):
     caplog.set_level(logging.INFO, logger="spiritlm_edge")
     create_session(bundle / "double.onnx", n_threads=2)
-    assert [m for m in messages(caplog, logging.INFO) if "runs on" in m] == [
-        f"double.onnx runs on {CPU}, 2 threads"]
+    (runs_on,) = [m for m in messages(caplog, logging.INFO) if "runs on" in m]
+    assert says(runs_on, "double.onnx", CPU, "2")
     assert not messages(caplog, logging.WARNING)
 
 
