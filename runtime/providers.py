@@ -18,6 +18,7 @@ cuda, cpu; ONNX Runtime's ``(name, options)`` tuples also work).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -340,7 +341,7 @@ def open_session(
                 # What the engine cannot run exceeds its profile, which the TensorRT EP shares: skip it.
                 beyond = [(n, o) for n, o in rest if n != TRT_EP]
                 session = load_engine(
-                    path, fallback=lambda beyond=beyond: open_session(path, beyond, sess_options, device_id),
+                    path, fallback=functools.partial(open_session, path, beyond, sess_options, device_id),
                     device_id=device_id,
                 )
             except NoEngine as exc:
@@ -396,10 +397,9 @@ def open_session(
         trt_options = dict(providers_with_options).get(TRT_EP, {})
         if running == TRT_EP and "trt_profile_max_shapes" in trt_options:
             profile = tensorrt_ep_profile(path, Path(trt_options["trt_engine_cache_path"])) or {}
-            following = [(n, o) for n, o in rest if n != TRT_EP]
+            after_trt = [(n, o) for n, o in rest if n != TRT_EP]
             return ProfiledSession(session, path, profile,
-                                   fallback=lambda following=following: open_session(path, following, sess_options,
-                                                                                     device_id))
+                                   fallback=functools.partial(open_session, path, after_trt, sess_options, device_id))
         return session
     raise SpiritLMEdgeError(f"No execution provider could open {path}.")  # unreachable: CPU is last
 
@@ -496,9 +496,10 @@ def lm_gpu_memory_error(log_lines: Sequence[str], stage: str, n_gpu_layers: int)
     buffer = next((m for m in _BUFFER_ALLOC.finditer(text) if not m.group(1).upper().startswith("CPU")), None)
     if cuda is None and buffer is None:
         return None
+    asked = ""
     if cuda is not None:
         asked = f"{float(cuda.group(1)):.0f} MiB on CUDA device {cuda.group(2)} ({cuda.group(3).strip()})"
-    else:
+    elif buffer is not None:
         asked = f"{int(buffer.group(2)) / 2**20:.0f} MiB for its {buffer.group(1)} buffer"
     layers = "every layer" if n_gpu_layers >= ALL_LAYERS else f"{n_gpu_layers} layers"
     return ModelError(

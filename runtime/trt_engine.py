@@ -342,10 +342,13 @@ def profile_shapes(
     explicit = entry.get("dynamic_axes") or {}
     profile = {}
     for name, dims in input_shapes.items():
-        low, opt, high = [], [], []
+        low: list[int] = []
+        opt: list[int] = []
+        high: list[int] = []
         for axis, dim in enumerate(dims):
             if isinstance(dim, int) and dim > 0:
-                low.append(dim), opt.append(dim), high.append(dim)
+                for bound in (low, opt, high):
+                    bound.append(dim)
                 continue
             given = (explicit.get(name) or {}).get(str(axis))
             if given is None:
@@ -367,7 +370,9 @@ def profile_shapes(
             if not 0 < a <= b <= c:
                 raise BundleError(f"Component {component!r}: the range of input {name!r} axis {axis} is "
                                   f"[{a}, {b}, {c}]; expected 0 < min <= opt <= max.")
-            low.append(a), opt.append(b), high.append(c)
+            low.append(a)
+            opt.append(b)
+            high.append(c)
         profile[name] = {"min": low, "opt": opt, "max": high}
     return profile
 
