@@ -513,6 +513,8 @@ class TensorRTSession:
         return pointer
 
     def run(self, output_names, feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+        if self.router.failed:
+            return self.router.fallback().run(output_names, feeds, run_options)
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise BundleError(f"{self.path.name} needs inputs {missing}; got {sorted(feeds)}.")
@@ -520,8 +522,12 @@ class TensorRTSession:
         why = outside_profile(self.profile, {n: a.shape for n, a in arrays.items()})
         if why:
             return self.router.run_elsewhere(output_names, feeds, why, run_options)
-        with self._lock:
-            results = self._execute(arrays)
+        try:
+            with self._lock:
+                results = self._execute(arrays)
+        except (AttributeError, TypeError, RuntimeError) as exc:  # a TensorRT whose API moved, or refused
+            self.router.give_up(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            return self.router.fallback().run(output_names, feeds, run_options)
         if isinstance(results, str):
             return self.router.run_elsewhere(output_names, feeds, results, run_options)
         wanted = output_names or self.output_names

@@ -691,6 +691,20 @@ def test_an_engine_that_fails_to_run_hands_over_to_the_next_provider(bundle, fak
     assert warning.endswith(CPU)
 
 
+def test_an_engine_whose_tensorrt_api_moved_hands_over_for_good(bundle, fake_gpu, caplog):
+    """A TensorRT whose execution context lacks a method we call: the run still answers,
+    on the next provider, and so do later ones, with one warning naming the problem."""
+    build_tensorrt_engines(bundle)
+    session = create_session(bundle / "double.onnx", n_threads=1)
+    del type(session.context).execute_async_v3  # the fake module is this test's own
+    caplog.set_level(logging.WARNING, logger="spiritlm_edge")
+    audio = np.ones((1, 2000), np.float32)
+    for _ in range(2):
+        np.testing.assert_array_equal(session.run(["y"], {"audio": audio})[0], 2 * audio)
+    (warning,) = messages(caplog, logging.WARNING)
+    assert says(warning, "double", "execute_async_v3", CPU)
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"gpu": "NVIDIA GeForce RTX 3060", "compute_capability": "8.6"}, "RTX 3060"),
     ({"tensorrt": "8.6.2"}, "8.6.2"),
