@@ -37,6 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from spiritlm_edge.runtime.errors import BundleError, ModelError
+from spiritlm_edge.runtime.sampling import DEFAULT_SAMPLING, SamplingConfig
 from spiritlm_edge.runtime.units import OutputModality, SpeechVocab, forbidden_token_ids
 
 log = logging.getLogger(__name__)
@@ -495,7 +496,9 @@ class LanguageModel:
             biases[k].bias = -math.inf
         return llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(banned), biases)
 
-    def _sampler_chain(self, modality, do_sample, temperature, top_k, top_p, repetition_penalty, seed):
+    def _sampler_chain(self, modality: OutputModality, sampling: SamplingConfig, history: Sequence[int] = ()):
+        """llama.cpp's sampler chain for one generation; ``history`` (the prompt) is what the
+        repetition penalty counts, as transformers counts every token of its input."""
         llama_cpp = self._llama
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
@@ -503,72 +506,95 @@ class LanguageModel:
         bias = self._bias_sampler(modality)
         if bias is not None:
             llama_cpp.llama_sampler_chain_add(chain, bias)
-        if repetition_penalty != 1.0:
+        if sampling.repetition_penalty != 1.0:
             # HF semantics: every token of the prompt and of the output counts
             llama_cpp.llama_sampler_chain_add(
                 chain, llama_cpp.llama_sampler_init_penalties(
-                    self.n_vocab, self.n_ctx, float(repetition_penalty), 0.0, 0.0)
+                    self.n_vocab, self.n_ctx, sampling.repetition_penalty, 0.0, 0.0)
             )
-        if not do_sample or temperature == 0:
+            for token in history:
+                llama_cpp.llama_sampler_accept(chain, token)
+        if sampling.greedy:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
         # HF order: temperature, then top-k, then top-p, then draw
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(float(temperature)))
-        if top_k and top_k > 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(int(top_k)))
-        if top_p is not None and top_p < 1.0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(float(top_p), 1))
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little")
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(int(seed) & 0xFFFFFFFF))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        if sampling.top_k > 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        if sampling.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+    def next_token_distribution(
+        self,
+        logits: np.ndarray,
+        sampling: SamplingConfig | None = None,
+        *,
+        output_modality: OutputModality | str = OutputModality.ARBITRARY,
+        history: Sequence[int] = (),
+    ) -> np.ndarray:
+        """The probabilities :meth:`generate`'s sampler chain draws the next token from,
+        given ``logits`` after a context ``history``: the chain is applied to the logits
+        and llama.cpp's surviving candidates are read back (one-hot when greedy)."""
+        llama_cpp, sampling = self._llama, sampling or DEFAULT_SAMPLING
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.shape != (self.n_vocab,):
+            raise ModelError(f"logits must have shape ({self.n_vocab},), got {logits.shape}.")
+        history = self._check_ids(history) if len(history) else []
+        chain = self._sampler_chain(OutputModality.parse(output_modality), sampling, history)
+        try:
+            data = (llama_cpp.llama_token_data * self.n_vocab)()
+            view = np.ctypeslib.as_array(data)
+            view["id"], view["logit"], view["p"] = np.arange(self.n_vocab), logits, 0.0
+            candidates = llama_cpp.llama_token_data_array(data, self.n_vocab, -1, False)
+            llama_cpp.llama_sampler_apply(chain, ctypes.byref(candidates))
+            # the chain may leave its candidates in a buffer of its own: read them where it says
+            kept = np.ctypeslib.as_array(candidates.data, shape=(candidates.size,)).copy()
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+        probabilities = np.zeros(self.n_vocab, np.float64)
+        if sampling.greedy:
+            probabilities[kept["id"][candidates.selected]] = 1.0
+        else:
+            # the draw's weights (llama.cpp may leave them unnormalised)
+            probabilities[kept["id"]] = kept["p"] / kept["p"].sum()
+        return probabilities
 
     def generate(
         self,
         ids: Sequence[int],
-        max_new_tokens: int = 200,
+        max_new_tokens: int | None = None,
         *,
-        temperature: float = 0.9,
-        top_p: float = 0.95,
-        top_k: int = 50,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        do_sample: bool = True,
+        sampling: SamplingConfig | None = None,
         output_modality: OutputModality | str = OutputModality.ARBITRARY,
         stop_ids: Sequence[int] | None = None,
+        **options: Any,
     ) -> Iterator[int]:
         """Yield generated token ids one by one after the prompt ``ids`` (BOS included).
 
-        Stops at EOS (not yielded), ``stop_ids`` (yielded), ``max_new_tokens`` or a full
+        ``sampling`` (default ``SamplingConfig()``: greedy, as the reference) says how each
+        token is chosen; ``max_new_tokens`` and ``options`` (its field names: do_sample,
+        temperature, top_k, top_p, repetition_penalty, seed, max_length) change it.
+        Stops at EOS (not yielded), ``stop_ids`` (yielded), the length limit or a full
         context; ``self.stop_reason`` then says which ("eos", "stop", "length", "context").
-        ``do_sample=False`` is greedy: the exact argmax of the (constrained) logits.
-        Sampling follows Hugging Face's order: repetition penalty, temperature, top-k,
-        top-p; ``seed`` makes it reproducible. ``output_modality`` TEXT/SPEECH bans the
-        tokens of spec section 2 inside llama.cpp's sampler.
+        Greedy is the exact argmax of the (constrained) logits. ``output_modality``
+        TEXT/SPEECH bans the tokens of spec section 2 inside llama.cpp's sampler.
         """
         modality = OutputModality.parse(output_modality)
-        if max_new_tokens < 0:
-            raise ModelError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-        if do_sample and temperature < 0:
-            raise ModelError(f"temperature must be >= 0, got {temperature}.")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ModelError(f"top_p must be in (0, 1], got {top_p}.")
-        if repetition_penalty <= 0:
-            raise ModelError(f"repetition_penalty must be > 0, got {repetition_penalty}.")
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        sampling = (sampling or DEFAULT_SAMPLING).updated(**options)
         ids = self._check_ids(ids)
-        return self._generate(ids, max_new_tokens, modality, do_sample, temperature, top_k, top_p,
-                              repetition_penalty, seed, set(stop_ids or ()))
+        return self._generate(ids, sampling.new_token_limit(len(ids)), modality, sampling, set(stop_ids or ()))
 
-    def _generate(self, ids, max_new_tokens, modality, do_sample, temperature, top_k, top_p,
-                  repetition_penalty, seed, stop_ids) -> Iterator[int]:
+    def _generate(self, ids, max_new_tokens, modality, sampling, stop_ids) -> Iterator[int]:
         llama_cpp = self._llama
         self.stop_reason = None
         self.prefill(ids)
-        chain = self._sampler_chain(modality, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        chain = self._sampler_chain(modality, sampling, ids)
         try:
-            if repetition_penalty != 1.0:
-                for token in ids:
-                    llama_cpp.llama_sampler_accept(chain, token)
             batch = self._batch
             for produced in range(max_new_tokens):
                 token = llama_cpp.llama_sampler_sample(chain, self._ctx, -1)
@@ -602,7 +628,7 @@ class LanguageModel:
         finally:
             llama_cpp.llama_sampler_free(chain)
 
-    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 200, **kwargs) -> list[int]:
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int | None = None, **kwargs: Any) -> list[int]:
         """All of :meth:`generate`'s tokens as a list."""
         return list(self.generate(ids, max_new_tokens, **kwargs))
 

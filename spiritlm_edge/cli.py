@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from spiritlm_edge.runtime.errors import SpiritLMEdgeError
+from spiritlm_edge.runtime.sampling import CLI_SAMPLING, SamplingConfig
 
 app = typer.Typer(
     name="spiritlm-edge",
@@ -266,15 +267,11 @@ def _open_spirit_lm(bundle: Path, providers: Optional[str], threads: Optional[in
                     **lm_options)
 
 
-def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy) -> dict:
-    return {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": not greedy,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "repetition_penalty": repetition_penalty,
-    }
+def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed) -> SamplingConfig:
+    return CLI_SAMPLING.updated(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )
 
 
 @app.command("run")
@@ -286,13 +283,14 @@ def run_cmd(
     output: Optional[Path] = typer.Option(None, "--output", help="WAV file for the spoken answer."),
     mode: str = typer.Option("speech", "--mode", help="Answer modality: speech, text or arbitrary."),
     speaker: int = typer.Option(2, "--speaker", help="Vocoder speaker id."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
-    temperature: float = typer.Option(0.9, "--temperature"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k", help="0: off."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    # the CLI samples by default (runtime/sampling.py's CLI_SAMPLING); the Python API is greedy
+    max_new_tokens: int = typer.Option(CLI_SAMPLING.max_new_tokens, "--max-new-tokens"),
+    temperature: float = typer.Option(CLI_SAMPLING.temperature, "--temperature", help="0: greedy."),
+    top_p: float = typer.Option(CLI_SAMPLING.top_p, "--top-p", help="1.0: off."),
+    top_k: int = typer.Option(CLI_SAMPLING.top_k, "--top-k", help="0: off."),
+    repetition_penalty: float = typer.Option(CLI_SAMPLING.repetition_penalty, "--repetition-penalty"),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
     input_device: Optional[str] = typer.Option(None, "--input-device", help="Microphone: index or name."),
     output_device: Optional[str] = typer.Option(None, "--output-device", help="Speaker: index or name."),
     list_devices: bool = typer.Option(False, "--list-devices", help="List audio devices and exit."),
@@ -321,12 +319,10 @@ def run_cmd(
         return
     if not mic and input is None and text is None:
         fail("give --mic for a live session, or --input FILE and/or --text TEXT for one turn from files.")
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)  # fail fast
     spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers,
                                 n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
-    conversation = Conversation(
-        spirit_lm, output_modality=mode, speaker_id=speaker, seed=seed,
-        **_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy),
-    )
+    conversation = Conversation(spirit_lm, output_modality=mode, speaker_id=speaker, sampling=sampling)
     if mic:
         from spiritlm_edge.runtime.live import run_mic_session
 

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, load_audio, write_wav
+from spiritlm_edge.runtime.sampling import CLI_SAMPLING
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ def run_demo(out: Path, variant: str = "base", rebuild: bool = False, max_new_to
     end = None
     chunks = 0
     for event in spirit_lm.generate_stream(
-        [("SPEECH", question)], output_modality="SPEECH", max_new_tokens=max_new_tokens,
-        do_sample=True, temperature=0.9, top_p=0.95, seed=0,
+        [("SPEECH", question)], output_modality="SPEECH",
+        generation_config=CLI_SAMPLING.updated(max_new_tokens=max_new_tokens, seed=0),  # the CLI's sampling
     ):
         if isinstance(event, AudioChunk):
             chunks += 1

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from spiritlm_edge.runtime.audio import BUNDLED_CLIP
+
 REPO = Path(__file__).resolve().parents[1]
-LIBRISPEECH_CLIP = REPO.parent / "shared" / "data" / "librispeech-7143-88743-0029.flac"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,10 +25,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def librispeech_clip() -> Path:
-    """The shared LibriSpeech clip (falls back to the copy shipped as package data)."""
-    if LIBRISPEECH_CLIP.is_file():
-        return LIBRISPEECH_CLIP
-    return REPO / "runtime" / "data" / LIBRISPEECH_CLIP.name
+    """The LibriSpeech clip the package ships (runtime/data/), so tests need nothing outside the repo."""
+    return BUNDLED_CLIP
 
 
 @pytest.fixture(scope="session")

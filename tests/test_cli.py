@@ -76,6 +76,7 @@ def test_errors_are_one_line_messages(tiny_base_bundle, tmp_path, capsys, monkey
         ["run", "--bundle", str(tmp_path / "nowhere"), "--text", "hi"],
         ["run", "--bundle", str(tiny_base_bundle), "--input", str(not_audio)],
         ["run", "--bundle", str(tiny_base_bundle), "--text", "hi", "--speaker", "42", "--output", "o.wav"],
+        ["run", "--bundle", str(tiny_base_bundle), "--text", "hi", "--top-p", "1.5"],
         ["build", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "b"), "--quant", "Q3_X"],
     ):
         monkeypatch.setattr("sys.argv", ["spiritlm-edge", *argv])
@@ -151,6 +152,7 @@ def test_mic_loop_answers_a_turn(tiny_base_bundle, scripted_devices):
     assert not _threads_settle(before)
 
 
+@pytest.mark.slow
 def test_mic_loop_barge_in_starts_a_new_turn(tiny_base_bundle, scripted_devices):
     # the answer to the first phrase (300 units = 12 s of audio) is still playing at 6 s
     scripted_devices["duration"] = 40.0
@@ -178,8 +180,9 @@ def test_mic_loop_ctrl_c_mid_turn_ends_cleanly(tiny_base_bundle, monkeypatch, li
     assert not _threads_settle(before)
 
 
+@pytest.mark.slow
 def test_demo_builds_once_and_reports(monkeypatch, tmp_path):
-    from spiritlm_edge.runtime import demo
+    from spiritlm_edge import demo
 
     monkeypatch.setattr(demo, "demo_bundle_dir", lambda variant: tmp_path / f"demo-{variant}")
     out = tmp_path / "answer.wav"
@@ -205,6 +208,7 @@ def test_engine_option_is_checked_before_any_export(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "expected onnx or tensorrt" in result.output
 
 
+@pytest.mark.slow
 def test_gpu_bundles_get_the_plain_vocoder_graph(tiny_base_checkpoints, tmp_path, librispeech_clip):
     """--engine tensorrt exports the 1-D vocoder graph (the blocked one is tuned for x86 CPUs);
     both decode the same audio."""

@@ -125,6 +125,7 @@ def test_synthetic_speech_is_deterministic_and_speech_like():
 # ----------------------------------------------------------------------------- quantize + gate
 
 
+@pytest.mark.slow
 def test_quantize_records_gate_figures(bundle_copy, speech_file):
     report = quantize(bundle_copy, speech_file, components=("hubert", "vocoder"), thresholds=PERMISSIVE)
     manifest = read_manifest(bundle_copy)
@@ -150,6 +151,7 @@ def test_quantize_records_gate_figures(bundle_copy, speech_file):
     assert np.isfinite(voc["snr_db"]) and voc["mel_distance_db"] >= 0
 
 
+@pytest.mark.slow
 def test_gate_refuses_damaged_model_and_force_writes_it(bundle_copy, speech_file):
     with pytest.raises(q.GateRefused) as refused:
         quantize(bundle_copy, speech_file, components=("hubert",), damage=_damage_weights)
@@ -166,6 +168,7 @@ def test_gate_refuses_damaged_model_and_force_writes_it(bundle_copy, speech_file
     assert gate["unit_agreement"] < 0.95 and gate["thresholds"] == {"min_unit_agreement": 0.95}
 
 
+@pytest.mark.slow
 def test_threshold_parameter_decides(bundle_copy, speech_file):
     """The same candidate passes or fails depending only on the threshold given."""
     with pytest.raises(q.GateRefused):
@@ -193,6 +196,7 @@ def test_unknown_component_is_an_error(bundle_copy, speech_file):
 # ----------------------------------------------------------------------------- runtime selection
 
 
+@pytest.mark.slow
 def test_runtime_picks_int8_and_can_be_overridden(bundle_copy, speech_file, monkeypatch):
     from spiritlm_edge.runtime.hubert import HubertEngine
 
@@ -230,6 +234,7 @@ def test_corrupted_variant_is_caught(bundle_copy, speech_file, monkeypatch):
     assert Bundle(bundle_copy).engine_path("hubert", "fp32").name == "hubert.onnx"
 
 
+@pytest.mark.slow
 def test_quantize_cli(bundle_copy, speech_file):
     from typer.testing import CliRunner
 

@@ -148,6 +148,7 @@ def test_one_turn_end_to_end(clip, no_leftover_threads):
     assert respond.finished == [True] and respond.closed == [False]
 
 
+@pytest.mark.slow
 def test_barge_in_stops_playback_and_starts_a_new_turn(clip, first_phrase, no_leftover_threads):
     # 8 s answer, generated at 1 chunk per 0.8 s: the generator is still running when the
     # user talks over it 2 s into the playback.
@@ -185,6 +186,7 @@ def test_barge_in_stops_playback_and_starts_a_new_turn(clip, first_phrase, no_le
     assert "".join(texts) == "Hello there." * 2
 
 
+@pytest.mark.slow
 def test_without_barge_in_the_answer_plays_to_the_end(clip, first_phrase, no_leftover_threads):
     respond = FakeRespond(chunks=6, chunk_seconds=1.0)
     audio_in = ScriptedInput(clip, at=0.5, speed=SPEED).add(first_phrase, at=13.0)

@@ -127,9 +127,9 @@ def test_modality_constraints(setup, do_sample):
 def test_sampling_is_reproducible_with_a_seed(setup):
     variant, root, lm_dir, lm, ref = setup
     ids = lm.tokenizer.encode(PROMPT)
-    a = lm.generate_ids(ids, 30, seed=7, temperature=1.2, repetition_penalty=1.3)
-    b = lm.generate_ids(ids, 30, seed=7, temperature=1.2, repetition_penalty=1.3)
-    c = lm.generate_ids(ids, 30, seed=8, temperature=1.2, repetition_penalty=1.3)
+    a = lm.generate_ids(ids, 30, do_sample=True, seed=7, temperature=1.2, repetition_penalty=1.3)
+    b = lm.generate_ids(ids, 30, do_sample=True, seed=7, temperature=1.2, repetition_penalty=1.3)
+    c = lm.generate_ids(ids, 30, do_sample=True, seed=8, temperature=1.2, repetition_penalty=1.3)
     assert a == b and a != c
 
 
