@@ -63,8 +63,14 @@ def reachable(url: str, timeout: float = 15) -> str | None:
 
 
 def applies(requirement: Requirement, machine: str, python: str) -> bool:
-    env = {**default_environment(), "sys_platform": "linux", "platform_system": "Linux",
-           "platform_machine": machine, "python_version": python, "python_full_version": python + ".0"}
+    env = {
+        **default_environment(),
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": machine,
+        "python_version": python,
+        "python_full_version": python + ".0",
+    }
     return requirement.marker is None or requirement.marker.evaluate(env)
 
 
@@ -72,13 +78,33 @@ def resolve(requirement: str, python: str, index_url: str | None = None) -> dict
     """pip's choice for ``requirement`` on Linux x86_64 and ``python``, from its report."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        command = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps", "--ignore-installed",
-                   "--only-binary=:all:", "--platform", PLATFORM, "--python-version", python,
-                   "--report", str(report), requirement]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--no-deps",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            "--platform",
+            PLATFORM,
+            "--python-version",
+            python,
+            "--report",
+            str(report),
+            requirement,
+        ]
         if index_url:
             command += ["--extra-index-url", index_url]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        )
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if "ERROR" in line] or done.stderr.splitlines()[-3:]
             raise RuntimeError(f"pip cannot resolve {requirement} for Python {python}: {' '.join(lines)[:400]}")
@@ -113,16 +139,20 @@ def check(pyproject: Path) -> list[str]:
             if not applies(requirement, "x86_64", python):
                 problems.append(f"{requirement} does not apply on Linux x86_64, Python {python}")
         if applies(requirement, "aarch64", "3.10"):
-            problems.append(f"{requirement} applies on Linux aarch64 (Jetson), where JetPack brings TensorRT and "
-                            "the Jetson AI Lab index onnxruntime-gpu")
+            problems.append(
+                f"{requirement} applies on Linux aarch64 (Jetson), where JetPack brings TensorRT and "
+                "the Jetson AI Lab index onnxruntime-gpu"
+            )
 
     # 3: TensorRT 10 for CUDA 12, nothing else
     if trt.name not in ("tensorrt-cu12", "tensorrt_cu12"):
         problems.append(f"{trt.name}: pin tensorrt-cu12, the CUDA 12 build (tensorrt itself follows the newest CUDA)")
     admitted = [v for v in ("8.6.1", "10.0.1", "10.9.0", "10.16.1", "11.0.0", "11.4.0") if trt.specifier.contains(v)]
     if not admitted or any(not v.startswith("10.") for v in admitted):
-        problems.append(f"{trt}: admits {admitted or 'nothing'}; onnxruntime-gpu's TensorRT EP links "
-                        "libnvinfer.so.10, so TensorRT 10.x only")
+        problems.append(
+            f"{trt}: admits {admitted or 'nothing'}; onnxruntime-gpu's TensorRT EP links "
+            "libnvinfer.so.10, so TensorRT 10.x only"
+        )
 
     # 1-3: what pip picks for each Python
     extras = f"[{','.join(sorted(ort.extras))}]" if ort.extras else ""

@@ -72,8 +72,10 @@ def tensorrt_major(trt) -> int:
     version = str(getattr(trt, "__version__", "?"))
     major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else -1
     if major < SUPPORTED_MAJORS[0]:
-        raise SpiritLMEdgeError(f"TensorRT {version} is too old to build engines here: use 8.6 (JetPack 6.0), 10.x "
-                                "(pip install 'spiritlm-edge[gpu]') or 11.x.")
+        raise SpiritLMEdgeError(
+            f"TensorRT {version} is too old to build engines here: use 8.6 (JetPack 6.0), 10.x "
+            "(pip install 'spiritlm-edge[gpu]') or 11.x."
+        )
     return major
 
 
@@ -127,15 +129,26 @@ def build_engine(
             try:
                 convert_fp16(onnx_path, fp16_path)
             except ImportError as exc:
-                raise SpiritLMEdgeError(f"TensorRT 11 builds fp16 engines from an fp16 ONNX graph, which needs the "
-                                        f"{exc.name or 'onnx'} package: pip install onnx (or --fp32).") from None
-            return _build(trt, onnx_path.name, fp16_path, engine_path, profile, precision, timing_cache,
-                          workspace_bytes)
+                raise SpiritLMEdgeError(
+                    f"TensorRT 11 builds fp16 engines from an fp16 ONNX graph, which needs the "
+                    f"{exc.name or 'onnx'} package: pip install onnx (or --fp32)."
+                ) from None
+            return _build(
+                trt, onnx_path.name, fp16_path, engine_path, profile, precision, timing_cache, workspace_bytes
+            )
     return _build(trt, onnx_path.name, onnx_path, engine_path, profile, precision, timing_cache, workspace_bytes)
 
 
-def _build(trt, name: str, onnx_path: Path, engine_path: Path, profile: dict[str, dict[str, list[int]]],
-           precision: str, timing_cache: Path, workspace_bytes: int | None) -> int:
+def _build(
+    trt,
+    name: str,
+    onnx_path: Path,
+    engine_path: Path,
+    profile: dict[str, dict[str, list[int]]],
+    precision: str,
+    timing_cache: Path,
+    workspace_bytes: int | None,
+) -> int:
     major = tensorrt_major(trt)
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
@@ -167,8 +180,10 @@ def _build(trt, name: str, onnx_path: Path, engine_path: Path, profile: dict[str
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         detail = "; ".join(logger.errors[-3:]) or "no message"
-        raise BundleError(f"TensorRT failed to build an engine from {name} ({detail[:500]}). With too little "
-                          "GPU memory, lower max lengths in bundle.json's dynamic_axes or free the GPU.")
+        raise BundleError(
+            f"TensorRT failed to build an engine from {name} ({detail[:500]}). With too little "
+            "GPU memory, lower max lengths in bundle.json's dynamic_axes or free the GPU."
+        )
     data = memoryview(serialized)
     tmp = engine_path.with_suffix(".tmp")
     tmp.write_bytes(data)
@@ -198,15 +213,19 @@ def build_tensorrt_engines(
     bundle = Bundle(bundle_dir)
     device = cuda_device_info(device_id)
     if device is None:
-        raise SpiritLMEdgeError(f"No CUDA GPU {device_id} is visible (no NVIDIA driver, or CUDA_VISIBLE_DEVICES "
-                                "hides it): TensorRT engines are built on the GPU that will run them.")
+        raise SpiritLMEdgeError(
+            f"No CUDA GPU {device_id} is visible (no NVIDIA driver, or CUDA_VISIBLE_DEVICES "
+            "hides it): TensorRT engines are built on the GPU that will run them."
+        )
     trt_version = str(trt.__version__)
     tensorrt_major(trt)
     names = list(components) if components else onnx_components(bundle)
     unknown = [n for n in names if n not in onnx_components(bundle)]
     if unknown:
-        raise BundleError(f"Bundle {bundle.dir} has no ONNX component {', '.join(map(repr, unknown))} (it has: "
-                          f"{', '.join(onnx_components(bundle))}).")
+        raise BundleError(
+            f"Bundle {bundle.dir} has no ONNX component {', '.join(map(repr, unknown))} (it has: "
+            f"{', '.join(onnx_components(bundle))})."
+        )
     directory = engine_dir(bundle.dir)
     directory.mkdir(parents=True, exist_ok=True)
     records = read_engine_records(bundle.dir)
@@ -229,8 +248,12 @@ def build_tensorrt_engines(
                 continue
             log.info("%s: rebuilding the TensorRT engine: %s", name, reason or "forced")
         else:
-            log.info("%s: building a %s TensorRT engine for %s (takes minutes for the large models)",
-                     name, precision, device.name)
+            log.info(
+                "%s: building a %s TensorRT engine for %s (takes minutes for the large models)",
+                name,
+                precision,
+                device.name,
+            )
         engine_file = f"{name}.{precision}.engine"
         start = time.perf_counter()
         try:

@@ -58,15 +58,20 @@ PREFERENCE = (ENGINE_PROVIDER, TRT_EP, CUDA_EP, CPU_EP)
 GPU_PROVIDERS = (ENGINE_PROVIDER, TRT_EP, CUDA_EP)
 
 ALIASES = {
-    "tensorrt": ENGINE_PROVIDER, "engine": ENGINE_PROVIDER, "trt-engine": ENGINE_PROVIDER,
-    "trt": TRT_EP, "tensorrt-ep": TRT_EP, "trt-ep": TRT_EP,
-    "cuda": CUDA_EP, "gpu": CUDA_EP,
+    "tensorrt": ENGINE_PROVIDER,
+    "engine": ENGINE_PROVIDER,
+    "trt-engine": ENGINE_PROVIDER,
+    "trt": TRT_EP,
+    "tensorrt-ep": TRT_EP,
+    "trt-ep": TRT_EP,
+    "cuda": CUDA_EP,
+    "gpu": CUDA_EP,
     "cpu": CPU_EP,
 }
 
 _INSTALL_HINT = {
     ENGINE_PROVIDER: "needs the tensorrt module and a CUDA GPU (pip install 'spiritlm-edge[gpu]'; on Jetson "
-                     "JetPack's python3-libnvinfer)",
+    "JetPack's python3-libnvinfer)",
     TRT_EP: "this onnxruntime has no TensorRT EP (install onnxruntime-gpu; on Jetson the Jetson AI Lab wheel)",
     CUDA_EP: "this onnxruntime has no CUDA EP (install onnxruntime-gpu; on Jetson the Jetson AI Lab wheel)",
 }
@@ -229,8 +234,11 @@ def default_provider_options(name: str, path: str | os.PathLike, device_id: int 
         path = Path(path)
         cache_dir = _writable_cache_dir(path)
         if not any(cache_dir.glob("*.engine")):
-            log.info("%s: the TensorRT EP builds its engines on first use (minutes for the large models; cached "
-                     "in %s)", path.name, cache_dir)
+            log.info(
+                "%s: the TensorRT EP builds its engines on first use (minutes for the large models; cached in %s)",
+                path.name,
+                cache_dir,
+            )
         profile = tensorrt_ep_profile(path, cache_dir)
         return tensorrt_provider_options(cache_dir, fp16=True, device_id=device_id, profile=profile)
     return {}
@@ -246,8 +254,7 @@ class ProfiledSession:
     reason logged, instead of escaping the fallback chain on the first turn.
     """
 
-    def __init__(self, session, path: Path, profile: Mapping[str, Mapping[str, list]],
-                 fallback: Callable[[], Any]):
+    def __init__(self, session, path: Path, profile: Mapping[str, Mapping[str, list]], fallback: Callable[[], Any]):
         self.session = session
         self.profile = profile
         self.router = FallbackRouter(path.name, fallback)
@@ -331,17 +338,18 @@ def open_session(
     skipped: list[str] = []
 
     def warn_fallback(name: str, reason: str, index: int) -> None:
-        following = next((n for n, _ in chain[index + 1:]), CPU_EP)
+        following = next((n for n, _ in chain[index + 1 :]), CPU_EP)
         log.warning("%s: %s failed to start (%s); falling back to %s", path.name, name, reason, following)
 
     for index, (name, options) in enumerate(chain):
-        rest = chain[index + 1:]
+        rest = chain[index + 1 :]
         if name == ENGINE_PROVIDER:
             try:
                 # What the engine cannot run exceeds its profile, which the TensorRT EP shares: skip it.
                 beyond = [(n, o) for n, o in rest if n != TRT_EP]
                 session = load_engine(
-                    path, fallback=functools.partial(open_session, path, beyond, sess_options, device_id),
+                    path,
+                    fallback=functools.partial(open_session, path, beyond, sess_options, device_id),
                     device_id=device_id,
                 )
             except NoEngine as exc:
@@ -354,13 +362,24 @@ def open_session(
                 skipped.append("TensorRT engine failed")
                 continue
             record = session.record
-            log.info("%s runs on TensorRT engine %s (%s, %s, TensorRT %s)%s", path.name, record["file"],
-                     record.get("precision"), record.get("gpu"), record.get("tensorrt"), _notes(skipped))
+            log.info(
+                "%s runs on TensorRT engine %s (%s, %s, TensorRT %s)%s",
+                path.name,
+                record["file"],
+                record.get("precision"),
+                record.get("gpu"),
+                record.get("tensorrt"),
+                _notes(skipped),
+            )
             return session
         if name not in offered:
             if explicit:
-                log.warning("%s: %s is not available (%s); falling back", path.name, name,
-                            _INSTALL_HINT.get(name, f"onnxruntime offers {sorted(offered)}"))
+                log.warning(
+                    "%s: %s is not available (%s); falling back",
+                    path.name,
+                    name,
+                    _INSTALL_HINT.get(name, f"onnxruntime offers {sorted(offered)}"),
+                )
             skipped.append(f"{name} not available")
             continue
         ort_chain = [(n, o) for n, o in [(name, options), *rest] if n in offered]
@@ -370,9 +389,7 @@ def open_session(
             import_tensorrt()  # puts pip's libnvinfer in the process; see trt_engine.import_tensorrt
         printed = io.StringIO()
         try:
-            providers_with_options = [
-                (n, {**default_provider_options(n, path, device_id), **o}) for n, o in ort_chain
-            ]
+            providers_with_options = [(n, {**default_provider_options(n, path, device_id), **o}) for n, o in ort_chain]
             # ONNX Runtime may fall back to CPU by itself, printing (not raising) the error.
             with contextlib.redirect_stdout(printed):
                 session = ort.InferenceSession(str(path), sess_options=sess_options, providers=providers_with_options)
@@ -398,8 +415,12 @@ def open_session(
         if running == TRT_EP and "trt_profile_max_shapes" in trt_options:
             profile = tensorrt_ep_profile(path, Path(trt_options["trt_engine_cache_path"])) or {}
             after_trt = [(n, o) for n, o in rest if n != TRT_EP]
-            return ProfiledSession(session, path, profile,
-                                   fallback=functools.partial(open_session, path, after_trt, sess_options, device_id))
+            return ProfiledSession(
+                session,
+                path,
+                profile,
+                fallback=functools.partial(open_session, path, after_trt, sess_options, device_id),
+            )
         return session
     raise SpiritLMEdgeError(f"No execution provider could open {path}.")  # unreachable: CPU is last
 
@@ -469,14 +490,21 @@ def lm_gpu_settings(
     elif n_gpu_layers < 0:
         n_gpu_layers = ALL_LAYERS
     elif n_gpu_layers > 0 and not llama_gpu_available():
-        log.warning("n_gpu_layers=%d asked, but this llama-cpp-python has no GPU backend: the LM runs on the "
-                    "CPU (reinstall it with CMAKE_ARGS=-DGGML_CUDA=on, see the README)", n_gpu_layers)
+        log.warning(
+            "n_gpu_layers=%d asked, but this llama-cpp-python has no GPU backend: the LM runs on the "
+            "CPU (reinstall it with CMAKE_ARGS=-DGGML_CUDA=on, see the README)",
+            n_gpu_layers,
+        )
     type_kv = kv_cache_type(kv_cache)
     if type_kv not in _UNQUANTIZED_KV and flash_attn is False:
-        raise ModelError(f"A {kv_cache} KV cache needs flash attention in llama.cpp: drop flash_attn=False "
-                         "or use kv_cache='f16'.")
-    flash = {None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-             True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED}[None if flash_attn is None else bool(flash_attn)]
+        raise ModelError(
+            f"A {kv_cache} KV cache needs flash attention in llama.cpp: drop flash_attn=False or use kv_cache='f16'."
+        )
+    flash = {
+        None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    }[None if flash_attn is None else bool(flash_attn)]
     return {"n_gpu_layers": int(n_gpu_layers), "type_k": type_kv, "type_v": type_kv, "flash_attn_type": flash}
 
 
@@ -507,4 +535,3 @@ def lm_gpu_memory_error(log_lines: Sequence[str], stage: str, n_gpu_layers: int)
         "Put fewer layers on the GPU (--n-gpu-layers, e.g. 20), quantize the KV cache (--kv-cache q8_0), "
         "shorten the context (--n-ctx 1024), or free the GPU (other processes, TensorRT engines)."
     )
-

@@ -51,7 +51,6 @@ RECORD_VERSION = 1
 ENGINE_PROVIDER = "TensorRTEngine"
 
 
-
 _ORT_TO_NUMPY = {"float": "float32", "double": "float64"}
 _NUMPY_TO_ORT = {v: k for k, v in _ORT_TO_NUMPY.items()}
 
@@ -85,7 +84,12 @@ class CudaDriver:
         if lib is None:
             raise EngineUnavailable("no CUDA driver (libcuda.so.1) on this machine")
         c_int, c_uint, c_void_p, c_size_t, c_uint64 = (
-            ctypes.c_int, ctypes.c_uint, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64)
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint64,
+        )
         signatures = {
             "cuInit": [c_uint],
             "cuDeviceGetCount": [ctypes.POINTER(c_int)],
@@ -151,13 +155,17 @@ class CudaDriver:
 
     def to_device(self, pointer: int, array: np.ndarray) -> None:
         if array.nbytes:
-            self._check(self.lib.cuMemcpyHtoDAsync_v2(pointer, array.ctypes.data, array.nbytes, self.stream),
-                        "cuMemcpyHtoDAsync")
+            self._check(
+                self.lib.cuMemcpyHtoDAsync_v2(pointer, array.ctypes.data, array.nbytes, self.stream),
+                "cuMemcpyHtoDAsync",
+            )
 
     def to_host(self, array: np.ndarray, pointer: int) -> None:
         if array.nbytes:
-            self._check(self.lib.cuMemcpyDtoHAsync_v2(array.ctypes.data, pointer, array.nbytes, self.stream),
-                        "cuMemcpyDtoHAsync")
+            self._check(
+                self.lib.cuMemcpyDtoHAsync_v2(array.ctypes.data, pointer, array.nbytes, self.stream),
+                "cuMemcpyDtoHAsync",
+            )
 
     def synchronize(self) -> None:
         self._check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
@@ -220,11 +228,15 @@ def read_engine_records(bundle_dir: str | os.PathLike) -> dict[str, dict[str, An
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}); delete it and rebuild the engines with "
-                          f"`spiritlm-edge export tensorrt --bundle {bundle_dir}`.") from None
+        raise BundleError(
+            f"{path} is not valid JSON ({exc}); delete it and rebuild the engines with "
+            f"`spiritlm-edge export tensorrt --bundle {bundle_dir}`."
+        ) from None
     if data.get("format") != RECORD_FORMAT or data.get("format_version", 0) > RECORD_VERSION:
-        raise BundleError(f"{path} is not an engine record this spiritlm-edge reads; delete it and rebuild "
-                          f"the engines with `spiritlm-edge export tensorrt --bundle {bundle_dir}`.")
+        raise BundleError(
+            f"{path} is not an engine record this spiritlm-edge reads; delete it and rebuild "
+            f"the engines with `spiritlm-edge export tensorrt --bundle {bundle_dir}`."
+        )
     return dict(data.get("engines", {}))
 
 
@@ -250,8 +262,10 @@ def engine_mismatch(
     if device is None:
         reasons.append("there is no CUDA GPU here")
     elif (record.get("gpu"), record.get("compute_capability")) != (device.name, device.compute_capability):
-        reasons.append(f"it was built for {record.get('gpu')} (compute {record.get('compute_capability')}), "
-                       f"this is {device.name} (compute {device.compute_capability})")
+        reasons.append(
+            f"it was built for {record.get('gpu')} (compute {record.get('compute_capability')}), "
+            f"this is {device.name} (compute {device.compute_capability})"
+        )
     if trt_version is None:
         reasons.append("TensorRT is not installed")
     elif record.get("tensorrt") != trt_version:
@@ -263,8 +277,9 @@ def engine_mismatch(
         if not path.is_file():
             reasons.append(f"{record.get('file')} is missing")
         elif path.stat().st_size != record.get("bytes"):
-            reasons.append(f"{record.get('file')} has {path.stat().st_size} bytes, "
-                           f"the record says {record.get('bytes')}")
+            reasons.append(
+                f"{record.get('file')} has {path.stat().st_size} bytes, the record says {record.get('bytes')}"
+            )
     return "; ".join(reasons) or None
 
 
@@ -297,7 +312,7 @@ def onnx_io(onnx_path: str | os.PathLike) -> tuple[dict[str, list], dict[str, st
     session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
 
     def dtype(arg) -> str:  # "tensor(float)" -> "float32"
-        name = arg.type[len("tensor("):-1]
+        name = arg.type[len("tensor(") : -1]
         return _ORT_TO_NUMPY.get(name, name)
 
     shapes = {arg.name: list(arg.shape) for arg in session.get_inputs()}
@@ -358,18 +373,22 @@ def profile_shapes(
                 if default is None and not all(k in entry for k in keys):
                     raise BundleError(
                         f"Component {component!r}: input {name!r} axis {axis} (dimension {dim!r}) is dynamic and "
-                        f"bundle.json gives no range for it. Add \"dynamic_axes\": {{\"{name}\": {{\"{axis}\": "
+                        f'bundle.json gives no range for it. Add "dynamic_axes": {{"{name}": {{"{axis}": '
                         "[min, opt, max]}} to the component's entry (the exporter should write it)."
                     )
                 given = [entry.get(k, default[i] if default else None) for i, k in enumerate(keys)]
             try:
                 a, b, c = (int(v) for v in given)
             except (TypeError, ValueError):
-                raise BundleError(f"Component {component!r}: the range of input {name!r} axis {axis} is {given!r}; "
-                                  "expected three integers [min, opt, max].") from None
+                raise BundleError(
+                    f"Component {component!r}: the range of input {name!r} axis {axis} is {given!r}; "
+                    "expected three integers [min, opt, max]."
+                ) from None
             if not 0 < a <= b <= c:
-                raise BundleError(f"Component {component!r}: the range of input {name!r} axis {axis} is "
-                                  f"[{a}, {b}, {c}]; expected 0 < min <= opt <= max.")
+                raise BundleError(
+                    f"Component {component!r}: the range of input {name!r} axis {axis} is "
+                    f"[{a}, {b}, {c}]; expected 0 < min <= opt <= max."
+                )
             low.append(a)
             opt.append(b)
             high.append(c)
@@ -421,8 +440,9 @@ class FallbackRouter:
 
     def fallback(self):
         if self._fallback_factory is None:
-            raise EngineUnavailable(f"{self.name}: {self.failed or 'the GPU session cannot run it'}, and there is "
-                                    "no fallback session")
+            raise EngineUnavailable(
+                f"{self.name}: {self.failed or 'the GPU session cannot run it'}, and there is no fallback session"
+            )
         if self._fallback is None:
             self._fallback = self._fallback_factory()
         return self._fallback
@@ -439,8 +459,9 @@ class FallbackRouter:
     def give_up(self, reason: str) -> None:
         self.failed = reason
         following = self.fallback().get_providers()[0]
-        log.warning("%s: the GPU session failed (%s); running this model on %s from now on", self.name, reason,
-                    following)
+        log.warning(
+            "%s: the GPU session failed (%s); running this model on %s from now on", self.name, reason, following
+        )
 
 
 class TensorRTSession:
@@ -451,8 +472,13 @@ class TensorRTSession:
     need, with one warning.
     """
 
-    def __init__(self, engine_path: str | os.PathLike, record: Mapping[str, Any],
-                 fallback: Callable[[], Any] | None = None, device_id: int = 0):
+    def __init__(
+        self,
+        engine_path: str | os.PathLike,
+        record: Mapping[str, Any],
+        fallback: Callable[[], Any] | None = None,
+        device_id: int = 0,
+    ):
         trt = import_tensorrt()
         if trt is None:
             raise EngineUnavailable("the tensorrt module cannot be imported (pip install 'spiritlm-edge[gpu]')")
@@ -468,8 +494,9 @@ class TensorRTSession:
             raise EngineUnavailable(f"TensorRT could not deserialize {self.path} (see its log above)")
         self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise EngineUnavailable(f"TensorRT could not create an execution context for {self.path} "
-                                    "(out of GPU memory?)")
+            raise EngineUnavailable(
+                f"TensorRT could not create an execution context for {self.path} (out of GPU memory?)"
+            )
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]

@@ -235,8 +235,9 @@ def test_a_whole_speech_turn_on_gpu_providers(tiny_expressive_bundle, librispeec
     assert len(gpu_units) == len(cpu_units)
     assert np.mean([a == b for a, b in zip(gpu_units, cpu_units, strict=True)]) >= 0.95
 
-    events = list(gpu.generate_stream([("SPEECH", librispeech_clip)], output_modality="SPEECH",
-                                      max_new_tokens=60, seed=0))
+    events = list(
+        gpu.generate_stream([("SPEECH", librispeech_clip)], output_modality="SPEECH", max_new_tokens=60, seed=0)
+    )
     chunks = [e.samples for e in events if isinstance(e, AudioChunk)]
     assert isinstance(events[-1], TurnEnd)
     if chunks:  # a random tiny LM may stop before 25 units; what it says must be audio

@@ -30,10 +30,12 @@ def test_the_gpu_extra_resolves_to_one_cuda_12_set():
 def test_an_incoherent_extra_is_refused(tmp_path):
     """The pins as they were: onnxruntime-gpu>=1.17 (CUDA 13 today) and tensorrt>=10 (11.x)."""
     pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\nname = "x"\n[project.optional-dependencies]\n'
-                         'gpu = ["onnxruntime-gpu>=1.17", "tensorrt>=10"]\n')
-    done = subprocess.run([sys.executable, str(SCRIPT), "--pyproject", str(pyproject)], capture_output=True,
-                          text=True, timeout=900)
+    pyproject.write_text(
+        '[project]\nname = "x"\n[project.optional-dependencies]\ngpu = ["onnxruntime-gpu>=1.17", "tensorrt>=10"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--pyproject", str(pyproject)], capture_output=True, text=True, timeout=900
+    )
     if done.returncode == UNREACHABLE:
         pytest.skip(done.stderr.strip())
     assert done.returncode == 1

@@ -49,8 +49,10 @@ def write_model(path, opset=17):
         [helper.make_node("Mul", ["audio", "two"], ["y"]), helper.make_node("Shape", ["audio"], ["n"])],
         "double",
         [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, "samples"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "samples"]),
-         helper.make_tensor_value_info("n", TensorProto.INT64, [2])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "samples"]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, [2]),
+        ],
         initializer=[two],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -62,10 +64,20 @@ def write_model(path, opset=17):
 def bundle(tmp_path):
     """A bundle with one ONNX component, ``double``, whose audio ranges 1280..16000 samples."""
     write_model(tmp_path / "double.onnx")
-    add_component(tmp_path, "double", {
-        "file": "double.onnx", "opset": 17, "inputs": ["audio"], "outputs": ["y", "n"],
-        "min_samples": 1280, "opt_samples": 8000, "max_samples": 16000,
-    }, variant="base")
+    add_component(
+        tmp_path,
+        "double",
+        {
+            "file": "double.onnx",
+            "opset": 17,
+            "inputs": ["audio"],
+            "outputs": ["y", "n"],
+            "min_samples": 1280,
+            "opt_samples": 8000,
+            "max_samples": 16000,
+        },
+        variant="base",
+    )
     return tmp_path
 
 
@@ -120,7 +132,11 @@ def messages(caplog, level):
 def test_parse_providers_aliases_strings_and_options():
     assert providers.parse_providers(None) is None
     assert providers.parse_providers("tensorrt, trt,cuda,CPU") == [
-        (trt_engine.ENGINE_PROVIDER, {}), (TRT, {}), (CUDA, {}), (CPU, {})]
+        (trt_engine.ENGINE_PROVIDER, {}),
+        (TRT, {}),
+        (CUDA, {}),
+        (CPU, {}),
+    ]
     assert providers.parse_providers([(CUDA, {"device_id": "1"}), "cpu"]) == [(CUDA, {"device_id": "1"}), (CPU, {})]
     with pytest.raises(SpiritLMEdgeError, match="empty"):
         providers.parse_providers(" , ")
@@ -223,10 +239,12 @@ def test_a_broken_model_is_a_bundle_error(tmp_path):
 def test_profile_from_min_max_samples_and_built_in_opt():
     entry = {"inputs": [{"name": "audio", "shape": [1, "samples"]}], "min_samples": 1280, "max_samples": 1600000}
     assert trt_engine.profile_shapes(entry, {"audio": [1, "samples"]}) == {
-        "audio": {"min": [1, 1280], "opt": [1, 160000], "max": [1, 1600000]}}
+        "audio": {"min": [1, 1280], "opt": [1, 160000], "max": [1, 1600000]}
+    }
     # no keys at all: the runtime's own limits (MIN_SAMPLES .. the GPU maximum, 30 s)
     assert trt_engine.profile_shapes({}, {"audio": ["batch", "samples"]}) == {
-        "audio": {"min": [1, 1280], "opt": [1, 160000], "max": [1, limits.GPU_MAX_SAMPLES]}}
+        "audio": {"min": [1, 1280], "opt": [1, 160000], "max": [1, limits.GPU_MAX_SAMPLES]}
+    }
     assert limits.GPU_MAX_SAMPLES == 30 * 16000
 
 
@@ -240,7 +258,8 @@ def test_explicit_dynamic_axes_win_and_are_checked():
     # a dimension the runtime does not know, given by min_/opt_/max_<name>
     entry = {"min_tokens": 1, "opt_tokens": 64, "max_tokens": 512}
     assert trt_engine.profile_shapes(entry, {"x": [1, "tokens"]}) == {
-        "x": {"min": [1, 1], "opt": [1, 64], "max": [1, 512]}}
+        "x": {"min": [1, 1], "opt": [1, 64], "max": [1, 512]}
+    }
 
 
 def test_frame_profiles_of_vocoder_duration_and_pitch_entries():
@@ -250,7 +269,8 @@ def test_frame_profiles_of_vocoder_duration_and_pitch_entries():
     assert profile["units"]["max"] == [limits.MAX_WINDOW_FRAMES + 34] and profile["speaker"]["min"] == [1]
     assert limits.MAX_WINDOW_FRAMES == limits.GPU_MAX_SAMPLES // 640
     assert trt_engine.profile_shapes({"context_units": {"left": 2, "right": 2}}, {"units": ["frames"]})["units"][
-        "min"] == [1]
+        "min"
+    ] == [1]
     pitch = {"frame_hop": 80, "frames_per_code": 16}
     features = trt_engine.profile_shapes(pitch, {"features": ["batch", 2, "frames"]})["features"]
     assert features == {"min": [1, 2, 17], "opt": [1, 2, 2001], "max": [1, 2, 6001]}
@@ -272,8 +292,10 @@ def test_every_exported_speech_engine_gets_a_profile(tiny_expressive_checkpoints
 
 
 def test_tensorrt_provider_options_carry_the_profile(tmp_path):
-    profile = {"audio": {"min": [1, 1280], "opt": [1, 8000], "max": [1, 16000]}, "speaker": {
-        "min": [1], "opt": [1], "max": [1]}}
+    profile = {
+        "audio": {"min": [1, 1280], "opt": [1, 8000], "max": [1, 16000]},
+        "speaker": {"min": [1], "opt": [1], "max": [1]},
+    }
     options = providers.tensorrt_provider_options(tmp_path, fp16=False, profile=profile, workspace_bytes=2**30)
     assert options["trt_profile_max_shapes"] == "audio:1x16000,speaker:1"
     assert options["trt_fp16_enable"] == "0" and options["trt_max_workspace_size"] == str(2**30)
@@ -391,8 +413,9 @@ def make_fake_tensorrt(version="10.3.0"):
             self.network.inputs = [Tensor(n, [d if isinstance(d, int) else -1 for d in s]) for n, s in shapes.items()]
             model = onnx.load(path)
             self.network.fp16_weights = any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
-            self.network.io_types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input,
-                                                                                  *model.graph.output]}
+            self.network.io_types = {
+                v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]
+            }
             return True
 
         def get_error(self, i):
@@ -450,8 +473,14 @@ def make_fake_tensorrt(version="10.3.0"):
             return Profile()
 
         def build_serialized_network(self, network, config):
-            trt.builds.append({"flags": sorted(config.flags), "timing_cache": config.cache.data,
-                               "fp16_weights": network.fp16_weights, "io_types": network.io_types})
+            trt.builds.append(
+                {
+                    "flags": sorted(config.flags),
+                    "timing_cache": config.cache.data,
+                    "fp16_weights": network.fp16_weights,
+                    "io_types": network.io_types,
+                }
+            )
             return json.dumps({"profile": config.profiles[0], "version": trt.__version__}).encode()
 
     class Context:
@@ -549,7 +578,11 @@ def test_build_records_what_the_engine_is_for_and_skips_fresh_ones(bundle, fake_
     record = records["double"]
     assert record["file"] == "tensorrt/double.fp16.engine"
     assert (record["gpu"], record["compute_capability"], record["tensorrt"], record["precision"]) == (
-        "Fake GPU", "8.9", "10.3.0", "fp16")
+        "Fake GPU",
+        "8.9",
+        "10.3.0",
+        "fp16",
+    )
     assert record["profile"] == {"audio": {"min": [1, 1280], "opt": [1, 8000], "max": [1, 16000]}}
     assert record["inputs"] == {"audio": "float32"} and record["outputs"] == {"y": "float32", "n": "int64"}
     assert record["onnx_sha256"] == json.loads((bundle / "bundle.json").read_text())["components"]["double"]["sha256"]
@@ -628,8 +661,9 @@ def test_build_errors_say_what_to_do(bundle, monkeypatch, fake_gpu):
         build_tensorrt_engines(bundle, precision="int8")
     with pytest.raises(BundleError, match="vocoder"):
         build_tensorrt_engines(bundle, components=["vocoder"])
-    monkeypatch.setattr(trt_engine, "CudaDriver", lambda *a, **k: (_ for _ in ()).throw(
-        trt_engine.EngineUnavailable("no CUDA driver")))
+    monkeypatch.setattr(
+        trt_engine, "CudaDriver", lambda *a, **k: (_ for _ in ()).throw(trt_engine.EngineUnavailable("no CUDA driver"))
+    )
     trt_engine.cuda_device_info.cache_clear()
     with pytest.raises(SpiritLMEdgeError, match="CUDA"):
         build_tensorrt_engines(bundle)
@@ -705,12 +739,15 @@ def test_an_engine_whose_tensorrt_api_moved_hands_over_for_good(bundle, fake_gpu
     assert says(warning, "double", "execute_async_v3", CPU)
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"gpu": "NVIDIA GeForce RTX 3060", "compute_capability": "8.6"}, "RTX 3060"),
-    ({"tensorrt": "8.6.2"}, "8.6.2"),
-    ({"onnx_sha256": "0" * 64}, "double.onnx"),
-    ({"bytes": 1}, "tensorrt/double.fp16.engine"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"gpu": "NVIDIA GeForce RTX 3060", "compute_capability": "8.6"}, "RTX 3060"),
+        ({"tensorrt": "8.6.2"}, "8.6.2"),
+        ({"onnx_sha256": "0" * 64}, "double.onnx"),
+        ({"bytes": 1}, "tensorrt/double.fp16.engine"),
+    ],
+)
 def test_a_stale_engine_is_never_loaded_the_chain_falls_back_and_says_why(bundle, fake_gpu, caplog, change, reason):
     build_tensorrt_engines(bundle)
     edit_record(bundle, **change)
@@ -776,8 +813,9 @@ class FakeTensorrtEP(REAL_SESSION):
         if self.on_trt:
             FakeTensorrtEP.events.append(("run", TRT))
             if FakeTensorrtEP.build_fails:
-                raise RuntimeError("[TensorrtExecutionProvider] TensorRT EP failed to create engine from network: "
-                                   "out of memory")
+                raise RuntimeError(
+                    "[TensorrtExecutionProvider] TensorRT EP failed to create engine from network: out of memory"
+                )
         return super().run(output_names, feeds, run_options)
 
 
@@ -787,8 +825,9 @@ def trt_ep(monkeypatch):
     FakeTensorrtEP.events, FakeTensorrtEP.build_fails = [], False
     monkeypatch.setattr(ort, "InferenceSession", FakeTensorrtEP)
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
-    monkeypatch.setattr(trt_engine, "import_tensorrt", lambda: sys.modules.setdefault("tensorrt", types.ModuleType(
-        "tensorrt")))
+    monkeypatch.setattr(
+        trt_engine, "import_tensorrt", lambda: sys.modules.setdefault("tensorrt", types.ModuleType("tensorrt"))
+    )
     monkeypatch.setattr(providers, "import_tensorrt", trt_engine.import_tensorrt)
     return FakeTensorrtEP
 
@@ -849,17 +888,25 @@ def test_lm_gpu_settings(monkeypatch):
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
     assert not providers.llama_gpu_available()
     assert providers.default_n_gpu_layers() == 0
-    assert providers.lm_gpu_settings() == {"n_gpu_layers": 0, "type_k": llama_cpp.GGML_TYPE_F16,
-                                           "type_v": llama_cpp.GGML_TYPE_F16,
-                                           "flash_attn_type": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}
+    assert providers.lm_gpu_settings() == {
+        "n_gpu_layers": 0,
+        "type_k": llama_cpp.GGML_TYPE_F16,
+        "type_v": llama_cpp.GGML_TYPE_F16,
+        "flash_attn_type": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    }
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
     assert providers.default_n_gpu_layers() == providers.ALL_LAYERS
     settings = providers.lm_gpu_settings(kv_cache="q8_0", flash_attn=True)
-    assert settings == {"n_gpu_layers": providers.ALL_LAYERS, "type_k": llama_cpp.GGML_TYPE_Q8_0,
-                        "type_v": llama_cpp.GGML_TYPE_Q8_0, "flash_attn_type": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED}
+    assert settings == {
+        "n_gpu_layers": providers.ALL_LAYERS,
+        "type_k": llama_cpp.GGML_TYPE_Q8_0,
+        "type_v": llama_cpp.GGML_TYPE_Q8_0,
+        "flash_attn_type": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    }
     assert providers.lm_gpu_settings(n_gpu_layers=-1)["n_gpu_layers"] == providers.ALL_LAYERS
     assert providers.lm_gpu_settings(n_gpu_layers=12, flash_attn=False)["flash_attn_type"] == (
-        llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     assert providers.lm_gpu_settings(kv_cache="Q4_0")["type_v"] == llama_cpp.GGML_TYPE_Q4_0
     with pytest.raises(ModelError):
         providers.lm_gpu_settings(kv_cache="q4_0", flash_attn=False)  # a quantized V cache needs flash attention
@@ -896,12 +943,14 @@ def test_lm_gpu_memory_errors_say_how_much_and_what_to_try():
 def test_language_model_reports_gpu_memory_not_a_bad_file(tiny_base_bundle, monkeypatch, stage):
     """Our LanguageModel, with llama.cpp's load (or context creation) failing the way it does
     on a GPU without room: the error is about memory, not "rebuild the GGUF"."""
+
     def failing(lines):
         def call(*args):
             for listener in list(lm_module._log_listeners):
                 for line in lines:
                     listener(line)
             return None
+
         return call
 
     name = "llama_model_load_from_file" if stage == "weights" else "llama_init_from_model"
