@@ -48,6 +48,22 @@ UNREACHABLE = 77
 INDEXES = {"PyPI": "https://pypi.org/simple/onnxruntime-gpu/", "NVIDIA": "https://pypi.nvidia.com/tensorrt-cu12/"}
 
 
+# What pip prints when the index, not the resolution, failed (a dropped connection mid-run).
+NETWORK_TROUBLE = (
+    "Could not fetch URL",
+    "Max retries exceeded",
+    "NewConnectionError",
+    "Read timed out",
+    "ConnectionResetError",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+)
+
+
+class Unreachable(RuntimeError):
+    """The index stopped answering: nothing can be concluded."""
+
+
 def gpu_requirements(pyproject: Path) -> list[Requirement]:
     extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
     return [Requirement(line) for line in extras["gpu"]]
@@ -106,6 +122,9 @@ def resolve(requirement: str, python: str, index_url: str | None = None) -> dict
             env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
         )
         if done.returncode != 0:
+            trouble = next((t for t in NETWORK_TROUBLE if t in done.stderr), None)
+            if trouble is not None:
+                raise Unreachable(f"the index stopped answering while resolving for Python {python} ({trouble})")
             lines = [line for line in done.stderr.splitlines() if "ERROR" in line] or done.stderr.splitlines()[-3:]
             raise RuntimeError(f"pip cannot resolve {requirement} for Python {python}: {' '.join(lines)[:400]}")
         (chosen,) = json.loads(report.read_text())["install"]
@@ -159,6 +178,8 @@ def check(pyproject: Path) -> list[str]:
     for python in PYTHONS:
         try:
             chosen = resolve(f"onnxruntime-gpu{ort.specifier}", python)
+        except Unreachable:
+            raise
         except RuntimeError as exc:
             problems.append(str(exc))
             continue
@@ -174,6 +195,9 @@ def check(pyproject: Path) -> list[str]:
             try:
                 chosen = resolve(f"tensorrt-cu12-libs{trt.specifier}", python, "https://pypi.nvidia.com")
                 print(f"Python {python}: tensorrt-cu12 {chosen['version']}")
+            except Unreachable as exc:
+                print(f"pypi.nvidia.com stopped answering ({exc}): the TensorRT pin was checked as written only")
+                break
             except RuntimeError as exc:
                 problems.append(str(exc))
     else:
@@ -189,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     if why is not None:
         print(f"PyPI cannot be reached ({why}): the gpu extra's resolution was not checked", file=sys.stderr)
         return UNREACHABLE
-    problems = check(args.pyproject)
+    try:
+        problems = check(args.pyproject)
+    except Unreachable as exc:
+        print(f"PyPI cannot be reached: {exc}; the gpu extra's resolution was not checked", file=sys.stderr)
+        return UNREACHABLE
     for problem in problems:
         print(f"NOT COHERENT: {problem}", file=sys.stderr)
     if not problems:

@@ -7,6 +7,7 @@ script says so and exits 77) rather than failing for a reason that is not ours.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,12 @@ def test_an_incoherent_extra_is_refused(tmp_path):
         pytest.skip(done.stderr.strip())
     assert done.returncode == 1
     assert "tensorrt-cu12" in done.stderr and "aarch64" in done.stderr
+
+
+def test_an_unreachable_index_is_said_not_failed(tmp_path):
+    """No network (here: a proxy that refuses): the script says PyPI cannot be reached and
+    exits 77, which the tests above turn into a skip with that reason."""
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    done = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == UNREACHABLE
+    assert "PyPI cannot be reached" in done.stderr and "not checked" in done.stderr
