@@ -33,7 +33,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from spiritlm_edge.quant.onnx_int8 import convert_fp16
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import BundleError, SpiritLMEdgeError
 from spiritlm_edge.runtime.trt_engine import (
@@ -127,11 +126,14 @@ def build_engine(
         with tempfile.TemporaryDirectory(dir=engine_path.parent) as tmp:
             fp16_path = Path(tmp) / onnx_path.name
             try:
+                # only TensorRT 11 needs it, and it needs onnx, which a Jetson's install lacks
+                from spiritlm_edge.quant.onnx_int8 import convert_fp16
+
                 convert_fp16(onnx_path, fp16_path)
             except ImportError as exc:
                 raise SpiritLMEdgeError(
-                    f"TensorRT 11 builds fp16 engines from an fp16 ONNX graph, which needs the "
-                    f"{exc.name or 'onnx'} package: pip install onnx (or --fp32)."
+                    f"TensorRT 11 builds fp16 engines from an fp16 ONNX graph, which needs the onnx package "
+                    f"({exc}): pip install onnx, or build --fp32."
                 ) from None
             return _build(
                 trt, onnx_path.name, fp16_path, engine_path, profile, precision, timing_cache, workspace_bytes

@@ -17,13 +17,15 @@ import statistics
 import time
 from pathlib import Path
 
+import llama_cpp
+
+from spiritlm_edge.runtime.llama_log import install_llama_logging
+from spiritlm_edge.runtime.lm import LanguageModel
+from spiritlm_edge.runtime.threads import default_threads
+
 
 def _raw_decode_speed(path: Path, prompt: list[int], n_tokens: int, n_threads: int, n_ctx: int) -> float:
     """Tokens/s of the plainest llama-cpp-python loop: decode one token, greedy-sample."""
-    import llama_cpp
-
-    from spiritlm_edge.runtime.lm import install_llama_logging
-
     install_llama_logging()
     mparams = llama_cpp.llama_model_default_params()
     mparams.use_extra_bufts = False  # same (stable) configuration as our engine
@@ -72,8 +74,6 @@ def measure_decode_speed(
     """Decode tokens/s (best and median of ``repeats``): ``raw`` (bare llama-cpp-python),
     ``arbitrary``, ``text``, ``speech`` (our engine; the last two constrained), and the
     ratios (of the best runs) to ``raw`` and of constrained to unconstrained."""
-    from spiritlm_edge.runtime.lm import LanguageModel, default_threads
-
     n_threads = n_threads or default_threads()
     path = Path(gguf_path)
     lm = LanguageModel(path, n_threads=n_threads, n_ctx=n_ctx)

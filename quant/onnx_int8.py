@@ -37,15 +37,21 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, load_audio
 from spiritlm_edge.runtime.bundle import Bundle, add_variant
 from spiritlm_edge.runtime.errors import BundleError, ModelError
+from spiritlm_edge.runtime.pitch import PitchEngine
 
 log = logging.getLogger(__name__)
 
@@ -306,9 +312,6 @@ RECIPES: dict[str, Recipe] = {
 
 def quantize_model(fp32_path: Path, out_path: Path, recipe: Recipe, feeds: list[dict[str, np.ndarray]]) -> dict:
     """Write the int8 model of ``fp32_path`` to ``out_path``; returns what was quantized."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     model = onnx.load(str(fp32_path))
     name_node_outputs(model)
     candidates = weight_nodes(model, recipe.op_types)
@@ -331,7 +334,8 @@ def quantize_model(fp32_path: Path, out_path: Path, recipe: Recipe, feeds: list[
             )
     return {
         "method": recipe.method, "format": "QDQ" if recipe.method == "static" else "integer ops",
-        "activations": "uint8 (calibrated, " + recipe.calibrate + ")" if recipe.method == "static" else "uint8 (dynamic)",
+        "activations": ("uint8 (calibrated, " + recipe.calibrate + ")" if recipe.method == "static"
+                        else "uint8 (dynamic)"),
         "weights": "int8 " + ("per channel" if recipe.per_channel else "per tensor"),
         "op_types": list(recipe.op_types), "nodes_quantized": len(quantized), "nodes_excluded": exclude,
         "excluded_why": recipe.exclude_why, "calibration_inputs": len(feeds) if recipe.method == "static" else 0,
@@ -340,9 +344,6 @@ def quantize_model(fp32_path: Path, out_path: Path, recipe: Recipe, feeds: list[
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> dict:
     """fp16 weights and compute, fp32 inputs/outputs (for GPU execution providers)."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     model = onnx.load(str(fp32_path))
     # Kept fp32 besides the converter's defaults: the argmax over close logits and the
     # waveform statistics (mean, variance of the audio / patch covariance) that feed a
@@ -358,8 +359,6 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> dict:
 
 
 def _session(path: Path, n_threads: int | None):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = n_threads or 0
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -405,12 +404,14 @@ def gate_figures(component: str, reference, candidate, feeds_list: list[dict]) -
         cand_codes = np.concatenate([o[0].reshape(-1) for o in cand_out])
         key = "unit_agreement" if component == "hubert" else "code_agreement"
         figures = {key: round(agreement(ref_codes, cand_codes), 4), "codes": int(ref_codes.size),
-                   "feature_cosine": round(float(np.mean([_mean_cosine(r[1], c[1]) for r, c in zip(ref_out, cand_out)])), 5)}
+                   "feature_cosine": round(float(np.mean([_mean_cosine(r[1], c[1])
+                                                          for r, c in zip(ref_out, cand_out, strict=False)])), 5)}
     elif component == "vocoder":
         ref_audio = np.concatenate([o[0].reshape(-1) for o in ref_out])
         cand_audio = np.concatenate([o[0].reshape(-1) for o in cand_out])
         figures = {"mel_distance_db": round(mel_distance_db(ref_audio, cand_audio), 4),
-                   "snr_db": round(snr_db(ref_audio, cand_audio), 3), "seconds_of_audio": round(len(ref_audio) / SAMPLE_RATE, 2)}
+                   "snr_db": round(snr_db(ref_audio, cand_audio), 3),
+                   "seconds_of_audio": round(len(ref_audio) / SAMPLE_RATE, 2)}
     else:
         raise ValueError(f"no gate for component {component!r}")
     figures.update(timing)
@@ -447,8 +448,6 @@ def _vocoder_feeds(bundle: Bundle, clips: list[np.ndarray], n_threads: int | Non
     hubert = _session(bundle.path("hubert"), n_threads)
     pitch_engine = style = None
     if "pitch" in names:
-        from spiritlm_edge.runtime.pitch import PitchEngine
-
         pitch_engine = PitchEngine.from_bundle(bundle, n_threads=n_threads)
     if "style_codes" in names:
         style = _session(bundle.path("style"), n_threads)
@@ -486,8 +485,9 @@ def _plans() -> dict[str, _Plan]:
     encoder_all = RECIPES["hubert"]
     transformer = Recipe("static", ("Gemm", "MatMul"), _encoder_exclusions,
                          encoder_all.exclude_why + "; the conv front end stays fp32 (fallback)")
-    style_all, style_tf = RECIPES["style"], Recipe("static", ("Gemm", "MatMul"), _encoder_exclusions,
-                                                   RECIPES["style"].exclude_why + "; the conv front end stays fp32 (fallback)")
+    style_all = RECIPES["style"]
+    style_tf = Recipe("static", ("Gemm", "MatMul"), _encoder_exclusions,
+                      style_all.exclude_why + "; the conv front end stays fp32 (fallback)")
     return {
         "hubert": _Plan([("conv+transformer", encoder_all), ("transformer", transformer)]),
         "style": _Plan([("conv+transformer", style_all), ("transformer", style_tf)]),
@@ -572,7 +572,8 @@ def quantize_bundle(
                 limits = dict(THRESHOLDS[name], **(thresholds or {}).get(name, {}))
                 gate = {"passed": passed, "thresholds": limits, "failures": failures,
                         "audio": [str(f) for f in calibration] if calibration else
-                        [f"bundled clip {BUNDLED_CLIP.name}"] + [f"synthetic speech-like #{i}" for i in range(synthetic)],
+                        [f"bundled clip {BUNDLED_CLIP.name}"]
+                        + [f"synthetic speech-like #{i}" for i in range(synthetic)],
                         **figures}
                 last = label == [c[1] for c in candidates if c[0] == precision][-1]
                 entry = {"file": out_name, "quantization": how, "gate": gate}

@@ -142,7 +142,7 @@ def export_lm_cmd(
 ) -> None:
     """Convert the language model to GGUF (streamed) and quantize it with llama.cpp."""
     from spiritlm_edge.export.checkpoints import CheckpointPaths, resolve_checkpoint_root
-    from spiritlm_edge.export.lm import export_lm
+    from spiritlm_edge.export.build import export_lm
     from spiritlm_edge.quant.llama_quantize import check_quant
 
     check_quant(quant)  # before any work

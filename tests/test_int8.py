@@ -25,11 +25,12 @@ def tiny_bundle(tmp_path_factory):
     """A base bundle with a tiny HuBERT and vocoder (what quantize works on)."""
     from spiritlm_edge.export import hubert, vocoder
     from spiritlm_edge.export.checkpoints import CheckpointPaths
+    from spiritlm_edge.export.random_speech import write_hubert, write_vocoder
 
     root = tmp_path_factory.mktemp("int8")
     paths = CheckpointPaths(root / "ckpt")
-    hubert.write_tiny(paths, "base", seed=3)
-    vocoder.write_tiny(paths, "base", seed=4)
+    write_hubert(paths, "base", seed=3)
+    write_vocoder(paths, "base", seed=4)
     hubert.export_onnx(paths, "base", root / "bundle")
     vocoder.export_onnx(paths, "base", root / "bundle")
     return root / "bundle"

@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp")
 
 from spiritlm_edge.export.checkpoints import CheckpointPaths
-from spiritlm_edge.export.lm import export_lm, write_tiny
+from spiritlm_edge.export.build import export_lm
+from spiritlm_edge.export.random_lm import write_tiny_lm as write_tiny
 from spiritlm_edge.quant.gguf_convert import convert_lm
 from spiritlm_edge.quant.llama_quantize import quantize_gguf
 from spiritlm_edge.runtime.errors import BundleError, ModelError

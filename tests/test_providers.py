@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 from spiritlm_edge.cli import app, main
 from spiritlm_edge.export.speech import export_speech
 from spiritlm_edge.export.tensorrt import build_tensorrt_engines, onnx_components
-from spiritlm_edge.runtime import limits, providers, trt_engine
+from spiritlm_edge.runtime import limits, llama_log, providers, trt_engine
 from spiritlm_edge.runtime import lm as lm_module
 from spiritlm_edge.runtime.bundle import Bundle, add_component
 from spiritlm_edge.runtime.errors import BundleError, ModelError, SpiritLMEdgeError
@@ -638,6 +638,17 @@ def test_each_tensorrt_major_builds_fp16_its_own_way_and_the_engine_runs(bundle,
     assert not trt.builds[0]["fp16_weights"]
 
 
+def test_without_onnx_tensorrt_10_builds_and_11_says_what_to_install(bundle, fake_gpu, monkeypatch):
+    """A Jetson's install has no onnx: TensorRT 8.6 / 10 do not need it; 11's fp16 build
+    (from an fp16 copy of the graph) says to install it, or to build fp32."""
+    monkeypatch.setitem(sys.modules, "spiritlm_edge.quant.onnx_int8", None)  # an import of it fails
+    assert build_tensorrt_engines(bundle)["double"]["precision"] == "fp16"
+    use_tensorrt(monkeypatch, "11.4.0")
+    with pytest.raises(SpiritLMEdgeError, match="pip install onnx"):
+        build_tensorrt_engines(bundle, force=True)
+    assert build_tensorrt_engines(bundle, precision="fp32")["double"]["tensorrt"] == "11.4.0"
+
+
 def test_a_tensorrt_api_problem_is_a_one_line_cli_error(bundle, fake_gpu, monkeypatch, capsys):
     """A TensorRT whose Python API lacks a name we use (here: a builder without
     build_serialized_network) ends the CLI with our one-line error, not a traceback."""
@@ -943,7 +954,7 @@ def test_language_model_reports_gpu_memory_not_a_bad_file(tiny_base_bundle, monk
 
     def failing(lines):
         def call(*args):
-            for listener in list(lm_module._log_listeners):
+            for listener in list(llama_log._listeners):
                 for line in lines:
                     listener(line)
             return None

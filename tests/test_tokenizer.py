@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from spiritlm_edge.export.lm import write_tiny_tokenizer
+from spiritlm_edge.export.random_lm import write_tiny_tokenizer
 from spiritlm_edge.runtime.errors import CheckpointError, UnitsError
 from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
@@ -157,7 +157,7 @@ def test_bad_tokenizer_files(tmp_path):
 
 
 def test_tokenizer_without_speech_tokens_is_rejected(tmp_path):
-    from spiritlm_edge.export.lm import train_tiny_sentencepiece
+    from spiritlm_edge.export.random_lm import train_tiny_sentencepiece
 
     write_tiny_tokenizer(tmp_path, "base", seed=3, storage="pieces")
     (tmp_path / "tokenizer.model").write_bytes(train_tiny_sentencepiece(3))  # plain text vocabulary
