@@ -22,6 +22,12 @@ Behaviour (one small state machine, driven by microphone blocks of 32 ms):
 The session ends after ``max_seconds`` of audio, after ``max_turns`` answered turns, when
 the input ends, or on Ctrl-C; every case stops the devices and joins the worker. A failure
 inside ``respond`` ends the session and is raised again in the caller's thread.
+
+Echo cancellation (``aec``, an :class:`~spiritlm_edge.runtime.aec.EchoCanceller`): every
+microphone block first goes through the canceller with the samples the speaker was playing
+when it was captured (the output's :class:`~spiritlm_edge.runtime.audio_io.FarEndReference`,
+placed by the two devices' reported latencies), so the VAD and the turn logic hear the user
+and not the answer coming back from the loudspeaker.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Callable, Iterator, Union
 
 import numpy as np
 
+from spiritlm_edge.runtime.aec import EchoCanceller
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, resample
 from spiritlm_edge.runtime.audio_io import AudioInput, AudioOutput
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
@@ -46,6 +53,11 @@ log = logging.getLogger(__name__)
 
 Event = Union[TextDelta, AudioChunk, TurnEnd]
 Respond = Callable[[np.ndarray], Iterator[Event]]
+
+# The echo reference is placed this share of the devices' reported latencies back: the
+# canceller finds echoes that come late, never ones that come before their reference, and
+# PortAudio's figures are often upper bounds (buffers that are not always full).
+ALIGNMENT_SHARE = 0.5
 
 # How long closing the session waits for ``respond`` to reach its next yield.
 WORKER_JOIN_SECONDS = 30.0
@@ -125,6 +137,7 @@ class LiveLoop:
         on_status: Callable[[str], None] | None = None,
         on_turn_end: Callable[[Turn], None] | None = None,
         barge_in: bool = True,
+        aec: EchoCanceller | None = None,
         max_seconds: float | None = None,
         max_turns: int | None = None,
     ):
@@ -138,6 +151,8 @@ class LiveLoop:
         self.barge_in = barge_in
         self.max_seconds = max_seconds
         self.max_turns = max_turns
+        self.aec = aec
+        self._reference_breaks = 0
 
         self.turns: list[Turn] = []
         self.seconds = 0.0
@@ -171,6 +186,8 @@ class LiveLoop:
                         break
                     self.seconds += len(block) / SAMPLE_RATE
                     self._handle_events()
+                    if self.aec is not None:
+                        block = self._cancel_echo(self.aec, block)
                     self._hear(block)
             except KeyboardInterrupt:
                 ended_by = "interrupted"
@@ -194,6 +211,18 @@ class LiveLoop:
             self._start_turn(event.audio)
         elif isinstance(event, SpeechDiscarded):
             log.debug("ignored %.0f ms of speech (shorter than min_speech_ms)", event.speech_ms)
+
+    def _cancel_echo(self, aec: EchoCanceller, block: np.ndarray) -> np.ndarray:
+        latency = self.audio_in.latency + self.audio_out.latency
+        lag = round(latency * ALIGNMENT_SHARE * SAMPLE_RATE)
+        aec.device_delay_ms = lag * 1000 / SAMPLE_RATE  # for its log line
+        reference = self.audio_out.reference
+        far = reference.read(len(block), lag)
+        if reference.breaks != self._reference_breaks:  # an underrun or a restarted device
+            self._reference_breaks = reference.breaks
+            log.info("echo path interrupted (output underrun or device restart): echo cancellation starts afresh")
+            aec.reset()
+        return aec.process(block, far)
 
     # ----------------------------------------------------------------- turns
 
@@ -284,6 +313,7 @@ def run_mic_session(
     vad_model: str | os.PathLike | None = None,
     bundle=None,
     barge_in: bool = True,
+    aec: bool | None = None,
     threshold: float = 0.5,
     end_silence_ms: float = 700.0,
     max_turns: int | None = None,
@@ -293,7 +323,9 @@ def run_mic_session(
     ``input_device`` / ``output_device``: PortAudio index or part of a name (default: the
     system's). ``vad_model``: path to ``silero_vad.onnx``; otherwise the bundle's ``vad``
     component (``bundle``: a directory or a :class:`Bundle`), otherwise the installed
-    silero-vad package. Raises AudioError when there is no usable device.
+    silero-vad package. ``aec``: cancel the speaker's echo before the VAD (default: whenever
+    ``barge_in`` is on). Raises AudioError when there is no usable device, or when ``aec`` is
+    on and its library is missing.
     """
     from spiritlm_edge.runtime.audio_io import SoundDeviceInput, SoundDeviceOutput
     from spiritlm_edge.runtime.vad import SileroVAD
@@ -318,6 +350,7 @@ def run_mic_session(
         on_status=on_status,
         on_turn_end=on_turn_end,
         barge_in=barge_in,
+        aec=EchoCanceller() if (barge_in if aec is None else aec) else None,
         max_seconds=max_seconds,
         max_turns=max_turns,
     )

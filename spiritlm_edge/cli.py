@@ -297,8 +297,11 @@ def run_cmd(
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="End the live session after N s."),
     vad_model: Optional[Path] = typer.Option(None, "--vad-model", help="silero_vad.onnx (default: the bundle's)."),
     end_silence_ms: float = typer.Option(700.0, "--end-silence-ms", help="Silence that ends the user's turn."),
+    aec: Optional[str] = typer.Option(
+        None, "--aec", help="on|off: cancel the speaker's echo before the VAD (default: on with barge-in)."
+    ),
     no_barge_in: bool = typer.Option(
-        False, "--no-barge-in", help="Don't stop the answer when the user speaks (speakers without echo cancellation)."
+        False, "--no-barge-in", help="Don't stop the answer when the user speaks (where --aec cannot run)."
     ),
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
@@ -319,6 +322,13 @@ def run_cmd(
         return
     if not mic and input is None and text is None:
         fail("give --mic for a live session, or --input FILE and/or --text TEXT for one turn from files.")
+    if aec not in (None, "on", "off"):
+        fail(f"--aec takes on or off, not {aec!r}.")
+    echo_cancellation = not no_barge_in if aec is None else aec == "on"
+    if mic and echo_cancellation:
+        from spiritlm_edge.runtime.aec import check_available
+
+        check_available()  # before loading the model: a missing library is said at once
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)  # fail fast
     spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers,
                                 n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
@@ -327,7 +337,8 @@ def run_cmd(
         from spiritlm_edge.runtime.live import run_mic_session
 
         summary = run_mic_session(
-            conversation.respond, input_device=_device(input_device), output_device=_device(output_device),
+            conversation.respond, aec=echo_cancellation, input_device=_device(input_device),
+            output_device=_device(output_device),
             max_seconds=max_seconds, vad_model=vad_model, bundle=spirit_lm.bundle, barge_in=not no_barge_in,
             end_silence_ms=end_silence_ms,
         )
