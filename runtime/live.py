@@ -12,12 +12,16 @@ Behaviour (one small state machine, driven by microphone blocks of 32 ms):
     as they stream. The microphone and the VAD keep running. The turn is over when the
     generator is exhausted and the speaker has played everything; then ``listening``.
 ``barge-in``
-    If the VAD hears the user start speaking while the loop is ``responding``, playback is
+    If the user speaks for ``barge_in_min_ms`` while the loop is ``responding``, playback is
     cut at once, the generator is abandoned (closed in its worker at its next yield) and the
     loop is back to listening, already inside the new utterance: the speech that triggered
-    the barge-in, with its pre-roll, is the start of the next turn. ``barge_in=False``
-    ignores the microphone while answering instead (for speakers without echo
-    cancellation, where the answer itself would trigger a barge-in).
+    the barge-in, with its pre-roll, is the start of the next turn. Shorter speech (an
+    "mm-hmm") does not cut the answer. ``barge_in=False`` ignores the microphone while
+    answering instead (for speakers without echo cancellation, where the answer itself
+    would trigger a barge-in).
+
+The turn-taking rules live in :class:`~spiritlm_edge.runtime.turns.TurnTaking`, shared
+with the Realtime server; this module adds the devices, the worker and playback.
 
 The session ends after ``max_seconds`` of audio, after ``max_turns`` answered turns, when
 the input ends, or on Ctrl-C; every case stops the devices and joins the worker. A failure
@@ -47,7 +51,15 @@ from spiritlm_edge.runtime.aec import EchoCanceller
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, resample
 from spiritlm_edge.runtime.audio_io import AudioInput, AudioOutput
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
-from spiritlm_edge.runtime.vad import SpeechDiscarded, SpeechStart, TurnDetector, Utterance
+from spiritlm_edge.runtime.turns import (
+    DEFAULT_BARGE_IN_MIN_MS,
+    BargeIn,
+    SpeechIgnored,
+    SpeechStarted,
+    TurnEnded,
+    TurnTaking,
+)
+from spiritlm_edge.runtime.vad import TurnDetector
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +152,13 @@ class LiveLoop:
         aec: EchoCanceller | None = None,
         max_seconds: float | None = None,
         max_turns: int | None = None,
+        barge_in_min_ms: float = DEFAULT_BARGE_IN_MIN_MS,
     ):
         self.respond = respond
         self.audio_in, self.audio_out = audio_in, audio_out
         self.vad = vad
         self.detector = detector or TurnDetector()
+        self.turn_taking = TurnTaking(vad, self.detector, barge_in=barge_in, barge_in_min_ms=barge_in_min_ms)
         self.on_text = on_text or (lambda text: None)
         self.on_status = on_status or (lambda message: None)
         self.on_turn_end = on_turn_end or (lambda turn: None)
@@ -199,18 +213,16 @@ class LiveLoop:
         return SessionSummary(self.turns, self.seconds, ended_by, self.speech_detected)
 
     def _hear(self, block: np.ndarray) -> None:
-        if self.responding and not self.barge_in:
-            return  # the microphone is deaf while the answer plays
-        event = self.detector.feed(block, self.vad(block))
-        if isinstance(event, SpeechStart):
-            self.speech_detected = True
-            if self.responding:
+        for event in self.turn_taking.feed(block, answering=self.responding):
+            if isinstance(event, SpeechStarted):
+                self.speech_detected = True
+            elif isinstance(event, BargeIn) and self.responding:
                 self.on_status("(interrupted)")
                 self._abandon_answer()
-        elif isinstance(event, Utterance):
-            self._start_turn(event.audio)
-        elif isinstance(event, SpeechDiscarded):
-            log.debug("ignored %.0f ms of speech (shorter than min_speech_ms)", event.speech_ms)
+            elif isinstance(event, TurnEnded):
+                self._start_turn(event.audio)
+            elif isinstance(event, SpeechIgnored):
+                log.debug("ignored %.0f ms of speech (%s)", event.speech_ms, event.reason)
 
     def _cancel_echo(self, aec: EchoCanceller, block: np.ndarray) -> np.ndarray:
         latency = self.audio_in.latency + self.audio_out.latency
@@ -272,8 +284,6 @@ class LiveLoop:
                 raise event
         if self._current is not None and not self._generating and self.audio_out.idle():
             turn, self._current = self._current, None
-            if not self.barge_in:  # the VAD skipped the answer: start from a clean state
-                getattr(self.vad, "reset", lambda: None)()
             self.on_turn_end(turn)
             self.on_status("listening")
 
@@ -317,6 +327,7 @@ def run_mic_session(
     threshold: float = 0.5,
     end_silence_ms: float = 700.0,
     max_turns: int | None = None,
+    barge_in_min_ms: float = DEFAULT_BARGE_IN_MIN_MS,
 ) -> SessionSummary:
     """Talk with ``respond`` through the microphone and speaker until Ctrl-C / ``max_seconds``.
 
@@ -353,6 +364,7 @@ def run_mic_session(
         aec=EchoCanceller() if (barge_in if aec is None else aec) else None,
         max_seconds=max_seconds,
         max_turns=max_turns,
+        barge_in_min_ms=barge_in_min_ms,
     )
     started = time.monotonic()
     summary = loop.run()

@@ -11,7 +11,7 @@ it with ``pip install --no-deps silero-vad`` and we only read its ``data/silero_
 :class:`TurnDetector` turns the probabilities into turns: speech starts after
 ``start_ms`` of speech, the turn ends after ``end_silence_ms`` of silence, and the
 utterance comes back with ``pad_ms`` of audio before the first and after the last
-speech block.
+speech block. ``runtime/turns.py`` builds barge-in on top of it.
 """
 
 from __future__ import annotations
@@ -206,6 +206,16 @@ class TurnDetector:
     @property
     def speaking(self) -> bool:
         return self._blocks is not None
+
+    @property
+    def utterance_blocks(self) -> int:
+        """Blocks of the utterance so far (pre-roll included); 0 when idle."""
+        return 0 if self._blocks is None else len(self._blocks)
+
+    @property
+    def speech_ms(self) -> float:
+        """Speech so far in the current utterance, first to last speech block; 0 when idle."""
+        return 0.0 if self._blocks is None else (self._last_speech + 1 - self._first_speech) * BLOCK_MS
 
     def feed(self, block: np.ndarray, prob: float):
         if self._blocks is None:
