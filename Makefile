@@ -11,7 +11,7 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p'
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: demo test test-fast check setup edge clean
+.PHONY: demo test test-c test-fast check setup edge clean
 
 $(BIN)/spiritlm-edge: pyproject.toml
 	@echo "Setting up $(VENV) (torch CPU, the export and dev extras)"
@@ -39,6 +39,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-c
+
+# The C/C++ client (CMakeLists.txt): built in build/ with -Werror under AddressSanitizer +
+# UndefinedBehaviorSanitizer; its ctest suite runs against this venv's `spiritlm-edge serve`.
+test-c: setup
+	cmake -S . -B build -DSLE_WERROR=ON -DSLE_SANITIZE=ON -DSPIRITLM_EDGE_EXECUTABLE=$(abspath $(BIN))/spiritlm-edge
+	cmake --build build -j 2
+	ctest --test-dir build --output-on-failure
 
 # The quick tier while editing: every test that takes more than a few seconds is marked slow.
 test-fast: setup
@@ -53,7 +61,7 @@ check: setup
 	$(BIN)/ruff format --check .
 	@mkdir -p $(TYPECHECK_TREE)/spiritlm_edge
 	@for f in spiritlm_edge/*.py; do ln -sfn $(CURDIR)/$$f $(TYPECHECK_TREE)/spiritlm_edge/; done
-	@for d in runtime export quant bench; do ln -sfn $(CURDIR)/$$d $(TYPECHECK_TREE)/spiritlm_edge/$$d; done
+	@for d in runtime export quant bench server; do ln -sfn $(CURDIR)/$$d $(TYPECHECK_TREE)/spiritlm_edge/$$d; done
 	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p spiritlm_edge
 

@@ -1,1 +1,1 @@
-"""Benchmarks: ``python bench/latency.py`` / ``spiritlm-edge bench``."""
+"""Benchmarks: ``python -m spiritlm_edge.bench.latency`` / ``spiritlm-edge bench``."""

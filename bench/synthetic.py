@@ -10,11 +10,10 @@ with the ordinary exporters (``export/build.py``), cached under the user cache d
         synthetic.json        what was built, when, how long it took
 
 * speech: HuBERT base 25 Hz (12 layers, 768), the pitch VQ-VAE, the wav2vec2-base style
-  encoder and the unit HiFi-GAN at the release's size, from each component's own
-  full-size writer;
+  encoder and the unit HiFi-GAN at the release's size, from ``export/random_speech.py``;
 * LM: Llama-2 7B (32 layers, 4096 hidden, 11008 FFN, 32 heads) with a 32 000-piece text
   vocabulary followed by the speech tokens (32 512 embedding rows for Base, 32 768 for
-  Expressive), written as ``model.safetensors`` (a release-supported weight format) tensor by
+  Expressive), written by ``export/random_lm.py`` as ``model.safetensors`` (a release-supported weight format) tensor by
   tensor, so it needs no more RAM than one tensor; then converted and quantized by the same
   code path as the real checkpoint.
 
@@ -31,20 +30,27 @@ import logging
 import math
 import os
 import shutil
-import struct
 import time
 from pathlib import Path
-from typing import Callable
+
+from platformdirs import user_cache_dir
+
+from spiritlm_edge.quant.llama_quantize import check_quant
+from spiritlm_edge.runtime.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_MODELS = {"base-7b": "base", "expressive-7b": "expressive"}
 # Llama-2 7B, as in the released spirit-lm-*-7b/config.json
-LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_layers": 32, "num_heads": 32,
-             "num_kv_heads": 32, "context_length": 4096}
+LLAMA2_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_layers": 32,
+    "num_heads": 32,
+    "num_kv_heads": 32,
+    "context_length": 4096,
+}
 TEXT_VOCAB = 32000  # Llama-2's SentencePiece vocabulary
-_POOL_ELEMENTS = 1 << 22  # 8 MB of random bf16, reused with a random rotation per tensor
-_WRITE_ELEMENTS = 1 << 24  # 32 MB per write call
 
 # Rough figures for the build on a 2-core x86 CPU (measured here), to tell the user up front.
 _BUILD_MINUTES = {"speech": 4, "lm_write": 2, "lm_convert": 4, "quantize": 12}
@@ -55,8 +61,6 @@ def synthetic_dir(name: str, cache_dir: str | os.PathLike | None = None, lm_laye
     cut to ``lm_layers`` LM layers gets its own ``-<n>layers`` directory."""
     check_name(name)
     if cache_dir is None:
-        from platformdirs import user_cache_dir
-
         cache_dir = user_cache_dir("spiritlm-edge")
     suffix = "" if lm_layers in (None, LLAMA2_7B["num_layers"]) else f"-{lm_layers}layers"
     return Path(cache_dir) / f"synthetic-{name}{suffix}"
@@ -64,8 +68,6 @@ def synthetic_dir(name: str, cache_dir: str | os.PathLike | None = None, lm_laye
 
 def check_name(name: str) -> str:
     if name not in SYNTHETIC_MODELS:
-        from spiritlm_edge.runtime.errors import ModelError
-
         raise ModelError(f"Unknown synthetic model {name!r}: choose {' or '.join(SYNTHETIC_MODELS)}.")
     return SYNTHETIC_MODELS[name]
 
@@ -79,10 +81,10 @@ def lm_parameter_count(variant: str, cfg: dict = LLAMA2_7B) -> int:
 
 
 def embedding_rows(variant: str, text_vocab: int = TEXT_VOCAB) -> int:
-    from spiritlm_edge.export.lm import EMBEDDING_ROW_MULTIPLE, speech_token_strings
+    # export/ needs torch (the export extra): planning and building import it, a run does not
+    from spiritlm_edge.export import random_lm
 
-    tokens = text_vocab + len(speech_token_strings(variant))
-    return -(-tokens // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
+    return random_lm.embedding_rows(variant, text_vocab)
 
 
 def lm_config(lm_layers: int | None = None) -> dict:
@@ -91,8 +93,6 @@ def lm_config(lm_layers: int | None = None) -> dict:
     cfg = dict(LLAMA2_7B)
     if lm_layers is not None:
         if not 1 <= lm_layers <= LLAMA2_7B["num_layers"]:
-            from spiritlm_edge.runtime.errors import ModelError
-
             raise ModelError(f"lm_layers must be 1..{LLAMA2_7B['num_layers']}, got {lm_layers}.")
         cfg["num_layers"] = lm_layers
     return cfg
@@ -115,166 +115,6 @@ def build_plan(name: str, quant: str = "Q4_K_M", lm_layers: int | None = None) -
     )
 
 
-# -- the tokenizer ------------------------------------------------------------------------
-
-
-def _piece(piece: str, score: float, piece_type: int) -> bytes:
-    """One SentencePiece ``ModelProto.pieces`` record (field 1), hand-encoded."""
-    from spiritlm_edge.export.lm import _varint
-
-    text = piece.encode("utf-8")
-    body = b"\x0a" + _varint(len(text)) + text + b"\x15" + struct.pack("<f", score) + b"\x18" + _varint(piece_type)
-    return b"\x0a" + _varint(len(body)) + body
-
-
-def write_tokenizer(lm_dir: Path, variant: str, seed: int, text_vocab: int = TEXT_VOCAB) -> int:
-    """The release's tokenizer layout at full size: ``text_vocab`` SentencePiece pieces, then
-    the speech tokens as user-defined pieces. A small BPE model is trained (so encoding and
-    decoding behave like Llama's) and padded with never-merged filler pieces to the full count,
-    which puts every speech token at its released id. Returns the token count."""
-    from spiritlm_edge.export.lm import speech_token_strings, train_tiny_sentencepiece, write_tiny_tokenizer
-
-    # The tiny writer lays down tokenizer_config.json / special_tokens_map.json as released;
-    # tokenizer.model is then replaced by the full-size one.
-    write_tiny_tokenizer(lm_dir, variant, seed)
-    trained = 1000
-    model = train_tiny_sentencepiece(seed, trained)
-    normal, user_defined = 1, 4
-    model += b"".join(_piece(f"\u2581synth{i}", -1e4 - i, normal) for i in range(text_vocab - trained))
-    model += b"".join(_piece(token, 0.0, user_defined) for token in speech_token_strings(variant))
-    (lm_dir / "tokenizer.model").write_bytes(model)
-    return text_vocab + len(speech_token_strings(variant))
-
-
-# -- the weights --------------------------------------------------------------------------
-
-
-def _lm_tensors(cfg: dict, rows: int) -> list[tuple[str, tuple[int, ...], float | None]]:
-    """(name, shape, std or None for a norm weight of ones), in LlamaForCausalLM's order."""
-    h, f = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = cfg["num_kv_heads"] * h // cfg["num_heads"]
-    tensors = [("model.embed_tokens.weight", (rows, h), 1.0)]
-    for i in range(cfg["num_layers"]):
-        p = f"model.layers.{i}."
-        tensors += [
-            (p + "self_attn.q_proj.weight", (h, h), h**-0.5),
-            (p + "self_attn.k_proj.weight", (kv, h), h**-0.5),
-            (p + "self_attn.v_proj.weight", (kv, h), h**-0.5),
-            (p + "self_attn.o_proj.weight", (h, h), h**-0.5),
-            (p + "mlp.gate_proj.weight", (f, h), h**-0.5),
-            (p + "mlp.up_proj.weight", (f, h), h**-0.5),
-            (p + "mlp.down_proj.weight", (h, f), f**-0.5),
-            (p + "input_layernorm.weight", (h,), None),
-            (p + "post_attention_layernorm.weight", (h,), None),
-        ]
-    tensors += [("model.norm.weight", (h,), None), ("lm_head.weight", (rows, h), h**-0.5)]
-    return tensors
-
-
-def write_random_safetensors(path: Path, tensors, seed: int, progress: Callable[[int, int], None] | None = None) -> int:
-    """Stream random bf16 tensors into a safetensors file; returns its size in bytes.
-
-    Memory: one 8 MB pool of random numbers (per standard deviation) and one 32 MB write
-    buffer, whatever the model size.
-    """
-    import numpy as np
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    unit = torch.randn(_POOL_ELEMENTS, generator=generator)
-    pools: dict[float | None, np.ndarray] = {}
-
-    def pool(std):
-        if std not in pools:
-            values = torch.ones(_POOL_ELEMENTS) if std is None else unit * std
-            pools[std] = values.to(torch.bfloat16).view(torch.int16).numpy()
-        return pools[std]
-
-    header, offset = {}, 0
-    for name, shape, _ in tensors:
-        nbytes = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt", "note": "spiritlm-edge synthetic: random weights"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    rng = np.random.default_rng(seed)
-    tmp = path.with_name(path.name + ".part")
-    total = sum(math.prod(s) for _, s, _ in tensors)
-    done = 0
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape, std in tensors:
-            values = pool(std)
-            n = math.prod(shape)
-            start = int(rng.integers(_POOL_ELEMENTS))
-            rotated = np.concatenate([values[start:], values[:start]])
-            reps = -(-min(n, _WRITE_ELEMENTS) // _POOL_ELEMENTS)
-            block = np.tile(rotated, reps)
-            written = 0
-            while written < n:
-                k = min(n - written, block.size)
-                f.write(block[:k].tobytes())
-                written += k
-            done += n
-            if progress is not None:
-                progress(done, total)
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def write_random_lm(paths, variant: str, seed: int = 0, cfg: dict = LLAMA2_7B, text_vocab: int = TEXT_VOCAB,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
-    """A ``spirit-lm-<variant>-7b`` directory in the release's format (config, tokenizer
-    files, ``model.safetensors``) with random weights of the shapes in ``cfg``."""
-    from spiritlm_edge.export.checkpoints import check_variant
-
-    check_variant(variant)
-    lm_dir = paths.lm_dir(variant)
-    lm_dir.mkdir(parents=True, exist_ok=True)
-    n_tokens = write_tokenizer(lm_dir, variant, seed, text_vocab)
-    rows = embedding_rows(variant, text_vocab)
-    assert rows >= n_tokens
-    config = {
-        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": cfg["hidden_size"],
-        "initializer_range": 0.02, "intermediate_size": cfg["intermediate_size"],
-        "max_position_embeddings": cfg["context_length"], "model_type": "llama",
-        "num_attention_heads": cfg["num_heads"], "num_hidden_layers": cfg["num_layers"],
-        "num_key_value_heads": cfg["num_kv_heads"], "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-        "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": rows,
-    }
-    (lm_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    (lm_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (lm_dir / "pytorch_model.bin").unlink(missing_ok=True)  # the tiny writer's; safetensors is ours
-    write_random_safetensors(lm_dir / "model.safetensors", _lm_tensors(cfg, rows), seed, progress)
-    return lm_dir
-
-
-def write_full_size_checkpoints(root: str | os.PathLike, variant: str, seed: int = 0,
-                                lm_cfg: dict = LLAMA2_7B, text_vocab: int = TEXT_VOCAB) -> Path:
-    """A checkpoint root with every component of ``variant`` at the release's size, random."""
-    from spiritlm_edge.export import hubert, vocoder
-    from spiritlm_edge.export.checkpoints import CheckpointPaths
-
-    paths = CheckpointPaths(Path(root))
-    steps = [("HuBERT base 25 Hz + quantizer", lambda s: hubert.write_tiny(paths, variant, s, size="full"))]
-    if variant == "expressive":
-        from spiritlm_edge.export import pitch, style
-
-        steps += [("pitch VQ-VAE", lambda s: pitch.write_full_size_random(paths, s)),
-                  ("wav2vec2-base style encoder", lambda s: style.write_tiny(paths, variant, s, size="full"))]
-    steps += [("unit HiFi-GAN", lambda s: vocoder.write_random(paths, variant, s, size="full")),
-              ("Llama-2 7B LM", lambda s: write_random_lm(paths, variant, s, lm_cfg, text_vocab, _lm_progress()))]
-    for offset, (label, write) in enumerate(steps):
-        start = time.perf_counter()
-        write(seed * 1000 + offset)
-        log.info("wrote random %s in %.0f s", label, time.perf_counter() - start)
-    return paths.root
-
-
 def _lm_progress():
     last = [0.0]
 
@@ -286,17 +126,22 @@ def _lm_progress():
     return report
 
 
-def build_synthetic_bundle(name: str, quant: str = "Q4_K_M", cache_dir: str | os.PathLike | None = None,
-                           rebuild: bool = False, n_threads: int | None = None, seed: int = 0,
-                           keep_checkpoints: bool = True, lm_layers: int | None = None) -> tuple[Path, Path | None]:
+def build_synthetic_bundle(
+    name: str,
+    quant: str = "Q4_K_M",
+    cache_dir: str | os.PathLike | None = None,
+    rebuild: bool = False,
+    n_threads: int | None = None,
+    seed: int = 0,
+    keep_checkpoints: bool = True,
+    lm_layers: int | None = None,
+) -> tuple[Path, Path | None]:
     """The cached synthetic bundle ``name`` in ``quant``, built first if needed.
 
     Returns (bundle directory, checkpoint root or None if it was not kept). A build that
     was interrupted is started again from the beginning of the missing part.
     ``lm_layers`` keeps only that many of the 7B's 32 layers (every other shape unchanged).
     """
-    from spiritlm_edge.quant.llama_quantize import check_quant
-
     variant = check_name(name)
     quant = check_quant(quant)
     cfg = lm_config(lm_layers)
@@ -304,24 +149,33 @@ def build_synthetic_bundle(name: str, quant: str = "Q4_K_M", cache_dir: str | os
     root, bundle_dir, record = home / "checkpoints", home / f"bundle-{quant}", home / f"synthetic-{quant}.json"
     if record.is_file() and (bundle_dir / "bundle.json").is_file() and not rebuild:
         return bundle_dir, (root if (root / ".complete").is_file() else None)
-    try:
+    try:  # export/ needs torch (the export extra); this module is imported by every benchmark run
         from spiritlm_edge.export.build import build_bundle
+        from spiritlm_edge.export.tiny import write_full_size_checkpoints
     except ImportError as exc:
-        raise ImportError(f"building a synthetic bundle needs the export extra ({exc.name} is missing)",
-                          name=exc.name) from exc
+        raise ImportError(
+            f"building a synthetic bundle needs the export extra ({exc.name} is missing)", name=exc.name
+        ) from exc
     log.info("%s", build_plan(name, quant, lm_layers))
     start = time.perf_counter()
     if rebuild or not (root / ".complete").is_file():
         shutil.rmtree(root, ignore_errors=True)
-        write_full_size_checkpoints(root, variant, seed, lm_cfg=cfg)
+        write_full_size_checkpoints(root, variant, seed, lm_cfg=cfg, text_vocab=TEXT_VOCAB, lm_progress=_lm_progress())
         (root / ".complete").write_text("random weights, released shapes\n")
     written = time.perf_counter() - start
     shutil.rmtree(bundle_dir, ignore_errors=True)
     build_bundle(root, variant, bundle_dir, quant=quant, n_threads=n_threads)
     info = {
-        "name": name, "variant": variant, "quant": quant, "weights": "synthetic (random, released shapes)",
-        "seed": seed, "lm_layers": cfg["num_layers"], "lm_parameters": lm_parameter_count(variant, cfg), "built": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "checkpoint_seconds": round(written, 1), "total_seconds": round(time.perf_counter() - start, 1),
+        "name": name,
+        "variant": variant,
+        "quant": quant,
+        "weights": "synthetic (random, released shapes)",
+        "seed": seed,
+        "lm_layers": cfg["num_layers"],
+        "lm_parameters": lm_parameter_count(variant, cfg),
+        "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "checkpoint_seconds": round(written, 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
     }
     record.write_text(json.dumps(info, indent=2) + "\n")
     if not keep_checkpoints:

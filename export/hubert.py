@@ -23,9 +23,11 @@ import ast
 import io
 import logging
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from spiritlm_edge.export.checkpoints import (
     load_state_dict_strictly,
     load_torch_file,
 )
+from spiritlm_edge.runtime.bundle import add_component
 from spiritlm_edge.runtime.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -154,7 +157,7 @@ class EncoderConfig:
         return n
 
     @classmethod
-    def from_fairseq(cls, model_cfg: Mapping, path: Path) -> "EncoderConfig":
+    def from_fairseq(cls, model_cfg: Mapping, path: Path) -> EncoderConfig:
         cfg = dict(FAIRSEQ_DEFAULTS)
         cfg.update({k: v for k, v in model_cfg.items() if k in FAIRSEQ_DEFAULTS})
         unsupported = {
@@ -410,7 +413,10 @@ def load_quantizer(paths: CheckpointPaths) -> LinearQuantizer:
     model_cfg = get_key(checkpoint, "model_cfg", path, QUANTIZER_WHAT)
     state = get_key(checkpoint, "model_weight", path, QUANTIZER_WHAT)
     try:
-        sizes = {k: int(get_key(model_cfg, k, path, f"{QUANTIZER_WHAT} model_cfg of")) for k in ("vocab_size", "dim", "upstream_dim")}
+        sizes = {
+            k: int(get_key(model_cfg, k, path, f"{QUANTIZER_WHAT} model_cfg of"))
+            for k in ("vocab_size", "dim", "upstream_dim")
+        }
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{QUANTIZER_WHAT} {path}: bad model_cfg value ({exc}).") from None
     if sizes["vocab_size"] != 500:
@@ -563,12 +569,16 @@ class EncoderGraph(nn.Module):
         config = encoder.config
         self.normalize = normalize  # None, "layer_norm" (fairseq), "zero_mean_unit_var" (HF)
         # "fused": see _FrontEnd; "conv": the module as is (kept to measure against)
-        self.frontend = _FrontEnd(encoder.feature_extractor, config) if frontend == "fused" else encoder.feature_extractor
+        self.frontend = (
+            _FrontEnd(encoder.feature_extractor, config) if frontend == "fused" else encoder.feature_extractor
+        )
         self.frontend_kind = frontend
         self.layer_norm = encoder.layer_norm
         self.post_extract_proj = encoder.post_extract_proj
         pos = encoder.encoder.pos_conv[0]
-        self.pos_conv = nn.Conv1d(config.embed_dim, config.embed_dim, pos.kernel, padding=pos.kernel // 2, groups=pos.groups)
+        self.pos_conv = nn.Conv1d(
+            config.embed_dim, config.embed_dim, pos.kernel, padding=pos.kernel // 2, groups=pos.groups
+        )
         self.pos_conv.weight.data.copy_(pos.weight().detach())
         self.pos_conv.bias.data.copy_(pos.bias.detach())
         self.pos_trim = pos.kernel % 2 == 0
@@ -601,9 +611,7 @@ class HubertGraph(nn.Module):
 
     def __init__(self, hubert: HubertCheckpoint, quantizer: LinearQuantizer, frontend: str = "fused"):
         super().__init__()
-        self.encoder = EncoderGraph(
-            hubert.encoder, OUTPUT_LAYER, "layer_norm" if hubert.normalize else None, frontend
-        )
+        self.encoder = EncoderGraph(hubert.encoder, OUTPUT_LAYER, "layer_norm" if hubert.normalize else None, frontend)
         self.quantizer = quantizer.encoder
         self.blank = quantizer.vocab_size
 
@@ -613,29 +621,37 @@ class HubertGraph(nn.Module):
         return fill_blanks(codes, self.blank), features
 
 
-def export_graph_onnx(graph: nn.Module, out_path: Path, example: torch.Tensor, output_names: list[str],
-                      dynamic_outputs: dict, opset: int = 17) -> None:
+def export_graph_onnx(
+    graph: nn.Module,
+    out_path: Path,
+    example: torch.Tensor,
+    output_names: list[str],
+    dynamic_outputs: dict,
+    opset: int = 17,
+) -> None:
     """TorchScript-exporter ONNX export with a dynamic sample axis; deterministic bytes."""
-    import warnings
-
     graph.eval()
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic are expected
         torch.onnx.export(
-            graph, (example,), buffer, dynamo=False, opset_version=opset,
-            input_names=["audio"], output_names=output_names,
+            graph,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["audio"],
+            output_names=output_names,
             dynamic_axes={"audio": {1: "samples"}, **dynamic_outputs},
             do_constant_folding=True,
         )
     out_path.write_bytes(buffer.getvalue())
 
 
-def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17,
-                frontend: str = "fused") -> dict:
+def export_onnx(
+    paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17, frontend: str = "fused"
+) -> dict:
     """Export HuBERT + quantizer + blank filling to ``<bundle>/hubert.onnx`` and register it."""
-    from spiritlm_edge.runtime.bundle import add_component
-
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     hubert = load_hubert(paths)
@@ -645,8 +661,12 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
     graph = HubertGraph(hubert, quantizer, frontend)
     example = torch.zeros(1, 16000)
     export_graph_onnx(
-        graph, bundle_dir / ONNX_FILE, example, ["units", "features"],
-        {"units": {0: "frames"}, "features": {0: "frames"}}, opset,
+        graph,
+        bundle_dir / ONNX_FILE,
+        example,
+        ["units", "features"],
+        {"units": {0: "frames"}, "features": {0: "frames"}},
+        opset,
     )
     entry = {
         "file": ONNX_FILE,
@@ -663,124 +683,3 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
         "normalize": hubert.normalize,
     }
     return add_component(bundle_dir, "hubert", entry, variant=variant)
-
-
-# ----------------------------------------------------------------------------- tiny / full-size files
-
-
-def _model_cfg(config: EncoderConfig) -> dict[str, Any]:
-    """A fairseq HubertConfig dict as the converted release files hold it."""
-    return {
-        "label_rate": 25.0, "extractor_mode": config.extractor_mode, "encoder_layers": config.layers,
-        "encoder_embed_dim": config.embed_dim, "encoder_ffn_embed_dim": config.ffn_dim,
-        "encoder_attention_heads": config.heads, "activation_fn": "gelu", "layer_type": "transformer",
-        "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0, "encoder_layerdrop": 0.05,
-        "dropout_input": 0.1, "dropout_features": 0.1, "final_dim": 256, "untie_final_proj": False,
-        "layer_norm_first": False, "conv_feature_layers": _conv_spec(config.conv_layers),
-        "conv_bias": config.conv_bias, "logit_temp": 0.1, "target_glu": False, "feature_grad_mult": 0.1,
-        "mask_length": 10, "mask_prob": 0.8, "mask_selection": "static", "mask_other": 0.0,
-        "no_mask_overlap": False, "mask_min_space": 1, "mask_channel_length": 10, "mask_channel_prob": 0.0,
-        "mask_channel_selection": "static", "mask_channel_other": 0.0, "no_mask_channel_overlap": False,
-        "mask_channel_min_space": 1, "conv_pos": config.conv_pos, "conv_pos_groups": config.conv_pos_groups,
-        "latent_temp": [2.0, 0.5, 0.999995], "skip_masked": False, "skip_nomask": False,
-        "checkpoint_activations": False, "required_seq_len_multiple": 2,
-    }
-
-
-def _conv_spec(layers) -> str:
-    """Run-length Python-literal form, like fairseq's configs: "[(512,10,5)] + [(512,3,2)] * 4"."""
-    runs: list[list] = []
-    for layer in layers:
-        if runs and runs[-1][0] == tuple(layer):
-            runs[-1][1] += 1
-        else:
-            runs.append([tuple(layer), 1])
-    return " + ".join(
-        f"[({d},{k},{s})]" + (f" * {n}" if n > 1 else "") for (d, k, s), n in runs
-    )
-
-
-def _clip_audio() -> np.ndarray:
-    from spiritlm_edge.runtime.audio import BUNDLED_CLIP, load_audio
-
-    return load_audio(BUNDLED_CLIP)
-
-
-@torch.no_grad()
-def _centre_quantizer(quantizer: LinearQuantizer, features: torch.Tensor, generator: torch.Generator) -> None:
-    """Make random-weight units informative: the last layer becomes a nearest-prototype
-    classifier whose 501 prototypes are (jittered) hidden vectors of random speech frames.
-    A plain random MLP puts almost every frame on the same few argmax units."""
-    hidden = quantizer.encoder[:4](features)  # [T, h2]
-    picks = torch.randint(0, hidden.shape[0], (quantizer.vocab_size + 1,), generator=generator)
-    spread = hidden.std(0, keepdim=True)
-    prototypes = hidden[picks] + 0.3 * spread * torch.randn(len(picks), hidden.shape[1], generator=generator)
-    last = quantizer.encoder[4]
-    last.weight.copy_(prototypes)
-    last.bias.copy_(-0.5 * (prototypes * prototypes).sum(1))  # argmax = nearest prototype
-    # Like a CTC model, emit the blank (last row) on a share of the frames (~15%), so
-    # that blank filling is exercised: blank scores the centroid, biased to win that often.
-    blank = quantizer.vocab_size
-    best_other = last(hidden)[:, :blank].max(1).values
-    centroid = hidden.mean(0)
-    last.weight[blank] = centroid
-    last.bias[blank] = torch.quantile(best_other - hidden @ centroid, 0.15)
-
-
-def write_tiny(paths: CheckpointPaths, variant: str = "base", seed: int = 0, size: str = "tiny") -> None:
-    """Write random-weight ``mhubert_base_25hz.pt`` + ``L11_quantizer_500.pt`` in the release format.
-
-    ``size="tiny"``: 12 layers of width 64, seconds to write. ``size="full"``: the release's
-    shapes (HuBERT base 25 Hz, 768 wide, ~95M parameters + 1.3M quantizer) for benchmarks.
-    """
-    if size == "tiny":
-        config = EncoderConfig(tuple(parse_conv_layers(TINY_CONV_LAYERS)), embed_dim=64, ffn_dim=128, heads=2,
-                               layers=12, conv_pos=16, conv_pos_groups=4)
-        upstream_dim = 565  # hidden sizes 48 and 32
-    elif size == "full":
-        config = EncoderConfig(tuple(parse_conv_layers(FULL_SIZE_CONV_LAYERS)))
-        upstream_dim = config.embed_dim  # hidden sizes 702 and 635
-    else:
-        raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # module initialisers draw from the global generator
-    encoder = SpeechEncoder(config).eval()
-    with torch.no_grad():
-        for name, p in encoder.named_parameters():  # non-trivial norms/biases so they are tested
-            if name.endswith("bias") or ("norm" in name and name.endswith("weight")):
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=generator))
-    quantizer = LinearQuantizer(500, config.embed_dim, upstream_dim).eval()
-    hubert = HubertCheckpoint(encoder, normalize=False, sample_rate=16000)
-    _centre_quantizer(quantizer, reference_features(hubert, _clip_audio()), generator)
-
-    state = {k: v.clone() for k, v in encoder.state_dict().items()}
-    final_dim = 256 if size == "full" else 16
-    state["mask_emb"] = torch.rand(config.embed_dim, generator=generator)
-    state["label_embs_concat"] = torch.rand(504, final_dim, generator=generator)
-    state["final_proj.weight"] = torch.randn(final_dim, config.embed_dim, generator=generator) * 0.02
-    state["final_proj.bias"] = torch.zeros(final_dim)
-    model_cfg = _model_cfg(config)
-    model_cfg["final_dim"] = final_dim
-    checkpoint = {
-        "model_cfg": model_cfg,
-        "task_cfg": {"label_rate": 25.0, "sample_rate": 16000, "normalize": False, "enable_padding": False,
-                     "max_keep_size": None, "max_sample_size": 250000, "min_sample_size": 32000,
-                     "random_crop": True, "pad_audio": False},
-        "model_weight": state,
-        "dictionaries_symbols": [["<s>", "<pad>", "</s>", "<unk>"] + [str(i) for i in range(500)]],
-    }
-    paths.hubert.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, paths.hubert)
-    torch.save(
-        {"model_cfg": {"vocab_size": 500, "dim": config.embed_dim, "upstream_dim": upstream_dim},
-         "model_weight": quantizer.encoder.state_dict()},
-        paths.hubert_quantizer,
-    )
-
-
-def build_random_full_size(root: str | Path, seed: int = 0) -> CheckpointPaths:
-    """Full-size random HuBERT + quantizer files under checkpoint root ``root`` (for benchmarks)."""
-    paths = CheckpointPaths(Path(root))
-    write_tiny(paths, seed=seed, size="full")
-    return paths

@@ -1,5 +1,5 @@
-"""The Spirit LM language model checkpoint: loading its configuration, checking its
-tokenizer files, and writing tiny random-weight copies in the release's format.
+"""The Spirit LM language model checkpoint: loading its configuration and checking its
+tokenizer files (random-weight copies are written by ``export/random_lm.py``).
 
 The release (spec sections 1-2) is a Llama-2 7B ``LlamaForCausalLM`` directory::
 
@@ -14,15 +14,9 @@ embedding matrix is padded to a multiple of 256 rows.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import random
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from spiritlm_edge.export.checkpoints import (
     CheckpointPaths,
@@ -32,6 +26,7 @@ from spiritlm_edge.export.checkpoints import (
     require_file,
 )
 from spiritlm_edge.runtime.errors import CheckpointError
+from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +93,6 @@ def load_lm_config(paths: CheckpointPaths | Path, variant: str) -> LMConfig:
     the text vocabulary in the release's order, and an embedding at least as large as
     the tokenizer.
     """
-    from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
-
     check_variant(variant)
     lm_dir = paths.lm_dir(variant) if isinstance(paths, CheckpointPaths) else Path(paths)
     if not lm_dir.is_dir():
@@ -114,9 +107,7 @@ def load_lm_config(paths: CheckpointPaths | Path, variant: str) -> LMConfig:
     config = load_json(config_path, "LM config")
     model_type = config.get("model_type")
     if model_type != "llama":
-        raise CheckpointError(
-            f"LM config {config_path} has model_type={model_type!r}; Spirit LM is a 'llama' model."
-        )
+        raise CheckpointError(f"LM config {config_path} has model_type={model_type!r}; Spirit LM is a 'llama' model.")
 
     def key(name):
         return get_key(config, name, config_path, "LM config")
@@ -155,313 +146,3 @@ def load_lm_config(paths: CheckpointPaths | Path, variant: str) -> LMConfig:
             "Re-download the spirit-lm directory as released."
         )
     return cfg
-
-
-# ---------------------------------------------------------------------------------------
-# Tiny checkpoints
-
-
-def _tiny_corpus(seed: int, n_lines: int = 600) -> list[str]:
-    """A few KB of pseudo-English with digits, punctuation and some non-ASCII, for BPE."""
-    rng = random.Random(seed)
-    syllables = (
-        "the an in on at re de co pro ex ter al ing ed er est ly ment tion ous able sp ir it "
-        "lm ma ki no ra so ta ve wo yu za ch sh th ph qu ou ea ai oo ee ar or ur ic ly ful"
-    ).split()
-    words = []
-    for _ in range(400):
-        words.append("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))))
-    extras = ["café", "naïve", "über", "año", "日本", "語", "Ж", "ß", "—", "€5", "3.14", "2024"]
-    lines = []
-    for _ in range(n_lines):
-        n = rng.randint(3, 14)
-        sentence = [rng.choice(words) if rng.random() > 0.08 else rng.choice(extras) for _ in range(n)]
-        sentence[0] = sentence[0].capitalize()
-        text = " ".join(sentence) + rng.choice([".", "?", "!", ",", ":", ";"])
-        if rng.random() < 0.2:
-            text += f" {rng.randint(0, 9999)}"
-        lines.append(text)
-    return lines
-
-
-def train_tiny_sentencepiece(seed: int, vocab_size: int = 1000) -> bytes:
-    """A real SentencePiece BPE model trained like Llama's (byte fallback, split digits,
-    identity normaliser, dummy prefix, whitespace kept), with ``vocab_size`` pieces."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_tiny_corpus(seed)),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
-def _protobuf_user_defined_piece(piece: str) -> bytes:
-    """One ``ModelProto.pieces`` entry (field 1) of type USER_DEFINED, hand-encoded.
-
-    Appending such records to a serialized model extends its piece list in order, the
-    way a vocabulary is extended after training; no protobuf library needed.
-    """
-    text = piece.encode("utf-8")
-    body = b"\x0a" + _varint(len(text)) + text  # piece
-    body += b"\x15" + struct.pack("<f", 0.0)  # score
-    body += b"\x18" + _varint(4)  # type = USER_DEFINED
-    return b"\x0a" + _varint(len(body)) + body
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _added_token(content: str, special: bool, normalized: bool) -> dict:
-    return {
-        "content": content,
-        "lstrip": False,
-        "normalized": normalized,
-        "rstrip": False,
-        "single_word": False,
-        "special": special,
-    }
-
-
-def write_tiny_tokenizer(
-    lm_dir: Path, variant: str, seed: int, text_vocab_size: int = 1000, storage: str = "pieces"
-) -> int:
-    """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json.
-
-    ``storage`` chooses where the speech tokens live: ``"pieces"`` appends them as
-    user-defined SentencePiece pieces to tokenizer.model; ``"added"`` lists them as
-    added tokens in tokenizer_config.json (``added_tokens_decoder``), the way
-    ``tokenizer.add_tokens`` + ``save_pretrained`` stores them. Returns the token count.
-    """
-    if storage not in ("pieces", "added"):
-        raise ValueError(f"storage must be 'pieces' or 'added', not {storage!r}")
-    model = train_tiny_sentencepiece(seed, text_vocab_size)
-    extra = speech_token_strings(variant)
-    decoder = {
-        "0": _added_token("<unk>", True, False),
-        "1": _added_token("<s>", True, False),
-        "2": _added_token("</s>", True, False),
-    }
-    if storage == "pieces":
-        model += b"".join(_protobuf_user_defined_piece(t) for t in extra)
-    else:
-        for offset, token in enumerate(extra):
-            decoder[str(text_vocab_size + offset)] = _added_token(token, False, True)
-    (lm_dir / "tokenizer.model").write_bytes(model)
-    config = {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "added_tokens_decoder": decoder,
-        "bos_token": "<s>",
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "</s>",
-        "model_max_length": 1000000000000000019884624838656,
-        "pad_token": None,
-        "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
-        "unk_token": "<unk>",
-    }
-    (lm_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (lm_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    return text_vocab_size + len(extra)
-
-
-def tiny_state_dict(config: dict, seed: int, n_tokens: int) -> dict[str, torch.Tensor]:
-    """Random bf16 weights with the names of ``LlamaForCausalLM.state_dict()``.
-
-    Scales are chosen so that the residual stream changes layer to layer and the output
-    distribution is peaked (greedy decoding is then not decided by rounding noise). The
-    padding rows (``n_tokens`` and up) are zero, so the model never prefers them.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    hidden = config["hidden_size"]
-    inter = config["intermediate_size"]
-    head_dim = hidden // config["num_attention_heads"]
-    kv = config["num_key_value_heads"] * head_dim
-    rows = config["vocab_size"]
-
-    def normal(*shape, std):
-        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
-
-    def norm_weight():
-        return (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(torch.bfloat16)
-
-    sd = {"model.embed_tokens.weight": normal(rows, hidden, std=1.0)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = normal(hidden, hidden, std=hidden**-0.5)
-        sd[p + "self_attn.k_proj.weight"] = normal(kv, hidden, std=hidden**-0.5)
-        sd[p + "self_attn.v_proj.weight"] = normal(kv, hidden, std=hidden**-0.5)
-        sd[p + "self_attn.o_proj.weight"] = normal(hidden, hidden, std=hidden**-0.5)
-        sd[p + "mlp.gate_proj.weight"] = normal(inter, hidden, std=hidden**-0.5)
-        sd[p + "mlp.up_proj.weight"] = normal(inter, hidden, std=hidden**-0.5)
-        sd[p + "mlp.down_proj.weight"] = normal(hidden, inter, std=inter**-0.5)
-        sd[p + "input_layernorm.weight"] = norm_weight()
-        sd[p + "post_attention_layernorm.weight"] = norm_weight()
-    sd["model.norm.weight"] = norm_weight()
-    # Each token prefers one successor (a fixed random permutation): its output row leans
-    # towards the input embedding of the current token. Distributions are then peaked, so
-    # greedy continuations are not decided by f16 rounding, while attention and MLP still
-    # move the logits of every other token.
-    embed = sd["model.embed_tokens.weight"].float()
-    successor = torch.randperm(n_tokens, generator=gen)
-    head = torch.randn(rows, hidden, generator=gen) * 0.25
-    head[successor] += 1.5 * embed[:n_tokens] / hidden**0.5
-    sd["lm_head.weight"] = head.to(torch.bfloat16)
-    sd["model.embed_tokens.weight"][n_tokens:] = 0
-    sd["lm_head.weight"][n_tokens:] = 0
-    return sd
-
-
-def write_tiny(
-    paths: CheckpointPaths,
-    variant: str = "base",
-    seed: int = 0,
-    *,
-    tokenizer_storage: str = "pieces",
-    text_vocab_size: int = 1000,
-    hidden_size: int = 256,
-    num_layers: int = 2,
-) -> Path:
-    """Write a tiny ``spirit-lm-<variant>-7b`` directory in the release's format.
-
-    Llama architecture with hidden size 256 (llama.cpp's k-quants need rows that are a
-    multiple of 256), head_dim 64, 2 layers; Expressive uses grouped-query attention
-    (2 KV heads) so that the converter's K permutation is exercised with n_kv != n_head.
-    """
-    check_variant(variant)
-    lm_dir = paths.lm_dir(variant)
-    lm_dir.mkdir(parents=True, exist_ok=True)
-    n_tokens = write_tiny_tokenizer(lm_dir, variant, seed, text_vocab_size, tokenizer_storage)
-    rows = -(-n_tokens // EMBEDDING_ROW_MULTIPLE) * EMBEDDING_ROW_MULTIPLE
-    heads = hidden_size // 64
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "hidden_act": "silu",
-        "hidden_size": hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": 2 * hidden_size,
-        "max_position_embeddings": 4096,
-        "model_type": "llama",
-        "num_attention_heads": heads,
-        "num_hidden_layers": num_layers,
-        "num_key_value_heads": heads // 2 if variant == "expressive" else heads,
-        "pretraining_tp": 1,
-        "rms_norm_eps": 1e-05,
-        "rope_scaling": None,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "vocab_size": rows,
-    }
-    (lm_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    (lm_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    torch.save(tiny_state_dict(config, seed, n_tokens), lm_dir / "pytorch_model.bin")
-    return lm_dir
-
-
-# ---------------------------------------------------------------------------------------
-# Bundle export
-
-
-def export_lm(
-    checkpoints: str | Path | CheckpointPaths,
-    variant: str,
-    bundle_dir: str | Path,
-    quant: str = "Q4_K_M",
-    n_threads: int | None = None,
-    progress: bool = True,
-) -> Path:
-    """Convert the ``variant`` LM to ``bundle_dir/lm-<quant>.gguf`` and record it in the
-    bundle as component ``lm``. The GGUF carries the tokenizer (see runtime/tokenizer.py).
-
-    F32/F16/BF16 are written by the converter; Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 are made
-    from an exact BF16 intermediate by llama.cpp's quantizer (deleted afterwards).
-    """
-    from spiritlm_edge.quant.gguf_convert import GGUF_FORMAT_VERSION, convert_lm
-    from spiritlm_edge.quant.llama_quantize import CONVERTER_TYPES, check_quant, quantize_gguf
-    from spiritlm_edge.runtime.bundle import add_component
-
-    quant = check_quant(quant)
-    check_variant(variant)
-    paths = checkpoints if isinstance(checkpoints, CheckpointPaths) else CheckpointPaths(Path(checkpoints))
-    cfg = load_lm_config(paths, variant)
-    bundle_dir = Path(bundle_dir)
-    bundle_dir.mkdir(parents=True, exist_ok=True)
-    name = f"lm-{quant}.gguf"
-    target = bundle_dir / name
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc="converting LM", unit="tensor", leave=False)
-
-    def on_tensor(done, total, tensor_name):
-        if bar is not None:
-            bar.total = total
-            bar.update(1)
-
-    try:
-        if quant in CONVERTER_TYPES:
-            convert_lm(cfg.lm_dir, target, quant, variant=variant, progress=on_tensor)
-        else:
-            intermediate = bundle_dir / f".lm-BF16-{quant}.gguf"
-            try:
-                convert_lm(cfg.lm_dir, intermediate, "BF16", variant=variant, progress=on_tensor)
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                quantize_gguf(intermediate, target, quant, n_threads=n_threads, progress=progress)
-            finally:
-                intermediate.unlink(missing_ok=True)
-    finally:
-        if bar is not None:
-            bar.close()
-    add_component(
-        bundle_dir,
-        "lm",
-        {
-            "file": name,
-            "quant": quant,
-            "format": "gguf",
-            "spiritlm_format_version": GGUF_FORMAT_VERSION,
-            "context_length": cfg.context_length,
-            "n_vocab": cfg.vocab_size,
-            "tokenizer": "embedded (spiritlm.tokenizer.* GGUF metadata)",
-        },
-        variant=variant,
-    )
-    return target

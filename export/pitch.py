@@ -420,67 +420,6 @@ def load_pitch_tokenizer(paths: CheckpointPaths, fcpe_weights: str | os.PathLike
     return PitchTokenizer(load_fcpe(fcpe_weights), vqvae, config).eval()
 
 
-# -- random checkpoints -------------------------------------------------------------------
-
-
-def _config(width: int, depth: int, emb: int) -> dict:
-    """A config.yaml in the release's layout. The full-size values (width 32, depth 4,
-    emb 128, dilation growth 3, 4 stride-2 downsamplings) are speech-resynthesis' F0
-    VQ-VAE with Spirit LM's 2 input channels and 64 bins: ~0.2M parameters, 16 frames
-    per code, as the release."""
-    level = {
-        "input_emb_width": 2, "output_emb_width": emb, "levels": 1, "downs_t": [4], "strides_t": [2],
-        "width": width, "depth": depth, "m_conv": 1.0, "dilation_growth_rate": 3,
-    }
-    return {
-        "features": "norm_f0_interp,vuv",
-        "speaker_norm": False,
-        "encoder_params": dict(level),
-        "vq_params": {"l_bins": CODEBOOK_SIZE, "emb_width": emb, "mu": 0.99, "levels": 1},
-        "decoder_params": dict(level),
-    }
-
-
-TINY_CONFIG = _config(width=8, depth=2, emb=16)
-FULL_CONFIG = _config(width=32, depth=4, emb=128)
-
-
-def _write_random(paths: CheckpointPaths, config: dict, seed: int, fcpe_weights=None) -> Path:
-    """Random encoder/decoder; codebook rows drawn from the encoder's own latents on the
-    bundled LibriSpeech clip, so that real speech maps to many different codes."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = PitchVQVAE(config).eval()
-    reference = PitchTokenizer(load_fcpe(fcpe_weights), model, config)
-    clip = load_audio(BUNDLED_CLIP)
-    with torch.no_grad():
-        latents = model.encode(reference.features(clip))[0]  # [T', emb]
-    bins = int(config["vq_params"]["l_bins"])
-    if latents.shape[0] < bins:  # the reference's _tile: repeat with a little noise
-        repeats = -(-bins // latents.shape[0])
-        latents = latents.repeat(repeats, 1)
-        latents = latents + torch.randn(latents.shape, generator=generator) * (0.01 / math.sqrt(latents.shape[1]))
-    rows = torch.randperm(latents.shape[0], generator=generator)[:bins]
-    model.codebook.copy_(latents[rows])
-
-    paths.vqvae_dir.mkdir(parents=True, exist_ok=True)
-    (paths.vqvae_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
-    torch.save({"model": {k: v.contiguous() for k, v in model.state_dict().items()}}, paths.vqvae_dir / MODEL_FILE)
-    return paths.vqvae_dir
-
-
-def write_tiny(paths: CheckpointPaths, variant: str = "expressive", seed: int = 0, fcpe_weights=None) -> Path:
-    """Tiny pitch VQ-VAE (config.yaml + model.pt) in the release's format. Needs the FCPE
-    weights (to pick codebook rows from real speech)."""
-    return _write_random(paths, TINY_CONFIG, seed, fcpe_weights)
-
-
-def write_full_size_random(paths: CheckpointPaths, seed: int = 0, fcpe_weights=None) -> Path:
-    """Random-weight pitch VQ-VAE of the release's size, for benchmarks."""
-    return _write_random(paths, FULL_CONFIG, seed, fcpe_weights)
-
-
 # -- ONNX ---------------------------------------------------------------------------------
 
 

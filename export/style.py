@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +30,7 @@ from spiritlm_edge.export.checkpoints import (
     load_torch_file,
 )
 from spiritlm_edge.export.hubert import EncoderConfig, EncoderGraph, SpeechEncoder, export_graph_onnx
+from spiritlm_edge.runtime.bundle import add_component
 from spiritlm_edge.runtime.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class _HFNamed:
         self.names = {}
         for key in model.state_dict():
             if key.startswith("encoder."):
-                self.names[hf_name(key[len("encoder."):])] = key
+                self.names[hf_name(key[len("encoder.") :])] = key
             else:
                 self.names[key] = key
 
@@ -112,6 +113,7 @@ class _HFNamed:
 
 def encoder_config_from_hf(cfg: Mapping[str, Any], path: Path) -> tuple[EncoderConfig, int, int]:
     """(trunk config, projector size, number of styles) from an HF Wav2Vec2 config dict."""
+    # transformers (heavy, not needed by export/'s other modules) parses the released config
     from transformers import Wav2Vec2Config
 
     try:
@@ -136,7 +138,9 @@ def encoder_config_from_hf(cfg: Mapping[str, Any], path: Path) -> tuple[EncoderC
     if not (len(hf.conv_dim) == len(hf.conv_kernel) == len(hf.conv_stride)):
         raise CheckpointError(f"{CONFIG_WHAT} {path}: conv_dim, conv_kernel and conv_stride differ in length.")
     config = EncoderConfig(
-        conv_layers=tuple((int(d), int(k), int(s)) for d, k, s in zip(hf.conv_dim, hf.conv_kernel, hf.conv_stride)),
+        conv_layers=tuple(
+            (int(d), int(k), int(s)) for d, k, s in zip(hf.conv_dim, hf.conv_kernel, hf.conv_stride, strict=False)
+        ),
         extractor_mode="default" if hf.feat_extract_norm == "group" else "layer_norm",
         conv_bias=bool(hf.conv_bias),
         embed_dim=hf.hidden_size,
@@ -194,18 +198,21 @@ class StyleGraph(nn.Module):
         return self.classifier(pooled).argmax(-1), pooled
 
 
-def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17,
-                frontend: str = "fused") -> dict:
+def export_onnx(
+    paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17, frontend: str = "fused"
+) -> dict:
     """Export the style encoder to ``<bundle>/style.onnx`` and register component "style"."""
-    from spiritlm_edge.runtime.bundle import add_component
-
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     model = load_style_encoder(paths)
     config = model.encoder.config
     export_graph_onnx(
-        StyleGraph(model, frontend), bundle_dir / ONNX_FILE, torch.zeros(1, 16000), ["styles", "pooled"],
-        {"styles": {0: "windows"}, "pooled": {0: "windows"}}, opset,
+        StyleGraph(model, frontend),
+        bundle_dir / ONNX_FILE,
+        torch.zeros(1, 16000),
+        ["styles", "pooled"],
+        {"styles": {0: "windows"}, "pooled": {0: "windows"}},
+        opset,
     )
     entry = {
         "file": ONNX_FILE,
@@ -220,83 +227,3 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
         "num_styles": model.classifier.out_features,
     }
     return add_component(bundle_dir, "style", entry, variant=variant)
-
-
-# ----------------------------------------------------------------------------- tiny / full-size files
-
-
-def _hf_config(size: str) -> dict[str, Any]:
-    if size == "tiny":
-        dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
-                    conv_dim=[32] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                    classifier_proj_size=32)
-    elif size == "full":  # facebook/wav2vec2-base
-        dims = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                    conv_dim=[512] * 7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
-                    classifier_proj_size=256)
-    else:
-        raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
-    return {
-        "architectures": ["Wav2Vec2ForSequenceClassification"], "model_type": "wav2vec2",
-        "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2], "conv_bias": False,
-        "feat_extract_norm": "group", "feat_extract_activation": "gelu", "hidden_act": "gelu",
-        "do_stable_layer_norm": False, "layer_norm_eps": 1e-5, "num_feat_extract_layers": 7,
-        "feat_proj_dropout": 0.1, "hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
-        "final_dropout": 0.0, "layerdrop": 0.1, "mask_time_prob": 0.05, "mask_time_length": 10,
-        "mask_feature_prob": 0.0, "initializer_range": 0.02, "use_weighted_layer_sum": False,
-        "id2label": {str(i): str(i) for i in range(100)}, "label2id": {str(i): i for i in range(100)},
-        "torch_dtype": "float32", "transformers_version": "4.37.2", **dims,
-    }
-
-
-def _clip_audio() -> np.ndarray:
-    from spiritlm_edge.runtime.audio import BUNDLED_CLIP, load_audio
-
-    return load_audio(BUNDLED_CLIP)
-
-
-def write_tiny(paths: CheckpointPaths, variant: str = "expressive", seed: int = 0, size: str = "tiny") -> None:
-    """Write random-weight ``config.json`` + ``pytorch_model.bin`` in the HF release format.
-
-    ``size="full"`` gives wav2vec2-base's shapes (~95M parameters) for benchmarks.
-    """
-    import json
-
-    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
-
-    cfg = _hf_config(size)
-    torch.manual_seed(seed)
-    hf_model = Wav2Vec2ForSequenceClassification(Wav2Vec2Config.from_dict(cfg)).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # non-trivial norms/biases so that they are exercised by the tests
-        for name, p in hf_model.named_parameters():
-            if "layer_norm" in name or name.endswith("bias"):
-                base = 1.0 if name.endswith("weight") else 0.0
-                p.copy_(base + 0.1 * torch.randn(p.shape, generator=generator))
-    state = {_canonical_weight_norm(k): v.clone() for k, v in hf_model.state_dict().items()}
-
-    # Random classifiers put every window on one style: centre the classifier on jittered
-    # pooled vectors of the LibriSpeech clip (nearest-prototype argmax).
-    model = StyleModel(*encoder_config_from_hf(cfg, Path("<tiny>")))
-    model.load_state_dict({_HFNamed(model).names[k]: v for k, v in state.items() if k not in UNUSED_KEYS})
-    with torch.no_grad():
-        x = torch.from_numpy(_clip_audio())
-        x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + NORM_EPS)
-        hidden = model.projector(model.encoder(x[None])[0])
-        windows = torch.cat([hidden.split(WINDOW_FRAMES // 5)[i].mean(0, keepdim=True)
-                             for i in range(len(hidden.split(WINDOW_FRAMES // 5)))])
-        picks = torch.randint(0, windows.shape[0], (100,), generator=generator)
-        protos = windows[picks] + 0.3 * windows.std(0) * torch.randn(100, windows.shape[1], generator=generator)
-        state["classifier.weight"] = protos.clone()
-        state["classifier.bias"] = -0.5 * (protos * protos).sum(1)
-    directory = paths.style_encoder_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    torch.save(state, directory / "pytorch_model.bin")
-
-
-def build_random_full_size(root: str | Path, seed: int = 0) -> CheckpointPaths:
-    """Full-size random style encoder files under checkpoint root ``root`` (for benchmarks)."""
-    paths = CheckpointPaths(Path(root))
-    write_tiny(paths, seed=seed, size="full")
-    return paths

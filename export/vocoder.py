@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,7 @@ from spiritlm_edge.export.checkpoints import (
     load_torch_file,
     require_file,
 )
+from spiritlm_edge.runtime.bundle import add_component
 from spiritlm_edge.runtime.errors import CheckpointError, ModelError, UnitsError
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class VocoderConfig:
         return round(self.style_hop_size / self.code_hop_size) if self.num_style_tokens else 0
 
     @classmethod
-    def from_dict(cls, cfg: dict, path: Path) -> "VocoderConfig":
+    def from_dict(cls, cfg: dict, path: Path) -> VocoderConfig:
         what = "vocoder config"
 
         def need(key):
@@ -127,8 +128,10 @@ class VocoderConfig:
             log.warning("%s: resblock=%r ignored (the reference always uses type 1)", path, cfg["resblock"])
         dur = cfg.get("dur_predictor_params") or None
         if dur is not None:
-            dur = {k: get_key(dur, k, path, what + " dur_predictor_params") for k in
-                   ("encoder_embed_dim", "var_pred_hidden_dim", "var_pred_kernel_size")}
+            dur = {
+                k: get_key(dur, k, path, what + " dur_predictor_params")
+                for k in ("encoder_embed_dim", "var_pred_hidden_dim", "var_pred_kernel_size")
+            }
             if int(dur["var_pred_kernel_size"]) != 3:
                 # The second conv of the predictor is padded by 1 whatever its kernel:
                 # only kernel 3 keeps one duration per unit.
@@ -161,8 +164,11 @@ class VocoderConfig:
             raise bad("style_hop_size", "must be at least code_hop_size when num_style_tokens is set")
         streams = 1 + bool(config.num_f0_tokens) + bool(config.num_style_tokens) + config.multispkr + config.multistyle
         if config.model_in_dim != streams * config.embedding_dim:
-            raise bad("model_in_dim", f"is {config.model_in_dim} but the {streams} embedded inputs of "
-                      f"size {config.embedding_dim} make {streams * config.embedding_dim}")
+            raise bad(
+                "model_in_dim",
+                f"is {config.model_in_dim} but the {streams} embedded inputs of "
+                f"size {config.embedding_dim} make {streams * config.embedding_dim}",
+            )
         if config.sampling_rate != SAMPLE_RATE:
             raise bad("sampling_rate", f"is {config.sampling_rate}; Spirit LM vocoders make {SAMPLE_RATE} Hz")
         return config
@@ -330,13 +336,11 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, kernel: int, dilations: Sequence[int]):
         super().__init__()
-        self.convs1 = nn.ModuleList(
-            WNConv1d(channels, channels, kernel, 1, _padding(kernel, d), d) for d in dilations
-        )
+        self.convs1 = nn.ModuleList(WNConv1d(channels, channels, kernel, 1, _padding(kernel, d), d) for d in dilations)
         self.convs2 = nn.ModuleList(WNConv1d(channels, channels, kernel, 1, _padding(kernel)) for _ in dilations)
 
     def forward(self, x):
-        for conv1, conv2 in zip(self.convs1, self.convs2):
+        for conv1, conv2 in zip(self.convs1, self.convs2, strict=False):
             x = x + conv2(F.leaky_relu(conv1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
         return x
 
@@ -375,12 +379,12 @@ class UnitHiFiGAN(nn.Module):
         self.conv_pre = WNConv1d(c.model_in_dim, ch, 7, 1, 3)
         self.ups = nn.ModuleList(
             WNConvTranspose1d(ch // 2**i, ch // 2 ** (i + 1), k, u, (k - u) // 2)
-            for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes))
+            for i, (u, k) in enumerate(zip(c.upsample_rates, c.upsample_kernel_sizes, strict=False))
         )
         self.resblocks = nn.ModuleList(
             ResBlock(ch // 2 ** (i + 1), k, d)
             for i in range(len(self.ups))
-            for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes)
+            for k, d in zip(c.resblock_kernel_sizes, c.resblock_dilation_sizes, strict=False)
         )
         self.conv_post = WNConv1d(ch // 2 ** len(self.ups), 1, 7, 1, 3)
         self.dict = nn.Embedding(c.num_embeddings, c.embedding_dim)
@@ -427,7 +431,7 @@ class UnitHiFiGAN(nn.Module):
         x = self.conv_pre(x)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, LRELU_SLOPE))
-            blocks = self.resblocks[i * kernels:(i + 1) * kernels]
+            blocks = self.resblocks[i * kernels : (i + 1) * kernels]
             xs = blocks[0](x)
             for block in blocks[1:]:
                 xs = xs + block(x)
@@ -442,8 +446,9 @@ class UnitHiFiGAN(nn.Module):
         return self.dur_predictor.frames(self.dict(units).t().unsqueeze(0)).view(-1)
 
     @torch.no_grad()
-    def synthesize(self, hubert, pitch=None, style=None, speaker_id=DEFAULT_SPEAKER, style_id=None,
-                   dur_pred=True) -> torch.Tensor:
+    def synthesize(
+        self, hubert, pitch=None, style=None, speaker_id=DEFAULT_SPEAKER, style_id=None, dur_pred=True
+    ) -> torch.Tensor:
         """The reference's ``SpiritLMTokenizer.decode`` on a units dict, in PyTorch.
 
         Units are used as given (the reference decodes with ``not_dedup_code=True``). If
@@ -510,6 +515,7 @@ def generator_context(config: VocoderConfig) -> tuple[int, int]:
     ``n + p - k + 1 <= m*u <= n + p``. The audio of frames ``[a, b)`` is then exactly the
     offline audio when computed from input frames ``[a - left, b + right)``.
     """
+
     def conv(k, d=1):
         pad = _padding(k, d)
         return pad, (k - 1) * d - pad
@@ -518,11 +524,11 @@ def generator_context(config: VocoderConfig) -> tuple[int, int]:
         return interval[0] - sides[0], interval[1] + sides[1]
 
     lo, hi = widen((0, config.hop_length - 1), conv(7))  # conv_post
-    levels = list(zip(config.upsample_rates, config.upsample_kernel_sizes))
+    levels = list(zip(config.upsample_rates, config.upsample_kernel_sizes, strict=False))
     for u, k in reversed(levels):
         spans = [
             [conv(kernel, d) for d in dils] + [conv(kernel)] * len(dils)
-            for kernel, dils in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes)
+            for kernel, dils in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes, strict=False)
         ]
         lo -= max(sum(s[0] for s in block) for block in spans)
         hi += max(sum(s[1] for s in block) for block in spans)
@@ -580,8 +586,9 @@ def load_vocoder(paths: CheckpointPaths, variant: str) -> UnitHiFiGAN:
     checkpoint = load_torch_file(gen_path, "vocoder checkpoint")
     state = get_key(checkpoint, "generator", gen_path, "vocoder checkpoint")
     if not isinstance(state, dict):
-        raise CheckpointError(f"vocoder checkpoint {gen_path}: 'generator' holds a {type(state).__name__}, "
-                              "expected a state dict.")
+        raise CheckpointError(
+            f"vocoder checkpoint {gen_path}: 'generator' holds a {type(state).__name__}, expected a state dict."
+        )
     load_state_dict_strictly(model, _rename_parametrizations(state), gen_path, "vocoder checkpoint")
     if config.multispkr:
         model.speakers = _read_lines(directory / "speakers.txt", "vocoder speaker list")
@@ -600,73 +607,18 @@ def load_vocoder(paths: CheckpointPaths, variant: str) -> UnitHiFiGAN:
     return model.eval()
 
 
-# --------------------------------------------------------------------------- random checkpoints
-
-TINY_SPEAKERS = ["ex01", "ex02", "ex03", "ex04"]
-TINY_STYLES = [
-    "read-default", "read-happy", "read-sad", "read-whisper", "read-confused", "read-enunciated",
-    "read-laughing", "read-narration", "conv-default", "conv-happy",
-]
-
-
-def random_model(config: VocoderConfig, seed: int = 0) -> UnitHiFiGAN:
-    """A model with random weights scaled so that it makes audible (non-silent) audio and
-    varied durations."""
-    gen = torch.Generator().manual_seed(seed)
-    model = UnitHiFiGAN(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("weight_g"):
-                # Row norms near 1 keep activations at unit scale through the stack.
-                param.copy_(0.6 + 0.6 * torch.rand(param.shape, generator=gen))
-            elif name.endswith("weight_v") or name.endswith(".weight") and param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=gen))
-            elif "ln" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
-        if model.dur_predictor is not None:
-            proj = model.dur_predictor.proj
-            proj.weight.mul_(0.4 / proj.weight.shape[1] ** 0.5)
-            proj.bias.fill_(math.log(3.0))  # exp(logd) - 1 around 2 frames, spread over 1..4
-    return model.eval()
-
-
-def write_random(paths: CheckpointPaths, variant: str, seed: int = 0, size: str = "tiny") -> Path:
-    """Write config.json, generator.pt, speakers.txt (+ styles.txt for Base) in the release's
-    format; ``size`` is "tiny" (tests) or "full" (benchmarks). Returns the directory."""
-    config = model_config(variant, size, num_speakers=len(TINY_SPEAKERS), num_styles=len(TINY_STYLES))
-    model = random_model(config, seed)
-    directory = paths.hifigan_dir(variant)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    torch.save({"generator": {k: v.clone() for k, v in model.state_dict().items()}}, directory / "generator.pt")
-    (directory / "speakers.txt").write_text("\n".join(TINY_SPEAKERS) + "\n")
-    if config.multistyle:
-        (directory / "styles.txt").write_text("\n".join(TINY_STYLES) + "\n")
-    return directory
-
-
-def full_size_model(variant: str, seed: int = 0) -> UnitHiFiGAN:
-    """A random-weight vocoder of the release's size (benchmarks: speed only)."""
-    config = model_config(variant, "full", num_speakers=len(TINY_SPEAKERS), num_styles=len(TINY_STYLES))
-    model = random_model(config, seed)
-    model.speakers = list(TINY_SPEAKERS)
-    model.styles = list(TINY_STYLES) if config.multistyle else []
-    return model
-
-
-def write_tiny(paths: CheckpointPaths, variant: str = "base", seed: int = 0) -> Path:
-    """Tiny random vocoder checkpoint in the release's format (for tests and the demo)."""
-    return write_random(paths, variant, seed, size="tiny")
-
-
 # --------------------------------------------------------------------------- ONNX export
 
 
 def _as_conv2d(conv: nn.Conv1d) -> nn.Conv2d:
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, (1, conv.kernel_size[0]), (1, conv.stride[0]),
-                    (0, conv.padding[0]), (1, conv.dilation[0]))
+    out = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        (1, conv.kernel_size[0]),
+        (1, conv.stride[0]),
+        (0, conv.padding[0]),
+        (1, conv.dilation[0]),
+    )
     with torch.no_grad():
         out.weight.copy_(conv.weight.unsqueeze(2))
         out.bias.copy_(conv.bias)
@@ -725,7 +677,7 @@ class _GeneratorGraph(nn.Module):
         self.names = names
 
     def forward(self, *args):
-        return self.model(**dict(zip(self.names, args)))
+        return self.model(**dict(zip(self.names, args, strict=False)))
 
 
 class _BlockedGenerator(nn.Module):
@@ -776,9 +728,9 @@ class _BlockedGenerator(nn.Module):
             x = self.identity(up(F.leaky_relu(x, LRELU_SLOPE)), i)
             shared = self.activate(x, i)
             total = None
-            for block in self.resblocks[i * self.kernels:(i + 1) * self.kernels]:
+            for block in self.resblocks[i * self.kernels : (i + 1) * self.kernels]:
                 y, act = x, shared
-                pairs = list(zip(block.convs1, block.convs2))
+                pairs = list(zip(block.convs1, block.convs2, strict=False))
                 for j, (conv1, conv2) in enumerate(pairs):
                     y = conv2(F.leaky_relu(conv1(act), LRELU_SLOPE)) + y
                     if j + 1 < len(pairs):
@@ -800,15 +752,29 @@ def _export(module: nn.Module, args: tuple, names: list[str], output: str, opset
 
 def _export_to(module, args, buffer, names, output, opset) -> None:
     torch.onnx.export(
-        module, args, buffer, input_names=names, output_names=[output],
-        dynamic_axes={**{n: {0: "frames"} for n in names if n in ("units", "pitch", "style_codes")},
-                      output: {0: "samples" if output == "audio" else "frames"}},
-        opset_version=opset, do_constant_folding=True, dynamo=False,
+        module,
+        args,
+        buffer,
+        input_names=names,
+        output_names=[output],
+        dynamic_axes={
+            **{n: {0: "frames"} for n in names if n in ("units", "pitch", "style_codes")},
+            output: {0: "samples" if output == "audio" else "frames"},
+        },
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
     )
 
 
-def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17,
-                model: UnitHiFiGAN | None = None, layout: str = "blocked") -> dict:
+def export_onnx(
+    paths: CheckpointPaths | None,
+    variant: str,
+    bundle_dir: str | Path,
+    opset: int = 17,
+    model: UnitHiFiGAN | None = None,
+    layout: str = "blocked",
+) -> dict:
     """Export the vocoder of ``variant`` into ``bundle_dir`` and record it in bundle.json.
 
     Writes ``vocoder.onnx`` (generator on per-frame inputs) and, if the model has a
@@ -816,10 +782,10 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
     ``paths`` (benchmarks pass a random full-size model). ``layout`` picks the graph
     arrangement (see ``LAYOUTS``); both compute the same function. Returns the manifest.
     """
-    from spiritlm_edge.runtime.bundle import add_component
-
     check_variant(variant)
     if model is None:
+        if paths is None:
+            raise ValueError("export_onnx needs the checkpoint paths or a model")
         model = load_vocoder(paths, variant)
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
@@ -827,7 +793,7 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     # The blocked layout needs every upsampling layer in polyphase form (k - u even).
-    if not all((k - u) % 2 == 0 for u, k in zip(config.upsample_rates, config.upsample_kernel_sizes)):
+    if not all((k - u) % 2 == 0 for u, k in zip(config.upsample_rates, config.upsample_kernel_sizes, strict=False)):
         layout = "plain"
     plain = fold_weight_norm(model, layout_2d=layout == "blocked")
 
@@ -878,79 +844,16 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
             data = _export(_DurationGraph(plain), (example["units"],), ["units"], "durations", opset)
         (bundle_dir / DURATION_ONNX_FILE).write_bytes(data)
         d_left, d_right = duration_context(config)
-        manifest = add_component(bundle_dir, "vocoder_duration", {
-            "file": DURATION_ONNX_FILE, "opset": opset, "inputs": ["units"], "outputs": ["durations"],
-            "context_units": {"left": d_left, "right": d_right},
-        }, variant=variant)
+        manifest = add_component(
+            bundle_dir,
+            "vocoder_duration",
+            {
+                "file": DURATION_ONNX_FILE,
+                "opset": opset,
+                "inputs": ["units"],
+                "outputs": ["durations"],
+                "context_units": {"left": d_left, "right": d_right},
+            },
+            variant=variant,
+        )
     return manifest
-
-
-# --------------------------------------------------------------------------- benchmark
-
-
-def benchmark(variant: str = "expressive", seconds: float = 9.0, threads: int = 2, runs: int = 5,
-              layouts: Sequence[str] = LAYOUTS, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Real-time factor of the full-size vocoder (random weights): ONNX Runtime through
-    :class:`~spiritlm_edge.runtime.vocoder.Vocoder` for each export layout, and PyTorch
-    eager. Times one synthesis of ``seconds`` of audio (durations given, i.e. generator
-    only); returns {name: {"median_s", "min_s", "rtf"}} (rtf from the median)."""
-    import statistics
-    import tempfile
-    import time
-
-    import numpy as np
-
-    from spiritlm_edge.runtime.vocoder import Vocoder
-
-    torch.set_num_threads(threads)
-    model = full_size_model(variant, seed)
-    frames = int(round(seconds * SAMPLE_RATE / model.config.hop_length))
-    rng = np.random.default_rng(seed)
-    hubert = rng.integers(0, model.config.num_embeddings, frames)
-    pitch = rng.integers(0, max(1, model.config.num_f0_tokens), frames)
-    style = rng.integers(0, max(1, model.config.num_style_tokens), frames)
-    audio_s = frames * model.config.hop_length / SAMPLE_RATE
-
-    def timed(run) -> dict[str, float]:
-        run()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        return {"median_s": median, "min_s": min(times), "rtf": median / audio_s}
-
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for layout in layouts:
-            export_onnx(None, variant, Path(tmp) / layout, model=model, layout=layout)
-            vocoder = Vocoder.from_bundle(Path(tmp) / layout, n_threads=threads)
-            results[f"onnxruntime-{layout}"] = timed(lambda: vocoder.decode(hubert, pitch, style, dur_pred=False))
-    inputs = {"speaker": torch.tensor([DEFAULT_SPEAKER])}
-    if model.config.num_f0_tokens:
-        inputs.update(pitch=torch.as_tensor(pitch), style_codes=torch.as_tensor(style))
-    if model.config.multistyle:
-        inputs["style_id"] = torch.tensor([BASE_DEFAULT_STYLE])
-    units = torch.as_tensor(hubert)
-    reference = fold_weight_norm(model, polyphase=False)  # as the reference runs it
-
-    def eager():
-        with torch.inference_mode():
-            reference(units, **inputs)
-
-    results["pytorch-eager"] = timed(eager)
-    return results
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Real-time factor of the full-size unit HiFi-GAN.")
-    parser.add_argument("--variant", default="expressive", choices=("base", "expressive"))
-    parser.add_argument("--seconds", type=float, default=9.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-    for name, r in benchmark(args.variant, args.seconds, args.threads, args.runs).items():
-        print(f"{name:26s} median {r['median_s']:.3f} s  min {r['min_s']:.3f} s  RTF {r['rtf']:.4f}")

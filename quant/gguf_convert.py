@@ -3,9 +3,9 @@
 The converter reads the release's ``spirit-lm-<variant>-7b`` directory and writes one
 self-describing GGUF: llama hyper-parameters, tensors under llama.cpp's names (Q and K
 rows permuted the way llama.cpp's rotary embedding expects for Hugging Face weights),
-the full vocabulary with SentencePiece scores and token types, and our own
-``spiritlm.*`` keys: the variant, where the modality and unit tokens sit, and the exact
-tokenizer files (``tokenizer.model`` bytes and the added-token table) so that the runtime
+the full vocabulary with SentencePiece scores and token types, and our own ``spiritlm.*``
+keys (:class:`~spiritlm_edge.runtime.gguf_file.Keys`): the variant, where the modality and
+unit tokens sit, and the exact tokenizer files (``tokenizer.model`` bytes and the added-token table) so that the runtime
 tokenizes like the reference from the GGUF alone.
 
 Weights are streamed: ``pytorch_model.bin`` is memory-mapped (``torch.load(mmap=True)``)
@@ -22,19 +22,23 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from spiritlm_edge.export.checkpoints import CheckpointPaths, shape_mismatches
 from spiritlm_edge.export.lm import LMConfig, load_lm_config
 from spiritlm_edge.runtime.errors import CheckpointError, ModelError
+from spiritlm_edge.runtime.gguf_file import FORMAT_VERSION, Keys, encode_sentencepiece_model
+from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
 log = logging.getLogger(__name__)
 
-GGUF_FORMAT_VERSION = 1  # version of our spiritlm.* keys
 # outtype -> (GGML tensor type name, llama.cpp file type id)
 OUTTYPES = {"F32": ("F32", 0), "F16": ("F16", 1), "BF16": ("BF16", 32), "Q8_0": ("Q8_0", 7)}
 
@@ -92,18 +96,16 @@ class _WeightSource:
 
     def __init__(self, path: Path):
         self.path = path
+        self._st: Any = None  # safetensors' lazy file handle
+        self._sd: dict[str, torch.Tensor] | None = None  # or a memory-mapped state dict
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             try:
                 self._st = safe_open(str(path), framework="pt")
             except Exception as exc:
                 raise CheckpointError(f"Cannot read LM weights {path}: {exc}. Re-download the file.") from None
             self.names = list(self._st.keys())
             self._shapes = {n: tuple(self._st.get_slice(n).get_shape()) for n in self.names}
-            self._sd = None
         else:
-            self._st = None
             try:
                 self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
@@ -127,6 +129,7 @@ class _WeightSource:
     def get(self, name: str) -> torch.Tensor:
         if self._st is not None:
             return self._st.get_tensor(name)
+        assert self._sd is not None
         return self._sd[name]
 
 
@@ -140,17 +143,19 @@ def _expected_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+                p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     return shapes
 
 
@@ -160,7 +165,8 @@ def _check_weights(source: _WeightSource, cfg: LMConfig) -> list[str]:
     problems = shape_mismatches(expected, {n: tuple(source.shape(n)) for n in present}, limit=4)
     if problems:
         raise CheckpointError(
-            f"LM weights {source.path} do not match {cfg.lm_dir / 'config.json'}: " + " | ".join(problems)
+            f"LM weights {source.path} do not match {cfg.lm_dir / 'config.json'}: "
+            + " | ".join(problems)
             + ". The files do not belong together; re-download the checkpoint."
         )
     return list(expected)  # a fixed order: re-running the conversion gives the same bytes
@@ -201,8 +207,6 @@ def vocab_arrays(tokenizer, rows: int) -> tuple[list[str], list[float], list[int
 
 
 def _convert_tensor(name: str, tensor: torch.Tensor, cfg: LMConfig, outtype: str) -> tuple[np.ndarray, object]:
-    import gguf
-
     if name.endswith("q_proj.weight"):
         tensor = rope_permute(tensor, cfg.num_heads)
     elif name.endswith("k_proj.weight"):
@@ -220,9 +224,7 @@ def _convert_tensor(name: str, tensor: torch.Tensor, cfg: LMConfig, outtype: str
     raise AssertionError(outtype)
 
 
-def _tensor_nbytes(shape: tuple[int, ...], outtype: str, ndim: int) -> tuple[int, object, tuple[int, ...]]:
-    import gguf
-
+def _tensor_nbytes(shape: tuple[int, ...], outtype: str, ndim: int) -> tuple[int, type[np.generic], tuple[int, ...]]:
     if ndim == 1 or outtype == "F32":
         return int(np.prod(shape)) * 4, np.float32, shape
     if outtype == "F16":
@@ -250,10 +252,6 @@ def convert_lm(
     written under a temporary name and renamed at the end, so an interrupted conversion
     never leaves a truncated GGUF behind.
     """
-    import gguf
-
-    from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
-
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines would interleave with our progress
     outtype = outtype.upper()
     if outtype not in OUTTYPES:
@@ -306,30 +304,40 @@ def convert_lm(
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
 
-    writer.add_uint32("spiritlm.format_version", GGUF_FORMAT_VERSION)
-    writer.add_string("spiritlm.variant", variant)
-    writer.add_uint32("spiritlm.embedding_rows", cfg.vocab_size)
-    writer.add_uint32("spiritlm.token.text", vocab.text_id)
-    writer.add_uint32("spiritlm.token.speech", vocab.speech_id)
-    writer.add_uint32("spiritlm.token.hubert_first", vocab.hubert_start)
-    writer.add_uint32("spiritlm.token.hubert_count", vocab.hubert_count)
-    writer.add_uint32("spiritlm.token.pitch_first", vocab.pitch_start or 0)
-    writer.add_uint32("spiritlm.token.pitch_count", vocab.pitch_count)
-    writer.add_uint32("spiritlm.token.style_first", vocab.style_start or 0)
-    writer.add_uint32("spiritlm.token.style_count", vocab.style_count)
-    writer.add_array("spiritlm.tokenizer.sentencepiece_model", tokenizer.model_proto)
-    writer.add_string("spiritlm.tokenizer.added_tokens", tokenizer.added_tokens_json())
-    writer.add_bool("spiritlm.tokenizer.clean_up_tokenization_spaces", tokenizer.clean_up_tokenization_spaces)
+    writer.add_uint32(Keys.FORMAT_VERSION, FORMAT_VERSION)
+    writer.add_string(Keys.VARIANT, variant)
+    writer.add_uint32(Keys.EMBEDDING_ROWS, cfg.vocab_size)
+    writer.add_uint32(Keys.Token.TEXT, vocab.text_id)
+    writer.add_uint32(Keys.Token.SPEECH, vocab.speech_id)
+    writer.add_uint32(Keys.Token.HUBERT_FIRST, vocab.hubert_start)
+    writer.add_uint32(Keys.Token.HUBERT_COUNT, vocab.hubert_count)
+    writer.add_uint32(Keys.Token.PITCH_FIRST, vocab.pitch_start or 0)
+    writer.add_uint32(Keys.Token.PITCH_COUNT, vocab.pitch_count)
+    writer.add_uint32(Keys.Token.STYLE_FIRST, vocab.style_start or 0)
+    writer.add_uint32(Keys.Token.STYLE_COUNT, vocab.style_count)
+    writer.add_string(Keys.Tokenizer.SENTENCEPIECE_MODEL, encode_sentencepiece_model(tokenizer.model_proto))
+    writer.add_string(Keys.Tokenizer.ADDED_TOKENS, tokenizer.added_tokens_json())
+    writer.add_bool(Keys.Tokenizer.CLEAN_UP_TOKENIZATION_SPACES, tokenizer.clean_up_tokenization_spaces)
 
-    gguf_names = {}
+    gguf_names: dict[str, str] = {}
     for name in names:
         shape = source.shape(name)
         nbytes, dtype, byte_shape = _tensor_nbytes(shape, outtype, len(shape))
-        raw = None if dtype in (np.float32, np.float16) else (
-            gguf.GGMLQuantizationType.BF16 if outtype == "BF16" else gguf.GGMLQuantizationType.Q8_0)
-        gguf_names[name] = gguf_tensor_name(name)
-        writer.add_tensor_info(gguf_names[name], byte_shape if raw == gguf.GGMLQuantizationType.Q8_0 else shape,
-                               np.dtype(dtype), nbytes, raw_dtype=raw)
+        raw = (
+            None
+            if dtype in (np.float32, np.float16)
+            else (gguf.GGMLQuantizationType.BF16 if outtype == "BF16" else gguf.GGMLQuantizationType.Q8_0)
+        )
+        gguf_name = gguf_tensor_name(name)
+        assert gguf_name is not None  # _check_weights lists only the tensors a GGUF stores
+        gguf_names[name] = gguf_name
+        writer.add_tensor_info(
+            gguf_names[name],
+            byte_shape if raw == gguf.GGMLQuantizationType.Q8_0 else shape,
+            np.dtype(dtype),
+            nbytes,
+            raw_dtype=raw,
+        )
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -346,7 +354,11 @@ def convert_lm(
         tmp_path.unlink(missing_ok=True)
         raise
     os.replace(tmp_path, out_path)
-    log.info("wrote %s (%s, %.1f MB) in %.1f s", out_path, outtype, out_path.stat().st_size / 1e6,
-             time.perf_counter() - start)
+    log.info(
+        "wrote %s (%s, %.1f MB) in %.1f s",
+        out_path,
+        outtype,
+        out_path.stat().st_size / 1e6,
+        time.perf_counter() - start,
+    )
     return out_path
-

@@ -8,13 +8,20 @@ copied by llama.cpp into the output.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
 import time
 from pathlib import Path
 
+import llama_cpp
+from tqdm import tqdm
+
 from spiritlm_edge.runtime.errors import ModelError
+from spiritlm_edge.runtime.gguf_file import read_spiritlm_gguf
+from spiritlm_edge.runtime.llama_log import log_listener
+from spiritlm_edge.runtime.threads import default_threads
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +53,15 @@ def quantize_gguf(
     Written under a temporary name and renamed when complete; the result is checked to
     be a readable Spirit LM GGUF.
     """
-    import ctypes
-
-    import llama_cpp
-
-    from spiritlm_edge.runtime import lm as runtime_lm
-
     quant = check_quant(quant)
     if quant not in QUANT_TYPES:
         raise ModelError(f"{quant} is written by the converter, not by the quantizer.")
     src, dst = Path(src), Path(dst)
-    n_tensors = len(runtime_lm.read_spiritlm_gguf(src).tensors)
+    n_tensors = len(read_spiritlm_gguf(src).tensors)
     tmp = dst.with_name(dst.name + ".part")
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=n_tensors, desc=f"quantizing to {quant}", unit="tensor", leave=False)
     seen = [0]
 
@@ -74,17 +73,15 @@ def quantize_gguf(
                 bar.update(done - seen[0])
             seen[0] = max(seen[0], done)
 
-    runtime_lm.install_llama_logging()
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant]
-    params.nthread = int(n_threads or runtime_lm.default_threads())
-    runtime_lm._log_listeners.append(on_log)
+    params.nthread = int(n_threads or default_threads())
     start = time.perf_counter()
     try:
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        with log_listener(on_log):
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     finally:
-        runtime_lm._log_listeners.remove(on_log)
         if bar is not None:
             bar.close()
     if status != 0:
@@ -93,7 +90,13 @@ def quantize_gguf(
             f"llama.cpp failed to quantize {src} to {quant} (status {status}); run with -v to see its log."
         )
     os.replace(tmp, dst)
-    runtime_lm.read_spiritlm_gguf(dst)  # metadata copied, file complete
-    log.info("quantized %s -> %s (%s, %.1f MB) in %.1f s", src.name, dst.name, quant,
-             dst.stat().st_size / 1e6, time.perf_counter() - start)
+    read_spiritlm_gguf(dst)  # metadata copied, file complete
+    log.info(
+        "quantized %s -> %s (%s, %.1f MB) in %.1f s",
+        src.name,
+        dst.name,
+        quant,
+        dst.stat().st_size / 1e6,
+        time.perf_counter() - start,
+    )
     return dst

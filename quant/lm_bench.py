@@ -17,13 +17,15 @@ import statistics
 import time
 from pathlib import Path
 
+import llama_cpp
+
+from spiritlm_edge.runtime.llama_log import install_llama_logging
+from spiritlm_edge.runtime.lm import LanguageModel
+from spiritlm_edge.runtime.threads import default_threads
+
 
 def _raw_decode_speed(path: Path, prompt: list[int], n_tokens: int, n_threads: int, n_ctx: int) -> float:
     """Tokens/s of the plainest llama-cpp-python loop: decode one token, greedy-sample."""
-    import llama_cpp
-
-    from spiritlm_edge.runtime.lm import install_llama_logging
-
     install_llama_logging()
     mparams = llama_cpp.llama_model_default_params()
     mparams.use_extra_bufts = False  # same (stable) configuration as our engine
@@ -72,15 +74,14 @@ def measure_decode_speed(
     """Decode tokens/s (best and median of ``repeats``): ``raw`` (bare llama-cpp-python),
     ``arbitrary``, ``text``, ``speech`` (our engine; the last two constrained), and the
     ratios (of the best runs) to ``raw`` and of constrained to unconstrained."""
-    from spiritlm_edge.runtime.lm import LanguageModel, default_threads
-
     n_threads = n_threads or default_threads()
     path = Path(gguf_path)
     lm = LanguageModel(path, n_threads=n_threads, n_ctx=n_ctx)
     vocab = lm.vocab
     # a speech prompt: BOS, [Speech], then Hubert units (prefill is not timed)
-    prompt = [lm.bos_id, vocab.speech_id] + [vocab.hubert_start + (7 * i) % vocab.hubert_count
-                                            for i in range(prompt_tokens - 2)]
+    prompt = [lm.bos_id, vocab.speech_id] + [
+        vocab.hubert_start + (7 * i) % vocab.hubert_count for i in range(prompt_tokens - 2)
+    ]
     results: dict[str, list[float]] = {"raw": [], "arbitrary": [], "text": [], "speech": []}
     for _ in range(repeats):
         results["raw"].append(_raw_decode_speed(path, prompt, n_tokens, n_threads, n_ctx))
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    print(json.dumps(measure_decode_speed(args.gguf, args.tokens, n_threads=args.threads,
-                                          repeats=args.repeats), indent=2))
+    print(
+        json.dumps(measure_decode_speed(args.gguf, args.tokens, n_threads=args.threads, repeats=args.repeats), indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The torch-free runtime: ONNX Runtime speech engines, the llama.cpp LM, the pipeline and CLI.
+"""The torch-free runtime: ONNX Runtime speech engines, the llama.cpp LM and the pipeline.
 
-Nothing in this package may import torch (``tests/test_packaging.py`` enforces it).
+Nothing in this package may import torch or the layers above it, ``export/``, ``quant/`` and
+``bench/`` (``tests/test_packaging.py`` and ``tests/test_layers.py`` enforce it).
 """

@@ -13,9 +13,8 @@ one model, one context, one reusable batch and a llama.cpp sampler chain per cal
 * The KV cache is kept between calls: a new prompt that extends the previous one (a
   conversation) only prefills the new tokens; a prompt that diverges rewinds the cache
   to the common prefix.
-* A GGUF is checked before llama.cpp sees it (header, our ``spiritlm.*`` metadata, file
-  size against the tensor table) so a truncated or foreign file is a clear error, never
-  a crash inside llama.cpp.
+* A GGUF is checked before llama.cpp sees it (:mod:`~spiritlm_edge.runtime.gguf_file`) so
+  a truncated or foreign file is a clear error, never a crash inside llama.cpp.
 * llama.cpp's "extra" CPU buffer types (weight repacking for AMX/AVX-512 kernels) are off
   by default: with them a 7B Q4_K_M model segfaulted inside ``llama_decode`` on a
   Sapphire Rapids CPU (llama-cpp-python 0.3.36); without them it runs stably.
@@ -28,209 +27,23 @@ import ctypes
 import logging
 import math
 import os
-import struct
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+import llama_cpp
 import numpy as np
 
+from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import BundleError, ModelError
-from spiritlm_edge.runtime.units import OutputModality, SpeechVocab, forbidden_token_ids
+from spiritlm_edge.runtime.gguf_file import Keys, read_spiritlm_gguf, vocab_from_metadata
+from spiritlm_edge.runtime.llama_log import install_llama_logging, log_listener
+from spiritlm_edge.runtime.providers import lm_gpu_memory_error, lm_gpu_settings
+from spiritlm_edge.runtime.sampling import DEFAULT_SAMPLING, SamplingConfig
+from spiritlm_edge.runtime.threads import default_threads
+from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
+from spiritlm_edge.runtime.units import OutputModality, forbidden_token_ids
 
 log = logging.getLogger(__name__)
-llama_log = logging.getLogger("spiritlm_edge.llama_cpp")
-
-GGUF_MAGIC = b"GGUF"
-SPIRITLM_FORMAT_VERSION = 1
-DEFAULT_ALIGNMENT = 32
-# ggml type id -> (elements per block, bytes per block); enough to size every tensor of
-# the files llama.cpp's quantizer writes.
-GGML_TYPE_SIZES = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-    15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
-    21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
-    27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
-}
-# GGUF metadata value types -> struct format (scalars)
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-          6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
-
-
-@dataclass
-class GGUFInfo:
-    """What :func:`read_gguf` learned from a GGUF file without loading its tensors."""
-
-    path: Path
-    version: int
-    metadata: dict[str, Any]
-    tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (shape, ggml type, offset)
-    data_offset: int
-    expected_bytes: int
-    file_bytes: int = field(default=0)
-
-
-class _Reader:
-    def __init__(self, f, size: int, path: Path):
-        self.f, self.size, self.path = f, size, path
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.f.tell() + n > self.size:
-            raise BundleError(
-                f"{self.path} is truncated or corrupted (its GGUF header runs past the end of the "
-                "file). Copy it again or rebuild it with `spiritlm-edge export lm`."
-            )
-        return self.f.read(n)
-
-    def scalar(self, fmt: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        raw = self.take(self.scalar("Q"))
-        return raw.decode("utf-8", errors="replace")
-
-    def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
-        if vtype == 8:
-            return self.string()
-        if vtype == 9:
-            item_type, count = self.scalar("I"), self.scalar("Q")
-            if item_type in _NUMPY:
-                dtype = np.dtype(_NUMPY[item_type]).newbyteorder("<")
-                return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype)
-            return [self.value(item_type) for _ in range(count)]
-        raise BundleError(f"{self.path}: unknown GGUF metadata type {vtype}; the file is corrupted.")
-
-
-def read_gguf(path: str | os.PathLike) -> GGUFInfo:
-    """Parse a GGUF's header, metadata and tensor table; check the file holds all tensor data."""
-    path = Path(path)
-    if not path.is_file():
-        raise BundleError(f"GGUF file {path} does not exist.")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        r = _Reader(f, size, path)
-        if size < 24 or r.take(4) != GGUF_MAGIC:
-            raise BundleError(f"{path} is not a GGUF file (no GGUF magic). Export the LM with `spiritlm-edge export lm`.")
-        version = r.scalar("I")
-        if version not in (2, 3):
-            raise BundleError(f"{path} is GGUF version {version}; only versions 2 and 3 are supported.")
-        n_tensors, n_kv = r.scalar("Q"), r.scalar("Q")
-        if n_tensors > size or n_kv > size:
-            raise BundleError(f"{path} has an impossible GGUF header (corrupted file).")
-        metadata = {}
-        for _ in range(n_kv):
-            key = r.string()
-            metadata[key] = r.value(r.scalar("I"))
-        tensors = {}
-        for _ in range(n_tensors):
-            name = r.string()
-            n_dims = r.scalar("I")
-            if n_dims > 8:
-                raise BundleError(f"{path}: tensor {name!r} has {n_dims} dimensions (corrupted file).")
-            shape = tuple(r.scalar("Q") for _ in range(n_dims))
-            tensors[name] = (shape, r.scalar("I"), r.scalar("Q"))
-        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        data_offset = -(-f.tell() // alignment) * alignment
-    end = data_offset
-    for name, (shape, ggml_type, offset) in tensors.items():
-        if ggml_type not in GGML_TYPE_SIZES:
-            raise BundleError(f"{path}: tensor {name!r} has ggml type {ggml_type}, unknown to spiritlm-edge.")
-        block, block_bytes = GGML_TYPE_SIZES[ggml_type]
-        n = math.prod(shape)
-        end = max(end, data_offset + offset + n // block * block_bytes)
-    if size < end:
-        raise BundleError(
-            f"{path} is truncated: its tensors need {end} bytes but the file has {size}. "
-            "Copy it again or rebuild it with `spiritlm-edge export lm`."
-        )
-    return GGUFInfo(path, version, metadata, tensors, data_offset, end, size)
-
-
-def read_spiritlm_gguf(path: str | os.PathLike) -> GGUFInfo:
-    """:func:`read_gguf`, and check it is a Spirit LM GGUF written by our converter."""
-    info = read_gguf(path)
-    meta = info.metadata
-    if "spiritlm.format_version" not in meta:
-        raise BundleError(
-            f"{info.path} is a GGUF without Spirit LM metadata (spiritlm.* keys): it was not made by "
-            "spiritlm-edge, so its speech tokens and tokenizer are unknown. Convert the checkpoint "
-            "with `spiritlm-edge export lm`."
-        )
-    if int(meta["spiritlm.format_version"]) > SPIRITLM_FORMAT_VERSION:
-        raise BundleError(
-            f"{info.path} has spiritlm.format_version {meta['spiritlm.format_version']}; this "
-            f"spiritlm-edge reads up to {SPIRITLM_FORMAT_VERSION}. Upgrade spiritlm-edge."
-        )
-    if meta.get("general.architecture") != "llama":
-        raise BundleError(f"{info.path}: architecture {meta.get('general.architecture')!r}, expected 'llama'.")
-    return info
-
-
-def vocab_from_metadata(meta: dict[str, Any], n_vocab: int) -> SpeechVocab:
-    """The speech-token layout recorded by the converter."""
-    pitch = int(meta["spiritlm.token.pitch_count"])
-    style = int(meta["spiritlm.token.style_count"])
-    text_id = int(meta["spiritlm.token.text"])
-    return SpeechVocab(
-        n_text=text_id,
-        text_id=text_id,
-        speech_id=int(meta["spiritlm.token.speech"]),
-        hubert_start=int(meta["spiritlm.token.hubert_first"]),
-        hubert_count=int(meta["spiritlm.token.hubert_count"]),
-        pitch_start=int(meta["spiritlm.token.pitch_first"]) if pitch else None,
-        pitch_count=pitch,
-        style_start=int(meta["spiritlm.token.style_first"]) if style else None,
-        style_count=style,
-        size=n_vocab,
-    )
-
-
-# ggml log levels (NONE, DEBUG, INFO, WARN, ERROR; 5 = continue the previous line). llama.cpp
-# is chatty: its INFO goes to DEBUG and its warnings (mostly advice) to INFO.
-_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
-_log_callback = None
-_log_listeners: list = []
-
-
-def install_llama_logging() -> None:
-    """Route llama.cpp's log (stderr by default) into the ``spiritlm_edge.llama_cpp`` logger.
-
-    Listeners in ``_log_listeners`` also see every line (the quantizer's progress uses it).
-    """
-    global _log_callback
-    import llama_cpp
-
-    if _log_callback is not None:
-        return
-
-    last = [logging.DEBUG]
-
-    @llama_cpp.llama_log_callback
-    def callback(level, text, user_data):
-        lvl = last[0] if level == 5 else _LOG_LEVELS.get(level, logging.DEBUG)
-        last[0] = lvl
-        message = text.decode("utf-8", errors="replace")
-        for listener in list(_log_listeners):
-            listener(message)
-        if llama_log.isEnabledFor(lvl) and message.strip():
-            llama_log.log(lvl, "%s", message.rstrip())
-
-    _log_callback = callback  # keep a reference: llama.cpp holds the C pointer
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-
-def default_threads() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except ImportError:  # psutil is a dependency, but be safe on exotic platforms
-        n = None
-    return max(1, n or os.cpu_count() or 1)
 
 
 class LanguageModel:
@@ -249,10 +62,6 @@ class LanguageModel:
         flash_attn: bool | None = None,
         kv_cache: str = "f16",
     ):
-        import llama_cpp
-
-        from spiritlm_edge.runtime.providers import lm_gpu_settings
-
         # n_gpu_layers None: every layer where llama.cpp has a GPU backend, else 0
         gpu = lm_gpu_settings(n_gpu_layers, kv_cache=kv_cache, flash_attn=flash_attn)
 
@@ -260,7 +69,7 @@ class LanguageModel:
         self.info = read_spiritlm_gguf(gguf_path)
         self.path = self.info.path
         meta = self.info.metadata
-        self.variant = str(meta["spiritlm.variant"])
+        self.variant = str(meta[Keys.VARIANT])
         train_ctx = int(meta.get("llama.context_length", 4096))
         if n_ctx <= 0:
             n_ctx = train_ctx
@@ -275,8 +84,14 @@ class LanguageModel:
         self.model_params.n_gpu_layers = gpu["n_gpu_layers"]
         # see module docstring: repacked (AMX) buffers crashed llama_decode on a 7B Q4_K_M
         self.model_params.use_extra_bufts = bool(use_extra_bufts)
-        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
+        loading: list[str] = []  # llama.cpp only logs why a load failed: kept to explain it
+        with log_listener(loading.append):
+            model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
         if not model:
+            # on a GPU, most often memory: say so, and how much, rather than blame the file
+            oom = lm_gpu_memory_error(loading, "loading the weights", gpu["n_gpu_layers"])
+            if oom is not None:
+                raise oom
             raise BundleError(
                 f"llama.cpp could not load {self.path} (see the spiritlm_edge.llama_cpp log, -v). "
                 "Rebuild the GGUF with `spiritlm-edge export lm`."
@@ -293,10 +108,16 @@ class LanguageModel:
         self.context_params.flash_attn_type = gpu["flash_attn_type"]
         self.context_params.type_k = gpu["type_k"]
         self.context_params.type_v = gpu["type_v"]
-        ctx = llama_cpp.llama_init_from_model(model, self.context_params)
+        creating: list[str] = []
+        with log_listener(creating.append):
+            ctx = llama_cpp.llama_init_from_model(model, self.context_params)
         if not ctx:
             llama_cpp.llama_model_free(model)
             self._model = None
+            oom = lm_gpu_memory_error(creating, f"creating its context (n_ctx={n_ctx}, {kv_cache} KV cache)",
+                                      gpu["n_gpu_layers"])
+            if oom is not None:
+                raise oom
             raise ModelError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch} "
                 "(out of memory?). Try a smaller n_ctx."
@@ -317,14 +138,12 @@ class LanguageModel:
         self.stop_reason: str | None = None
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike, **kwargs) -> "LanguageModel":
+    def from_gguf(cls, path: str | os.PathLike, **kwargs) -> LanguageModel:
         return cls(path, **kwargs)
 
     @classmethod
-    def from_bundle(cls, bundle, **kwargs) -> "LanguageModel":
+    def from_bundle(cls, bundle, **kwargs) -> LanguageModel:
         """From a bundle directory (or :class:`Bundle`) holding an ``lm`` component."""
-        from spiritlm_edge.runtime.bundle import Bundle
-
         if not isinstance(bundle, Bundle):
             bundle = Bundle(bundle)
         return cls(bundle.path("lm"), **kwargs)
@@ -333,8 +152,6 @@ class LanguageModel:
     def tokenizer(self):
         """The :class:`SpiritTokenizer` stored in the GGUF (built on first use)."""
         if self._tokenizer is None:
-            from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
-
             self._tokenizer = SpiritTokenizer.from_metadata(self.info.metadata, source=str(self.path))
         return self._tokenizer
 
@@ -375,10 +192,11 @@ class LanguageModel:
             raise ModelError(f"Token id {bad[0]} is outside the model's vocabulary (0..{self.n_vocab - 1}).")
         return ids
 
-    def _decode(self, ids: Sequence[int], start: int, all_logits: bool = False) -> list[np.ndarray] | None:
-        """Evaluate ``ids`` at positions ``start``..; logits of the last one (or all)."""
+    def _decode(self, ids: Sequence[int], start: int, all_logits: bool = False) -> list[np.ndarray]:
+        """Evaluate ``ids`` at positions ``start``..; with ``all_logits``, the logits after every
+        one of them (else only the last one's are computed, read with :meth:`logits`)."""
         llama_cpp, batch = self._llama, self._batch
-        rows = [] if all_logits else None
+        rows: list[np.ndarray] = []
         for chunk_start in range(0, len(ids), self.n_batch):
             chunk = ids[chunk_start:chunk_start + self.n_batch]
             last_chunk = chunk_start + self.n_batch >= len(ids)
@@ -430,7 +248,7 @@ class LanguageModel:
                 f"{self.info.metadata.get('llama.context_length', '?')})."
             )
         common = 0
-        for a, b in zip(self._cached, ids):
+        for a, b in zip(self._cached, ids, strict=False):
             if a != b:
                 break
             common += 1
@@ -473,7 +291,9 @@ class LanguageModel:
             biases[k].bias = -math.inf
         return llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(banned), biases)
 
-    def _sampler_chain(self, modality, do_sample, temperature, top_k, top_p, repetition_penalty, seed):
+    def _sampler_chain(self, modality: OutputModality, sampling: SamplingConfig, history: Sequence[int] = ()):
+        """llama.cpp's sampler chain for one generation; ``history`` (the prompt) is what the
+        repetition penalty counts, as transformers counts every token of its input."""
         llama_cpp = self._llama
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
@@ -481,72 +301,95 @@ class LanguageModel:
         bias = self._bias_sampler(modality)
         if bias is not None:
             llama_cpp.llama_sampler_chain_add(chain, bias)
-        if repetition_penalty != 1.0:
+        if sampling.repetition_penalty != 1.0:
             # HF semantics: every token of the prompt and of the output counts
             llama_cpp.llama_sampler_chain_add(
                 chain, llama_cpp.llama_sampler_init_penalties(
-                    self.n_vocab, self.n_ctx, float(repetition_penalty), 0.0, 0.0)
+                    self.n_vocab, self.n_ctx, sampling.repetition_penalty, 0.0, 0.0)
             )
-        if not do_sample or temperature == 0:
+            for token in history:
+                llama_cpp.llama_sampler_accept(chain, token)
+        if sampling.greedy:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain
         # HF order: temperature, then top-k, then top-p, then draw
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(float(temperature)))
-        if top_k and top_k > 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(int(top_k)))
-        if top_p is not None and top_p < 1.0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(float(top_p), 1))
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little")
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(int(seed) & 0xFFFFFFFF))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        if sampling.top_k > 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        if sampling.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+    def next_token_distribution(
+        self,
+        logits: np.ndarray,
+        sampling: SamplingConfig | None = None,
+        *,
+        output_modality: OutputModality | str = OutputModality.ARBITRARY,
+        history: Sequence[int] = (),
+    ) -> np.ndarray:
+        """The probabilities :meth:`generate`'s sampler chain draws the next token from,
+        given ``logits`` after a context ``history``: the chain is applied to the logits
+        and llama.cpp's surviving candidates are read back (one-hot when greedy)."""
+        llama_cpp, sampling = self._llama, sampling or DEFAULT_SAMPLING
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.shape != (self.n_vocab,):
+            raise ModelError(f"logits must have shape ({self.n_vocab},), got {logits.shape}.")
+        history = self._check_ids(history) if len(history) else []
+        chain = self._sampler_chain(OutputModality.parse(output_modality), sampling, history)
+        try:
+            data = (llama_cpp.llama_token_data * self.n_vocab)()
+            view = np.ctypeslib.as_array(data)
+            view["id"], view["logit"], view["p"] = np.arange(self.n_vocab), logits, 0.0
+            candidates = llama_cpp.llama_token_data_array(data, self.n_vocab, -1, False)
+            llama_cpp.llama_sampler_apply(chain, ctypes.byref(candidates))
+            # the chain may leave its candidates in a buffer of its own: read them where it says
+            kept = np.ctypeslib.as_array(candidates.data, shape=(candidates.size,)).copy()
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+        probabilities = np.zeros(self.n_vocab, np.float64)
+        if sampling.greedy:
+            probabilities[kept["id"][candidates.selected]] = 1.0
+        else:
+            # the draw's weights (llama.cpp may leave them unnormalised)
+            probabilities[kept["id"]] = kept["p"] / kept["p"].sum()
+        return probabilities
 
     def generate(
         self,
         ids: Sequence[int],
-        max_new_tokens: int = 200,
+        max_new_tokens: int | None = None,
         *,
-        temperature: float = 0.9,
-        top_p: float = 0.95,
-        top_k: int = 50,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        do_sample: bool = True,
+        sampling: SamplingConfig | None = None,
         output_modality: OutputModality | str = OutputModality.ARBITRARY,
         stop_ids: Sequence[int] | None = None,
+        **options: Any,
     ) -> Iterator[int]:
         """Yield generated token ids one by one after the prompt ``ids`` (BOS included).
 
-        Stops at EOS (not yielded), ``stop_ids`` (yielded), ``max_new_tokens`` or a full
+        ``sampling`` (default ``SamplingConfig()``: greedy, as the reference) says how each
+        token is chosen; ``max_new_tokens`` and ``options`` (its field names: do_sample,
+        temperature, top_k, top_p, repetition_penalty, seed, max_length) change it.
+        Stops at EOS (not yielded), ``stop_ids`` (yielded), the length limit or a full
         context; ``self.stop_reason`` then says which ("eos", "stop", "length", "context").
-        ``do_sample=False`` is greedy: the exact argmax of the (constrained) logits.
-        Sampling follows Hugging Face's order: repetition penalty, temperature, top-k,
-        top-p; ``seed`` makes it reproducible. ``output_modality`` TEXT/SPEECH bans the
-        tokens of spec section 2 inside llama.cpp's sampler.
+        Greedy is the exact argmax of the (constrained) logits. ``output_modality``
+        TEXT/SPEECH bans the tokens of spec section 2 inside llama.cpp's sampler.
         """
         modality = OutputModality.parse(output_modality)
-        if max_new_tokens < 0:
-            raise ModelError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-        if do_sample and temperature < 0:
-            raise ModelError(f"temperature must be >= 0, got {temperature}.")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ModelError(f"top_p must be in (0, 1], got {top_p}.")
-        if repetition_penalty <= 0:
-            raise ModelError(f"repetition_penalty must be > 0, got {repetition_penalty}.")
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        sampling = (sampling or DEFAULT_SAMPLING).updated(**options)
         ids = self._check_ids(ids)
-        return self._generate(ids, max_new_tokens, modality, do_sample, temperature, top_k, top_p,
-                              repetition_penalty, seed, set(stop_ids or ()))
+        return self._generate(ids, sampling.new_token_limit(len(ids)), modality, sampling, set(stop_ids or ()))
 
-    def _generate(self, ids, max_new_tokens, modality, do_sample, temperature, top_k, top_p,
-                  repetition_penalty, seed, stop_ids) -> Iterator[int]:
+    def _generate(self, ids, max_new_tokens, modality, sampling, stop_ids) -> Iterator[int]:
         llama_cpp = self._llama
         self.stop_reason = None
         self.prefill(ids)
-        chain = self._sampler_chain(modality, do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+        chain = self._sampler_chain(modality, sampling, ids)
         try:
-            if repetition_penalty != 1.0:
-                for token in ids:
-                    llama_cpp.llama_sampler_accept(chain, token)
             batch = self._batch
             for produced in range(max_new_tokens):
                 token = llama_cpp.llama_sampler_sample(chain, self._ctx, -1)
@@ -580,7 +423,7 @@ class LanguageModel:
         finally:
             llama_cpp.llama_sampler_free(chain)
 
-    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 200, **kwargs) -> list[int]:
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int | None = None, **kwargs: Any) -> list[int]:
         """All of :meth:`generate`'s tokens as a list."""
         return list(self.generate(ids, max_new_tokens, **kwargs))
 

@@ -1,7 +1,8 @@
 """ONNX Runtime sessions, created once per (file, providers, threads) and reused.
 
 Every speech engine opens its model through :func:`create_session` so that thread
-counts, graph optimisation and execution providers are set in one place.
+counts (:func:`~spiritlm_edge.runtime.threads.default_threads`), graph optimisation and
+execution providers are set in one place.
 """
 
 from __future__ import annotations
@@ -9,23 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+
+import onnxruntime as ort
 
 from spiritlm_edge.runtime.errors import BundleError, SpiritLMEdgeError
+from spiritlm_edge.runtime.providers import open_session
+from spiritlm_edge.runtime.threads import default_threads
 
 log = logging.getLogger(__name__)
 
 _cache: dict[tuple, object] = {}
 _cache_lock = threading.Lock()
-
-
-def default_threads() -> int:
-    """Physical-ish core count: ONNX Runtime's intra-op pool gains nothing from SMT siblings."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def create_session(
@@ -37,10 +34,6 @@ def create_session(
     ``onnxruntime.InferenceSession``, down the provider chain of
     :mod:`spiritlm_edge.runtime.providers` (None: the best this machine offers), falling
     back past providers that fail to start."""
-    import onnxruntime as ort
-
-    from spiritlm_edge.runtime.providers import open_session
-
     path = Path(path)
     if not providers:
         providers = None  # the default chain

@@ -15,6 +15,9 @@
     for event in spirit_lm.generate_stream([("SPEECH", "question.wav")], output_modality="SPEECH"):
         ...                       # TextDelta, AudioChunk as they are ready, then TurnEnd
 
+Sampling follows the reference: greedy by default; ``do_sample=True`` (or a
+``generation_config``) samples as transformers would, see ``runtime/sampling.py``.
+
 Prompt building, forbidden tokens and the decoding of the generated string follow the
 spec (sections 3, 2 and 7) through ``runtime/units.py``; token ids come from our own
 tokenizer (``runtime/tokenizer.py``), never from llama.cpp's.
@@ -27,9 +30,10 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +41,12 @@ from spiritlm_edge.runtime.audio import SAMPLE_RATE
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import BundleError, ModelError
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
+from spiritlm_edge.runtime.lm import LanguageModel
+from spiritlm_edge.runtime.sampling import SamplingConfig
 from spiritlm_edge.runtime.speech import SpeechTokenizer
 from spiritlm_edge.runtime.units import (
+    SPEECH_PREFIX,
+    TEXT_PREFIX,
     OutputModality,
     build_prompt,
     count_hubert_units,
@@ -52,9 +60,6 @@ log = logging.getLogger(__name__)
 
 # Spec section 7: a generated speech chunk shorter than this many Hubert units is dropped.
 MIN_SPEECH_UNITS = 25
-# The reference leaves max_new_tokens to transformers' default (20 tokens in all); a
-# second of speech is 25 Hubert units, so our default asks for a few seconds.
-DEFAULT_MAX_NEW_TOKENS = 200
 
 
 class ContentType(Enum):
@@ -70,7 +75,7 @@ class GenerationInput:
     content_type: ContentType
 
     @classmethod
-    def from_tuple(cls, item: tuple) -> "GenerationInput":
+    def from_tuple(cls, item: tuple) -> GenerationInput:
         content_type, content = item
         try:
             content_type = ContentType(str(getattr(content_type, "value", content_type)).upper())
@@ -83,14 +88,12 @@ class GenerationInput:
 class GenerationOutput:
     """One piece of the answer: ``content`` is a str (TEXT) or a float32 16 kHz array (SPEECH)."""
 
-    content: Union[str, np.ndarray]
+    content: str | np.ndarray
     content_type: ContentType
 
 
 # The reference's spelling, kept so that code written against it runs unchanged.
 GenerationOuput = GenerationOutput
-
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "do_sample")
 
 
 def _as_inputs(interleaved_inputs) -> list[GenerationInput]:
@@ -115,6 +118,10 @@ def _as_inputs(interleaved_inputs) -> list[GenerationInput]:
 class SpiritLM:
     """A Spirit LM bundle: speech engines + language model, with the reference's API."""
 
+    # the reference's names for the modality markers (its eval code builds prompts with them)
+    TEXT_PROMPT_PREFIX = TEXT_PREFIX
+    SPEECH_PROMPT_PREFIX = SPEECH_PREFIX
+
     def __init__(
         self,
         bundle: str | os.PathLike | Bundle,
@@ -124,8 +131,6 @@ class SpiritLM:
         n_ctx: int = 2048,
         **lm_options: Any,
     ):
-        from spiritlm_edge.runtime.lm import LanguageModel
-
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.speech_tokenizer = SpeechTokenizer(self.bundle, providers=providers, n_threads=n_threads)
         self.lm = LanguageModel.from_bundle(
@@ -151,15 +156,23 @@ class SpiritLM:
     def build_prompt(self, interleaved_inputs, output_modality="ARBITRARY") -> str:
         """The prompt string for ``interleaved_inputs`` (speech is encoded to units here)."""
         modality = OutputModality.parse(output_modality)
+        return build_prompt(self.encode_inputs(interleaved_inputs), modality, vocab=self.tokenizer.vocab)
+
+    def encode_inputs(self, interleaved_inputs) -> list[tuple[str, str]]:
+        """``("TEXT", text)`` / ``("SPEECH", unit string)`` segments for the prompt grammar:
+        speech is encoded to units; text must be a str (nothing is converted silently)."""
         segments = []
         for item in _as_inputs(interleaved_inputs):
             if item.content_type is ContentType.SPEECH:
                 segments.append(("SPEECH", self.speech_tokenizer.encode_string(item.content)))
-            else:
-                if not isinstance(item.content, str):
-                    raise ModelError(f"TEXT content must be a str, got {type(item.content).__name__}.")
+            elif isinstance(item.content, str):
                 segments.append(("TEXT", item.content))
-        return build_prompt(segments, modality, vocab=self.tokenizer.vocab)
+            else:
+                raise ModelError(
+                    f"TEXT content must be a str, got {type(item.content).__name__}: convert it yourself "
+                    "(or pass speech as ('SPEECH', audio))."
+                )
+        return segments
 
     def _prompt_and_bans(self, interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality):
         modality = OutputModality.parse(output_modality)
@@ -181,38 +194,46 @@ class SpiritLM:
         interleaved_inputs=None,
         prompt: str | None = None,
         output_modality: OutputModality | str = OutputModality.ARBITRARY,
+        generation_config: Any = None,
         force_tokens_to_output_modality: bool = True,
         speaker_id: int = 2,
         return_prompt: bool = False,
         seed: int | None = None,
-        **sampling: Any,
+        **kwargs: Any,
     ):
         """Continue a speech/text prompt; returns a list of :class:`GenerationOutput`
         (and the prompt string when ``return_prompt``), like the reference.
 
-        ``sampling``: max_new_tokens (default 200), do_sample (default False: greedy, as the
-        reference's default GenerationConfig), temperature, top_p, top_k, repetition_penalty.
+        ``generation_config`` (a transformers ``GenerationConfig``, a dict, any object with
+        those attribute names, or a :class:`SamplingConfig`) and ``kwargs`` (its attribute
+        names: max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+        max_length) choose the sampling, as in the reference: greedy by default,
+        transformers' temperature 1.0 / top-k 50 / top-p 1.0 with ``do_sample=True``.
+        Options llama.cpp cannot reproduce (beams, min_p, ...) are refused by name.
+        ``max_new_tokens`` defaults to 200 (the reference's 20 tokens in all would not
+        hold a second of speech).
         """
+        sampling = self.sampling_config(generation_config, seed, kwargs)
         modality, prompt, constraint = self._prompt_and_bans(
             interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality
         )
         ids = self.tokenizer.encode(prompt)
-        new_ids = list(self.lm.generate(ids, output_modality=constraint, seed=seed, **self._sampling(sampling)))
+        new_ids = list(self.lm.generate(ids, sampling=sampling, output_modality=constraint))
         generated = self.tokenizer.decode(new_ids)
         # one per turn: speech without pitch codes continues the prompt's pitch (spec section 5)
         fallback = self.speech_tokenizer.pitch_fallback(prompt)
-        outputs = self._decode_generated(modality, generated, prompt, speaker_id, seed, fallback)
+        outputs = self._decode_generated(modality, generated, prompt, speaker_id, sampling.seed, fallback)
         return (outputs, prompt) if return_prompt else outputs
 
     @staticmethod
-    def _sampling(sampling: dict) -> dict:
-        unknown = set(sampling) - set(SAMPLING_KEYS)
-        if unknown:
-            raise ModelError(
-                f"Unknown generation option(s) {', '.join(sorted(unknown))}; supported: {', '.join(SAMPLING_KEYS)}."
-            )
-        # greedy by default, as the reference's default GenerationConfig
-        return {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "do_sample": False, **sampling}
+    def sampling_config(
+        generation_config: Any = None, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> SamplingConfig:
+        """The :class:`SamplingConfig` of ``generate(generation_config=..., seed=..., **options)``."""
+        options = dict(options or {})
+        if seed is not None:
+            options["seed"] = seed
+        return SamplingConfig.from_generation_config(generation_config, **options)
 
     def _decode_generated(self, modality, generated: str, prompt: str, speaker_id: int, seed,
                           fallback=None) -> list[GenerationOutput]:
@@ -223,14 +244,14 @@ class SpiritLM:
         if modality is OutputModality.SPEECH:
             # Only unit tokens can be spoken; text appears here only when the constraint
             # was turned off (force_tokens_to_output_modality=False), and is left out.
-            units = "".join(c for c, kind in split_speech_and_text(generated) if kind == "s")
-            return [GenerationOutput(self._speech(units, speaker_id, seed, fallback), ContentType.SPEECH)]
+            spoken = "".join(c for c, kind in split_speech_and_text(generated) if kind == "s")
+            return [GenerationOutput(self._speech(spoken, speaker_id, seed, fallback), ContentType.SPEECH)]
         continues_prompt = does_end_with_speech_token(prompt) and does_start_with_speech_token(generated)
         prompt_units = 0
         if continues_prompt:
             # The continuation usually lacks the pitch and style tokens that the prompt's
             # speech carries: decode both together, then cut the prompt's share.
-            prompt_speech = prompt[find_prompt_last_speech_start_position(prompt):]
+            prompt_speech = prompt[find_prompt_last_speech_start_position(prompt) :]
             prompt_units = count_hubert_units(prompt_speech)
             generated = prompt_speech + generated
         outputs = []
@@ -243,7 +264,7 @@ class SpiritLM:
                 if units - prompt_units < MIN_SPEECH_UNITS:
                     continue
                 audio = self._speech(content, speaker_id, seed, fallback)
-                audio = audio[math.ceil(audio.size * prompt_units / units):]
+                audio = audio[math.ceil(audio.size * prompt_units / units) :]
             elif units < MIN_SPEECH_UNITS:
                 continue
             else:
@@ -263,20 +284,24 @@ class SpiritLM:
         interleaved_inputs=None,
         prompt: str | None = None,
         output_modality: OutputModality | str = OutputModality.ARBITRARY,
+        generation_config: Any = None,
         force_tokens_to_output_modality: bool = True,
         speaker_id: int = 2,
         seed: int | None = None,
         chunk_frames: int | None = None,
-        **sampling: Any,
+        **kwargs: Any,
     ) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
         """Like :meth:`generate`, but yields events as they happen: :class:`TextDelta`
         for new text, :class:`AudioChunk` as soon as the streaming vocoder has audio, then
-        one :class:`TurnEnd` with the per-stage timings.
+        one :class:`TurnEnd` with the per-stage timings. Sampling (``generation_config``,
+        ``seed``, keywords) is chosen as in :meth:`generate`.
 
         A speech chunk starts playing once it has 25 Hubert units (shorter ones are
         dropped, spec section 7). When the prompt ends in speech and the answer continues
         it, the prompt's speech primes the vocoder and its audio is not emitted.
         """
+        sampling = self.sampling_config(generation_config, seed, kwargs)
+        seed = sampling.seed
         turn = _TurnTimer()
         modality, prompt, constraint = self._prompt_and_bans(
             interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality
@@ -285,7 +310,7 @@ class SpiritLM:
         ids = self.tokenizer.encode(prompt)
         turn.mark("tokenize")
         turn.counts["prompt_tokens"] = len(ids)
-        tokens = _TimedTokens(self.lm.generate(ids, output_modality=constraint, seed=seed, **self._sampling(sampling)), turn)
+        tokens = _TimedTokens(self.lm.generate(ids, sampling=sampling, output_modality=constraint), turn)
         pieces = _Pieces(self.tokenizer, tokens)
         arbitrary = modality is OutputModality.ARBITRARY
         # Same rules as generate(): only ARBITRARY drops short runs and continues the
@@ -343,11 +368,15 @@ class SpiritLM:
             yield chunk
 
 
+# The reference's class name: code written against it changes only its import line.
+Spiritlm = SpiritLM
+
+
 def _speech_context(prompt: str, hubert_units: int = 50) -> str:
     """The last ``hubert_units`` units of the prompt's trailing speech, led by the pitch
     and style in force there: enough left context for the streaming vocoder to continue
     the prompt's voice without re-synthesising all of it."""
-    speech = prompt[find_prompt_last_speech_start_position(prompt):]
+    speech = prompt[find_prompt_last_speech_start_position(prompt) :]
     tokens = re.findall(r"\[(?:Hu|Pi|St)\d+\]", speech)
     hubert_positions = [i for i, t in enumerate(tokens) if t.startswith("[Hu")]
     if len(hubert_positions) <= hubert_units:
@@ -370,7 +399,7 @@ class _TimedTokens:
     """Wraps the LM's token iterator, charging the time spent in it to prefill (first
     token) and decode (the rest)."""
 
-    def __init__(self, tokens: Iterator[int], turn: "_TurnTimer"):
+    def __init__(self, tokens: Iterator[int], turn: _TurnTimer):
         self.tokens, self.turn = tokens, turn
 
     def __iter__(self):
@@ -425,7 +454,7 @@ class _Pieces:
             text = self.tokenizer.decode(self.run_ids)
             if text.endswith("\ufffd"):
                 continue  # wait for the rest of a multi-byte character
-            delta, self.run_text = text[len(self.run_text):], text
+            delta, self.run_text = text[len(self.run_text) :], text
             if delta:
                 return ("text", delta)
         rest = self._end_text_run()
@@ -433,7 +462,7 @@ class _Pieces:
 
     def _end_text_run(self) -> str:
         text = self.tokenizer.decode(self.run_ids) if self.run_ids else ""
-        rest = text[len(self.run_text):]
+        rest = text[len(self.run_text) :]
         self.run_ids, self.run_text = [], ""
         return rest
 
@@ -467,10 +496,6 @@ class _Pieces:
     def iter_units(self) -> Iterator[str]:
         while self.more_units():
             yield next(self)[1]
-
-    def drain_units(self) -> None:
-        for _ in self.iter_units():
-            pass
 
 
 class _TurnTimer:
@@ -539,57 +564,87 @@ class Conversation:
 
     The dialogue is one growing prompt (user inputs and the model's answers, joined by
     the prompt grammar of spec section 3). The LM keeps its KV cache and only prefills
-    what a new turn adds. When the dialogue no longer fits the context with room for
-    ``max_new_tokens``, the oldest segments are dropped (logged) and the cache is rebuilt.
+    what a new turn adds. When the dialogue no longer fits the context with room for the
+    answer, the oldest segments are dropped and the cache is rebuilt: the first time is
+    a warning, the rest is logged at debug level, and each turn's timings report
+    ``dropped_segments``.
+
+    ``sampling`` (a :class:`SamplingConfig`, or anything ``generate``'s
+    ``generation_config`` takes) and ``options`` (its field names, ``seed`` included)
+    set every turn's sampling; a turn's own options change it for that turn.
     """
 
-    def __init__(self, spirit_lm: SpiritLM, output_modality="ARBITRARY", speaker_id: int = 2, **sampling: Any):
+    def __init__(
+        self,
+        spirit_lm: SpiritLM,
+        output_modality="ARBITRARY",
+        speaker_id: int = 2,
+        sampling: Any = None,
+        **options: Any,
+    ):
         self.spirit_lm = spirit_lm
         self.output_modality = OutputModality.parse(output_modality)
         self.speaker_id = speaker_id
-        self.sampling = sampling
+        self.sampling = SamplingConfig.from_generation_config(sampling, **options)
         self.segments: list[tuple[str, str]] = []  # ("TEXT"|"SPEECH", text or unit string)
+        self.overflow_warned = False
 
-    def _encode(self, interleaved_inputs) -> list[tuple[str, str]]:
-        encoded = []
-        for item in _as_inputs(interleaved_inputs):
-            if item.content_type is ContentType.SPEECH:
-                encoded.append(("SPEECH", self.spirit_lm.speech_tokenizer.encode_string(item.content)))
-            else:
-                encoded.append(("TEXT", str(item.content)))
-        return encoded
-
-    def _fit(self, segments: list[tuple[str, str]], modality: OutputModality, max_new_tokens: int) -> str:
+    def _fit(
+        self, segments: list[tuple[str, str]], modality: OutputModality, sampling: SamplingConfig
+    ) -> tuple[str, int]:
+        """The prompt of ``segments`` less as many of its oldest segments as the context
+        needs dropped (at least the newest one is kept); returns it and that count."""
         tokenizer, n_ctx = self.spirit_lm.tokenizer, self.spirit_lm.lm.n_ctx
+        dropped = 0
         while True:
-            prompt = build_prompt(segments, modality, vocab=tokenizer.vocab)
-            if len(tokenizer.encode(prompt)) + max_new_tokens <= n_ctx or len(segments) <= 1:
-                return prompt
-            log.warning("conversation exceeds the %d-token context: dropping its oldest segment", n_ctx)
-            segments.pop(0)
-            self.segments = segments[:]
+            prompt = build_prompt(segments[dropped:], modality, vocab=tokenizer.vocab)
+            n_tokens = len(tokenizer.encode(prompt))
+            if n_tokens + sampling.new_token_limit(n_tokens) <= n_ctx or len(segments) - dropped <= 1:
+                break
+            log.debug(
+                "conversation: %d prompt tokens + the answer exceed the %d-token context: "
+                "dropping its oldest segment (%s)",
+                n_tokens,
+                n_ctx,
+                segments[dropped][0],
+            )
+            dropped += 1
+        if dropped and not self.overflow_warned:
+            self.overflow_warned = True
+            log.warning(
+                "the conversation outgrew the %d-token context: its oldest segments are dropped "
+                "from now on (each turn's timings report how many)",
+                n_ctx,
+            )
+        return prompt, dropped
 
-    def stream(self, interleaved_inputs, output_modality=None, **sampling: Any) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
+    def stream(
+        self, interleaved_inputs, output_modality=None, **options: Any
+    ) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
         """One turn: the user's inputs in, the answer's events out (see ``generate_stream``)."""
         modality = OutputModality.parse(output_modality or self.output_modality)
-        options = {**self.sampling, **sampling}
-        segments = self.segments + self._encode(interleaved_inputs)
-        prompt = self._fit(segments, modality, options.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        sampling = SamplingConfig.from_generation_config(None, base=self.sampling, **options)
+        segments = self.segments + self.spirit_lm.encode_inputs(interleaved_inputs)
+        prompt, dropped = self._fit(segments, modality, sampling)
+        segments = segments[dropped:]
         for event in self.spirit_lm.generate_stream(
-            prompt=prompt, output_modality=modality, speaker_id=self.speaker_id, **options
+            prompt=prompt, output_modality=modality, speaker_id=self.speaker_id, generation_config=sampling
         ):
             if isinstance(event, TurnEnd):
-                answer = [("TEXT" if kind == "t" else "SPEECH", content)
-                          for content, kind in split_speech_and_text(event.generated)]
+                answer = [
+                    ("TEXT" if kind == "t" else "SPEECH", content)
+                    for content, kind in split_speech_and_text(event.generated)
+                ]
                 self.segments = segments + answer
+                event.timings["dropped_segments"] = dropped
             yield event
 
-    def turn(self, interleaved_inputs, output_modality=None, **sampling: Any) -> TurnEnd:
+    def turn(self, interleaved_inputs, output_modality=None, **options: Any) -> TurnEnd:
         """One turn, waiting for the whole answer; returns its :class:`TurnEnd`."""
-        end = None
-        for event in self.stream(interleaved_inputs, output_modality, **sampling):
-            end = event if isinstance(event, TurnEnd) else end
-        return end
+        for event in self.stream(interleaved_inputs, output_modality, **options):
+            if isinstance(event, TurnEnd):
+                return event
+        raise AssertionError("generate_stream ended without a TurnEnd")  # it always ends with one
 
     def respond(self, user_audio) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
         """A spoken user turn -> the answer's events: the callable the live loop takes."""
@@ -597,3 +652,4 @@ class Conversation:
 
     def reset(self) -> None:
         self.segments = []
+        self.overflow_warned = False

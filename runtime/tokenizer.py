@@ -25,13 +25,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from spiritlm_edge.runtime.errors import CheckpointError, UnitsError
+from spiritlm_edge.runtime.bundle import Bundle
+from spiritlm_edge.runtime.errors import BundleError, CheckpointError, UnitsError
+from spiritlm_edge.runtime.gguf_file import Keys, decode_sentencepiece_model, read_spiritlm_gguf
 from spiritlm_edge.runtime.units import SpeechVocab
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -40,8 +42,16 @@ _UNIT_TOKEN = re.compile(r"\[(?:Hu|Pi|St)\d+\]")
 _BRACKETED = re.compile(r"\[[A-Za-z]+\d*\]")
 # transformers' `clean_up_tokenization` (applied only when the config asks for it).
 _CLEANUPS = (
-    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
 )
 
 
@@ -83,9 +93,9 @@ def resolve_added_tokens(
             content = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}[name]
         if content:
             specials.append(content)
-    extra = special_tokens_map.get("additional_special_tokens") or tokenizer_config.get(
-        "additional_special_tokens"
-    ) or []
+    extra = (
+        special_tokens_map.get("additional_special_tokens") or tokenizer_config.get("additional_special_tokens") or []
+    )
     specials += [c for c in map(_token_content, extra) if c]
 
     tokens: dict[int, AddedToken] = {}
@@ -155,7 +165,9 @@ class SpiritTokenizer:
         others = sorted((c for c in self._added_by_content if not _BRACKETED.fullmatch(c)), key=len, reverse=True)
         self._others = re.compile("|".join(map(re.escape, others))) if others else None
         self._has_bracketed = any(_BRACKETED.fullmatch(c) for c in self._added_by_content)
-        parts = ([_BRACKETED.pattern] if self._has_bracketed else []) + ([self._others.pattern] if others else [])
+        parts = ([_BRACKETED.pattern] if self._has_bracketed else []) + (
+            [self._others.pattern] if self._others is not None else []
+        )
         self._candidates = re.compile("|".join(parts)) if parts else None
         # SentencePiece pieces whose string is an added token resolve to the added id.
         self._remap = {}
@@ -165,15 +177,16 @@ class SpiritTokenizer:
                 self._remap[piece_id] = token.id
 
         size = max([self.n_pieces] + [t.id + 1 for t in self.added_tokens])
-        self._id_to_token = [self.sp.id_to_piece(i) if i < self.n_pieces else None for i in range(size)]
+        pieces: list[str | None] = [self.sp.id_to_piece(i) if i < self.n_pieces else None for i in range(size)]
         for token in self.added_tokens:
-            self._id_to_token[token.id] = token.content
-        missing = [i for i, t in enumerate(self._id_to_token) if t is None]
+            pieces[token.id] = token.content
+        missing = [i for i, t in enumerate(pieces) if t is None]
         if missing:
             raise CheckpointError(
                 f"{source}: token ids {missing[:5]} have no piece and no added token (the "
                 "vocabulary has holes); the tokenizer files are inconsistent."
             )
+        self._id_to_token: list[str] = [t for t in pieces if t is not None]  # all of them: no holes
         self.piece_to_id = {t: i for i, t in reversed(list(enumerate(self._id_to_token)))}
         for token in self.added_tokens:
             self.piece_to_id[token.content] = token.id
@@ -186,20 +199,16 @@ class SpiritTokenizer:
         self.bos_id = self._special_id("bos", self.sp.bos_id(), "<s>")
         self.eos_id = self._special_id("eos", self.sp.eos_id(), "</s>")
         self.unk_id = self.sp.unk_id()
-        self._unit_ids = {
-            piece: i for piece, i in self.piece_to_id.items() if _UNIT_TOKEN.fullmatch(piece)
-        }
+        self._unit_ids = {piece: i for piece, i in self.piece_to_id.items() if _UNIT_TOKEN.fullmatch(piece)}
         # Decoded as they are, outside SentencePiece: non-special added tokens and special
         # ones past the SentencePiece vocabulary (transformers' "legacy added tokens").
-        self._legacy_added = {
-            t.content for t in self.added_tokens if (not t.special) or t.id >= self.n_pieces
-        }
+        self._legacy_added = {t.content for t in self.added_tokens if (not t.special) or t.id >= self.n_pieces}
         self._all_special = {t.content for t in self.added_tokens if t.special}
 
     # -- construction ----------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, lm_dir: str | os.PathLike, variant: str | None = None) -> "SpiritTokenizer":
+    def from_dir(cls, lm_dir: str | os.PathLike, variant: str | None = None) -> SpiritTokenizer:
         """From a checkpoint's LM directory (tokenizer.model + the two JSON files)."""
         lm_dir = Path(lm_dir)
         for name in TOKENIZER_FILES:
@@ -214,8 +223,14 @@ class SpiritTokenizer:
                 configs.append(json.loads((lm_dir / name).read_text()))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise CheckpointError(f"{lm_dir / name} is not valid JSON: {exc}.") from None
-        return cls.from_files((lm_dir / "tokenizer.model").read_bytes(), *configs, variant=variant,
-                              source=str(lm_dir))
+        tokenizer_config, special_tokens_map = configs
+        return cls.from_files(
+            (lm_dir / "tokenizer.model").read_bytes(),
+            tokenizer_config,
+            special_tokens_map,
+            variant=variant,
+            source=str(lm_dir),
+        )
 
     @classmethod
     def from_files(
@@ -225,7 +240,7 @@ class SpiritTokenizer:
         special_tokens_map: dict,
         variant: str | None = None,
         source: str = "tokenizer",
-    ) -> "SpiritTokenizer":
+    ) -> SpiritTokenizer:
         """From the contents of the three tokenizer files."""
         if tokenizer_config.get("legacy") is False:
             raise CheckpointError(
@@ -249,35 +264,41 @@ class SpiritTokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> "SpiritTokenizer":
+    def from_gguf(cls, path: str | os.PathLike) -> SpiritTokenizer:
         """From the ``spiritlm.tokenizer.*`` metadata of a GGUF written by our converter."""
-        from spiritlm_edge.runtime.lm import read_spiritlm_gguf
-
         meta = read_spiritlm_gguf(path).metadata
         return cls.from_metadata(meta, source=str(path))
 
     @classmethod
-    def from_metadata(cls, meta: dict, source: str = "GGUF") -> "SpiritTokenizer":
-        from spiritlm_edge.runtime.errors import BundleError
-
+    def from_metadata(cls, meta: dict, source: str = "GGUF") -> SpiritTokenizer:
+        """From GGUF metadata (:class:`~spiritlm_edge.runtime.gguf_file.Keys`)."""
         try:
-            proto = bytes(meta["spiritlm.tokenizer.sentencepiece_model"])
-            table = json.loads(meta["spiritlm.tokenizer.added_tokens"])
-            clean = bool(meta.get("spiritlm.tokenizer.clean_up_tokenization_spaces", False))
+            proto = decode_sentencepiece_model(meta[Keys.Tokenizer.SENTENCEPIECE_MODEL])
+            table = json.loads(meta[Keys.Tokenizer.ADDED_TOKENS])
+            clean = bool(meta.get(Keys.Tokenizer.CLEAN_UP_TOKENIZATION_SPACES, False))
         except KeyError as exc:
             raise BundleError(
                 f"{source} has no {exc.args[0]} metadata: it was not written by spiritlm-edge's "
                 "converter. Re-export it with `spiritlm-edge export lm`."
             ) from None
+        except (ValueError, TypeError) as exc:  # bad base64 or JSON
+            raise BundleError(
+                f"{source}: its spiritlm.tokenizer metadata is corrupted ({exc}). Re-export it with "
+                "`spiritlm-edge export lm`."
+            ) from None
         added = [AddedToken(**entry) for entry in table]
-        return cls(proto, added, clean_up_tokenization_spaces=clean, variant=meta.get("spiritlm.variant"),
-                   source=source, embedding_rows=meta.get("spiritlm.embedding_rows"))
+        return cls(
+            proto,
+            added,
+            clean_up_tokenization_spaces=clean,
+            variant=meta.get(Keys.VARIANT),
+            source=source,
+            embedding_rows=meta.get(Keys.EMBEDDING_ROWS),
+        )
 
     @classmethod
-    def from_bundle(cls, bundle) -> "SpiritTokenizer":
+    def from_bundle(cls, bundle) -> SpiritTokenizer:
         """From a bundle's LM GGUF (``bundle`` is a :class:`Bundle` or its directory)."""
-        from spiritlm_edge.runtime.bundle import Bundle
-
         if not isinstance(bundle, Bundle):
             bundle = Bundle(bundle)
         return cls.from_gguf(bundle.path("lm"))

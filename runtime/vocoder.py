@@ -25,12 +25,11 @@ import numpy as np
 
 from spiritlm_edge.runtime.bundle import Bundle, DurationConfig, VocoderConfig
 from spiritlm_edge.runtime.errors import ModelError, UnitsError
+from spiritlm_edge.runtime.limits import MAX_WINDOW_FRAMES
 from spiritlm_edge.runtime.onnx_session import create_session, default_threads
 from spiritlm_edge.runtime.units import unit_ids
 
 DEFAULT_SPEAKER = 2
-# Longer spans are synthesized in exact windows to bound memory.
-MAX_WINDOW_FRAMES = 750  # 30 s
 # Parallel windows are at least this long, and at least as long as their context.
 MIN_SEGMENT_FRAMES = 8
 

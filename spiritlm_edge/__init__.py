@@ -15,6 +15,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 # public name -> module that defines it
 _EXPORTS = {
     "SpiritLM": "spiritlm_edge.runtime.pipeline",
+    "Spiritlm": "spiritlm_edge.runtime.pipeline",
     "Conversation": "spiritlm_edge.runtime.pipeline",
     "GenerationInput": "spiritlm_edge.runtime.pipeline",
     "GenerationOuput": "spiritlm_edge.runtime.pipeline",
@@ -23,13 +24,14 @@ _EXPORTS = {
     "OutputModality": "spiritlm_edge.runtime.units",
     "SpeechTokenizer": "spiritlm_edge.runtime.speech",
     "LanguageModel": "spiritlm_edge.runtime.lm",
+    "SamplingConfig": "spiritlm_edge.runtime.sampling",
     "SpiritLMEdgeError": "spiritlm_edge.runtime.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'spiritlm_edge' has no attribute {name!r}")

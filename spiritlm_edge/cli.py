@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from spiritlm_edge.runtime.errors import SpiritLMEdgeError
+from spiritlm_edge.runtime.sampling import CLI_SAMPLING, SamplingConfig
 
 app = typer.Typer(
     name="spiritlm-edge",
@@ -141,7 +142,7 @@ def export_lm_cmd(
 ) -> None:
     """Convert the language model to GGUF (streamed) and quantize it with llama.cpp."""
     from spiritlm_edge.export.checkpoints import CheckpointPaths, resolve_checkpoint_root
-    from spiritlm_edge.export.lm import export_lm
+    from spiritlm_edge.export.build import export_lm
     from spiritlm_edge.quant.llama_quantize import check_quant
 
     check_quant(quant)  # before any work
@@ -266,15 +267,11 @@ def _open_spirit_lm(bundle: Path, providers: Optional[str], threads: Optional[in
                     **lm_options)
 
 
-def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy) -> dict:
-    return {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": not greedy,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "repetition_penalty": repetition_penalty,
-    }
+def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed) -> SamplingConfig:
+    return CLI_SAMPLING.updated(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )
 
 
 @app.command("run")
@@ -286,21 +283,28 @@ def run_cmd(
     output: Optional[Path] = typer.Option(None, "--output", help="WAV file for the spoken answer."),
     mode: str = typer.Option("speech", "--mode", help="Answer modality: speech, text or arbitrary."),
     speaker: int = typer.Option(2, "--speaker", help="Vocoder speaker id."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
-    temperature: float = typer.Option(0.9, "--temperature"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k", help="0: off."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    # the CLI samples by default (runtime/sampling.py's CLI_SAMPLING); the Python API is greedy
+    max_new_tokens: int = typer.Option(CLI_SAMPLING.max_new_tokens, "--max-new-tokens"),
+    temperature: float = typer.Option(CLI_SAMPLING.temperature, "--temperature", help="0: greedy."),
+    top_p: float = typer.Option(CLI_SAMPLING.top_p, "--top-p", help="1.0: off."),
+    top_k: int = typer.Option(CLI_SAMPLING.top_k, "--top-k", help="0: off."),
+    repetition_penalty: float = typer.Option(CLI_SAMPLING.repetition_penalty, "--repetition-penalty"),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
     input_device: Optional[str] = typer.Option(None, "--input-device", help="Microphone: index or name."),
     output_device: Optional[str] = typer.Option(None, "--output-device", help="Speaker: index or name."),
     list_devices: bool = typer.Option(False, "--list-devices", help="List audio devices and exit."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="End the live session after N s."),
     vad_model: Optional[Path] = typer.Option(None, "--vad-model", help="silero_vad.onnx (default: the bundle's)."),
     end_silence_ms: float = typer.Option(700.0, "--end-silence-ms", help="Silence that ends the user's turn."),
+    aec: Optional[str] = typer.Option(
+        None, "--aec", help="on|off: cancel the speaker's echo before the VAD (default: on with barge-in)."
+    ),
     no_barge_in: bool = typer.Option(
-        False, "--no-barge-in", help="Don't stop the answer when the user speaks (speakers without echo cancellation)."
+        False, "--no-barge-in", help="Don't stop the answer when the user speaks (where --aec cannot run)."
+    ),
+    barge_in_min_ms: float = typer.Option(
+        300.0, "--barge-in-min-ms", help="Speech that cuts the answer; shorter speech (an 'mm-hmm') does not."
     ),
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
@@ -321,19 +325,25 @@ def run_cmd(
         return
     if not mic and input is None and text is None:
         fail("give --mic for a live session, or --input FILE and/or --text TEXT for one turn from files.")
+    if aec not in (None, "on", "off"):
+        fail(f"--aec takes on or off, not {aec!r}.")
+    echo_cancellation = not no_barge_in if aec is None else aec == "on"
+    if mic and echo_cancellation:
+        from spiritlm_edge.runtime.aec import check_available
+
+        check_available()  # before loading the model: a missing library is said at once
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)  # fail fast
     spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers,
                                 n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
-    conversation = Conversation(
-        spirit_lm, output_modality=mode, speaker_id=speaker, seed=seed,
-        **_sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy),
-    )
+    conversation = Conversation(spirit_lm, output_modality=mode, speaker_id=speaker, sampling=sampling)
     if mic:
         from spiritlm_edge.runtime.live import run_mic_session
 
         summary = run_mic_session(
-            conversation.respond, input_device=_device(input_device), output_device=_device(output_device),
+            conversation.respond, aec=echo_cancellation, input_device=_device(input_device),
+            output_device=_device(output_device),
             max_seconds=max_seconds, vad_model=vad_model, bundle=spirit_lm.bundle, barge_in=not no_barge_in,
-            end_silence_ms=end_silence_ms,
+            end_silence_ms=end_silence_ms, barge_in_min_ms=barge_in_min_ms,
         )
         typer.echo(f"session ended: {summary}", err=True)
         return
@@ -354,6 +364,37 @@ def run_cmd(
 
 def _device(value: Optional[str]):
     return int(value) if value is not None and value.isdigit() else value
+
+
+@app.command("serve")
+def serve_cmd(
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token."),
+    port: int = typer.Option(8765, "--port"),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar="SPIRITLM_TOKEN", help="Clients must send 'Authorization: Bearer TOKEN'."
+    ),
+    allow_origin: Optional[list[str]] = typer.Option(
+        None, "--allow-origin", help="Another browser Origin allowed to connect (repeatable)."
+    ),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS and WSS."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    max_connections: int = typer.Option(8, "--max-connections"),
+    max_queued_turns: int = typer.Option(4, "--max-queued-turns", help="Turns waiting for the model before 'busy'."),
+    idle_timeout_s: float = typer.Option(300.0, "--idle-timeout", help="Close a connection silent this long (s)."),
+    providers: Optional[str] = ProvidersOption,
+    threads: Optional[int] = ThreadsOption,
+    n_gpu_layers: Optional[int] = GpuLayersOption,
+    n_ctx: int = typer.Option(2048, "--n-ctx", help="LM context length (a connection's memory)."),
+) -> None:
+    """Serve the OpenAI Realtime protocol (WebSocket /v1/realtime) and the kiosk page (/)."""
+    from spiritlm_edge.server.app import ServerConfig, serve
+    from spiritlm_edge.server.realtime import Limits
+
+    limits = Limits(max_connections=max_connections, max_queued_turns=max_queued_turns, idle_timeout_s=idle_timeout_s)
+    config = ServerConfig(host=host, port=port, token=token, allow_origins=list(allow_origin or []),
+                          tls_cert=tls_cert, tls_key=tls_key, limits=limits)
+    serve(bundle, config, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
 
 
 @app.command("asr")

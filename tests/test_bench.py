@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from spiritlm_edge.bench import latency, synthetic
+from spiritlm_edge.bench import latency, machine, synthetic
+from spiritlm_edge.bench import report as bench_report
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +44,19 @@ def _walk_summaries(node, path=""):
 
 
 def test_summarize_median_and_p90():
-    s = latency.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    s = bench_report.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert s["median"] == 3.0 and s["min"] == 1.0 and s["max"] == 5.0 and s["n"] == 5
     assert s["p90"] == pytest.approx(4.6)  # linear interpolation between 4 and 5
-    one = latency.summarize([0.25])
+    one = bench_report.summarize([0.25])
     assert one["median"] == one["p90"] == 0.25
     with pytest.raises(ValueError):
-        latency.summarize([])
+        bench_report.summarize([])
 
 
 def test_goals_compare_in_the_right_direction():
     report = {"stages": {"hubert": {"rtf": {"median": 0.04}}, "vocoder_offline": {"rtf": {"median": 0.06}}},
               "engine_overhead": {"engine_vs_raw": 0.97}}
-    goals = {g["figure"]: g for g in latency.evaluate_goals(report)}
+    goals = {g["figure"]: g for g in bench_report.evaluate_goals(report)}
     assert goals["stages.hubert.rtf.median"]["met"] is True
     assert goals["stages.vocoder_offline.rtf.median"]["met"] is False
     assert goals["engine_overhead.engine_vs_raw"]["met"] is True
@@ -65,7 +66,7 @@ def test_goals_compare_in_the_right_direction():
 def test_report_has_every_figure_with_sane_values(bench_run):
     report, out = bench_run
     saved = json.loads((out / "bench.json").read_text())
-    assert saved["schema"] == latency.SCHEMA_VERSION
+    assert saved["schema"] == bench_report.SCHEMA_VERSION
     for key in ("machine", "bundle", "settings", "stages", "turn", "memory", "engine_overhead", "bandwidth",
                 "reference", "goals"):
         assert key in saved, key
@@ -100,12 +101,12 @@ def test_report_has_every_figure_with_sane_values(bench_run):
     assert set(reference["speedup"]) >= {"hubert", "vocoder", "lm_decode", "lm_prefill"}
     assert reference["lm"]["decode_tokens"] == 20
     assert all(v > 0 for v in reference["speedup"].values())
-    assert {g["figure"] for g in saved["goals"]} == {g[0] for g in latency.GOALS}
+    assert {g["figure"] for g in saved["goals"]} == {g[0] for g in bench_report.GOALS}
 
 
 def test_table_prints_and_plot_is_a_png(bench_run, capsys):
     report, out = bench_run
-    table = latency.format_table(report)
+    table = bench_report.format_table(report)
     for needle in ("hubert", "lm_decode", "vocoder_first_chunk", "time to first audio", "peak RSS",
                    "engine overhead", "ceiling", "speed-up over the reference", "goals"):
         assert needle in table, needle
@@ -124,10 +125,10 @@ def test_bad_options_are_clear_errors(tiny_bundle):
 def test_bandwidth_and_bytes_per_token(tiny_bundle):
     from spiritlm_edge.runtime.bundle import Bundle
 
-    bw = latency.measure_bandwidth(8, repeats=2, n_threads=2)
+    bw = machine.measure_bandwidth(8, repeats=2, n_threads=2)
     assert bw["gb_per_s"] > 0.1
     gguf = Bundle(tiny_bundle[0]).path("lm")
-    short, long = latency.decode_bytes_per_token(gguf, 10), latency.decode_bytes_per_token(gguf, 1000)
+    short, long = machine.decode_bytes_per_token(gguf, 10), machine.decode_bytes_per_token(gguf, 1000)
     assert short["weights_bytes"] == long["weights_bytes"]
     assert long["kv_cache_bytes"] == pytest.approx(100 * short["kv_cache_bytes"])
 
@@ -154,12 +155,13 @@ def test_synthetic_lm_has_released_layout(tmp_path):
 
     from spiritlm_edge.export.checkpoints import CheckpointPaths
     from spiritlm_edge.export.lm import load_lm_config
+    from spiritlm_edge.export.random_lm import write_random_lm
     from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
     paths = CheckpointPaths(tmp_path)
     cfg = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=4,
                context_length=4096)
-    lm_dir = synthetic.write_random_lm(paths, "expressive", seed=1, cfg=cfg)
+    lm_dir = write_random_lm(paths, "expressive", seed=1, cfg=cfg, text_vocab=synthetic.TEXT_VOCAB)
     loaded = load_lm_config(paths, "expressive")
     assert loaded.vocab_size == 32768 and loaded.weights_path.name == "model.safetensors"
     tokenizer = SpiritTokenizer.from_dir(lm_dir, variant="expressive")

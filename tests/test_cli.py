@@ -76,6 +76,7 @@ def test_errors_are_one_line_messages(tiny_base_bundle, tmp_path, capsys, monkey
         ["run", "--bundle", str(tmp_path / "nowhere"), "--text", "hi"],
         ["run", "--bundle", str(tiny_base_bundle), "--input", str(not_audio)],
         ["run", "--bundle", str(tiny_base_bundle), "--text", "hi", "--speaker", "42", "--output", "o.wav"],
+        ["run", "--bundle", str(tiny_base_bundle), "--text", "hi", "--top-p", "1.5"],
         ["build", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "b"), "--quant", "Q3_X"],
     ):
         monkeypatch.setattr("sys.argv", ["spiritlm-edge", *argv])

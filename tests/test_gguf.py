@@ -3,18 +3,25 @@ sources, determinism, and bad input."""
 
 import json
 
+import gguf  # a base dependency: the runtime reads GGUF with it
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-
+from spiritlm_edge.export.build import export_lm
 from spiritlm_edge.export.checkpoints import CheckpointPaths
-from spiritlm_edge.export.lm import export_lm, load_lm_config, write_tiny
-from spiritlm_edge.quant.gguf_convert import CONTROL, UNUSED, USER_DEFINED, BYTE, convert_lm, rope_permute
+from spiritlm_edge.export.lm import load_lm_config
+from spiritlm_edge.export.random_lm import write_tiny_lm as write_tiny
+from spiritlm_edge.quant.gguf_convert import BYTE, CONTROL, UNUSED, USER_DEFINED, convert_lm, rope_permute
 from spiritlm_edge.quant.llama_quantize import check_quant, quantize_gguf
 from spiritlm_edge.runtime.errors import BundleError, CheckpointError, ModelError
-from spiritlm_edge.runtime.lm import GGML_TYPE_SIZES, read_gguf, read_spiritlm_gguf
+from spiritlm_edge.runtime.gguf_file import (
+    FORMAT_VERSION,
+    Keys,
+    decode_sentencepiece_model,
+    read_gguf,
+    read_spiritlm_gguf,
+)
 from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
 
@@ -49,7 +56,9 @@ def test_metadata_and_vocabulary(expressive):
     assert types[1] == types[2] == CONTROL and types[3] == BYTE and tokens[3] == "<0x00>"
     assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == 2
     # the embedded tokenizer is the checkpoint's, byte for byte
-    assert bytes(fields["spiritlm.tokenizer.sentencepiece_model"]) == (lm_dir / "tokenizer.model").read_bytes()
+    assert fields[Keys.FORMAT_VERSION] == FORMAT_VERSION
+    embedded = decode_sentencepiece_model(fields[Keys.Tokenizer.SENTENCEPIECE_MODEL])
+    assert embedded == (lm_dir / "tokenizer.model").read_bytes()
     ours, from_gguf = SpiritTokenizer.from_dir(lm_dir), SpiritTokenizer.from_gguf(out)
     prompt = "[Text]hi there[Speech][St3][Pi7][Hu1][Hu9] ok"
     assert ours.encode(prompt) == from_gguf.encode(prompt)
@@ -89,9 +98,40 @@ def test_conversion_is_deterministic_and_safetensors_equals_bin(expressive, tmp_
     assert not list(tmp_path.glob("*.part"))
 
 
-def test_type_size_table_matches_gguf():
-    for type_id, sizes in GGML_TYPE_SIZES.items():
-        assert tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]) == sizes
+def test_reader_sizes_every_tensor(expressive):
+    root, lm_dir, out = expressive
+    info = read_spiritlm_gguf(out)
+    sd = torch.load(lm_dir / "pytorch_model.bin", weights_only=True)
+    assert len(info.tensors) == len([n for n in sd if not n.endswith("rotary_emb.inv_freq")])
+    embd = info.tensors["token_embd.weight"]
+    assert embd.shape == tuple(reversed(sd["model.embed_tokens.weight"].shape))  # ggml order
+    assert embd.n_bytes == sd["model.embed_tokens.weight"].numel() * 2  # f16
+    assert info.tensors["output_norm.weight"].n_bytes == sd["model.norm.weight"].numel() * 4  # norms stay f32
+
+
+def test_format_version_1_tokenizer_is_still_read(expressive, tmp_path):
+    """Files written before the tokenizer model became a base64 string (a uint8 array)."""
+    root, lm_dir, out = expressive
+    reader = gguf.GGUFReader(out)
+    writer = gguf.GGUFWriter(tmp_path / "v1.gguf", "llama")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        if name == Keys.Tokenizer.SENTENCEPIECE_MODEL:
+            writer.add_array(name, decode_sentencepiece_model(value))
+        elif name == Keys.FORMAT_VERSION:
+            writer.add_uint32(name, 1)
+        elif field.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(name, value, field.types[0], sub_type=field.types[-1])
+        else:
+            writer.add_key_value(name, value, field.types[0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    old = SpiritTokenizer.from_metadata(read_spiritlm_gguf(tmp_path / "v1.gguf").metadata)
+    assert old.model_proto == (lm_dir / "tokenizer.model").read_bytes()
 
 
 def test_quantize_keeps_metadata_and_tokenizer(expressive, tmp_path):
@@ -100,7 +140,9 @@ def test_quantize_keeps_metadata_and_tokenizer(expressive, tmp_path):
     info = read_spiritlm_gguf(q)
     assert info.metadata["general.file_type"] == 15
     assert info.metadata["spiritlm.token.style_first"] == 1567
-    assert SpiritTokenizer.from_gguf(q).encode("[Speech][Hu3]") == SpiritTokenizer.from_dir(lm_dir).encode("[Speech][Hu3]")
+    assert SpiritTokenizer.from_gguf(q).encode("[Speech][Hu3]") == SpiritTokenizer.from_dir(lm_dir).encode(
+        "[Speech][Hu3]"
+    )
     assert q.stat().st_size < out.stat().st_size / 2
 
 

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from spiritlm_edge.export import hubert as H  # noqa: E402
+from spiritlm_edge.export import random_speech as RS  # noqa: E402
 from spiritlm_edge.export.checkpoints import CheckpointPaths  # noqa: E402
 from spiritlm_edge.runtime import audio as audio_io  # noqa: E402
 from spiritlm_edge.runtime.bundle import Bundle  # noqa: E402
@@ -23,7 +24,7 @@ SR = 16000
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("hubert-ckpt")
     paths = CheckpointPaths(root)
-    H.write_tiny(paths, variant="base", seed=3)
+    RS.write_hubert(paths, variant="base", seed=3)
     return paths
 
 
@@ -139,7 +140,7 @@ def test_frame_count_and_config(models):
     assert config.frames(720) == 1 and config.frames(719) == 0 and config.frames(1280 + 640) == 2
     full = H.parse_conv_layers(H.FULL_SIZE_CONV_LAYERS)
     assert int(np.prod([s for _, _, s in full])) == 640 and len(full) == 8
-    assert H._conv_spec(full) == "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 3"
+    assert RS._conv_spec(full) == "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 3"
 
 
 def test_conv_spec_is_not_evaluated():

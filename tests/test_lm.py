@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("llama_cpp")
 
 from spiritlm_edge.export.checkpoints import CheckpointPaths
-from spiritlm_edge.export.lm import export_lm, write_tiny
+from spiritlm_edge.export.build import export_lm
+from spiritlm_edge.export.random_lm import write_tiny_lm as write_tiny
 from spiritlm_edge.quant.gguf_convert import convert_lm
 from spiritlm_edge.quant.llama_quantize import quantize_gguf
 from spiritlm_edge.runtime.errors import BundleError, ModelError
@@ -127,9 +128,9 @@ def test_modality_constraints(setup, do_sample):
 def test_sampling_is_reproducible_with_a_seed(setup):
     variant, root, lm_dir, lm, ref = setup
     ids = lm.tokenizer.encode(PROMPT)
-    a = lm.generate_ids(ids, 30, seed=7, temperature=1.2, repetition_penalty=1.3)
-    b = lm.generate_ids(ids, 30, seed=7, temperature=1.2, repetition_penalty=1.3)
-    c = lm.generate_ids(ids, 30, seed=8, temperature=1.2, repetition_penalty=1.3)
+    a = lm.generate_ids(ids, 30, do_sample=True, seed=7, temperature=1.2, repetition_penalty=1.3)
+    b = lm.generate_ids(ids, 30, do_sample=True, seed=7, temperature=1.2, repetition_penalty=1.3)
+    c = lm.generate_ids(ids, 30, do_sample=True, seed=8, temperature=1.2, repetition_penalty=1.3)
     assert a == b and a != c
 
 

@@ -3,13 +3,16 @@ and 7, streaming equal to offline, conversation state, and bad input."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import math
 import shutil
 
 import numpy as np
 import pytest
 
+import spiritlm_edge
 from spiritlm_edge import ContentType, GenerationInput, OutputModality, SpiritLM
 from spiritlm_edge.runtime.audio import load_audio
 from spiritlm_edge.runtime.bundle import Bundle, add_component
@@ -125,7 +128,7 @@ def test_seeded_sampling_is_reproducible(base):
     base.lm.reset()
     second = base.generate([("TEXT", "hello")], **kwargs)
     assert [o.content_type for o in first] == [o.content_type for o in second]
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert (a.content == b.content) if isinstance(a.content, str) else np.array_equal(a.content, b.content)
 
 
@@ -204,10 +207,22 @@ def test_conversation_drops_oldest_segments_when_the_context_is_full(tiny_base_b
     small = SpiritLM(tiny_base_bundle, n_threads=2, n_ctx=400)
     n_ctx = small.lm.n_ctx  # llama.cpp rounds the context up (to 512)
     conversation = Conversation(small, output_modality="TEXT", max_new_tokens=20)
-    for _ in range(5):
+    caplog.set_level(logging.DEBUG, logger="spiritlm_edge.runtime.pipeline")
+    dropped = []
+    for _ in range(6):
         end = conversation.turn([("SPEECH", clip[:96000])])  # ~150 tokens a turn
         assert end.timings["prompt_tokens"] + 20 <= n_ctx
-    assert "dropping its oldest segment" in caplog.text
+        dropped.append(end.timings["dropped_segments"])
+    assert dropped[0] == 0 and sum(d > 0 for d in dropped) >= 3, dropped
+    records = [r for r in caplog.records if r.name == "spiritlm_edge.runtime.pipeline"]
+    # one warning for the whole conversation; every drop is detailed at debug level
+    assert sum(r.levelno == logging.WARNING for r in records) == 1
+    assert sum(r.levelno == logging.DEBUG for r in records) == sum(dropped)
+    conversation.reset()  # a new conversation warns again
+    caplog.clear()
+    for _ in range(4):
+        conversation.turn([("SPEECH", clip[:96000])])
+    assert sum(r.levelno == logging.WARNING for r in caplog.records if r.name.endswith("pipeline")) == 1
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -217,7 +232,13 @@ def test_bad_inputs_give_clear_errors(base, tmp_path):
     with pytest.raises(ModelError, match="nothing to continue"):
         base.generate()
     with pytest.raises(ModelError, match="Unknown generation option"):
-        base.generate([("TEXT", "x")], max_length=3)
+        base.generate([("TEXT", "x")], colour="blue")
+    with pytest.raises(ModelError, match="num_beams=4"):
+        base.generate([("TEXT", "x")], num_beams=4)
+    with pytest.raises(ModelError, match="TEXT content must be a str"):
+        base.generate([("TEXT", 42)])
+    with pytest.raises(ModelError, match="TEXT content must be a str"):
+        Conversation(base).turn([("TEXT", ["a", "list"])])
     with pytest.raises(ModelError):
         base.generate([("TEXT", "x")], output_modality="VIDEO")
     not_audio = tmp_path / "notes.wav"
@@ -317,3 +338,74 @@ def test_expressive_continuation_without_pitch_codes(expressive, monkeypatch):
     assert abs(streamed.size - outputs[0].content.size) <= 2 * 640
     tail = whole[-streamed.size:]
     assert np.linalg.norm(streamed - tail) <= 1e-3 * np.linalg.norm(tail)
+
+
+# -- the reference's API: generate's signature, generation_config, drop-in names --------------
+
+
+def test_generate_takes_the_reference_arguments_in_its_order():
+    # spiritlm/model/spiritlm_model.py: Spiritlm.generate's parameters, in order
+    reference = ["interleaved_inputs", "prompt", "output_modality", "generation_config",
+                 "force_tokens_to_output_modality", "speaker_id", "return_prompt", "seed"]
+    parameters = list(inspect.signature(SpiritLM.generate).parameters)[1:]
+    assert parameters[:len(reference)] == reference
+
+
+def test_generation_config_samples_as_the_same_keywords(base):
+    transformers = pytest.importorskip("transformers")
+    inputs = [("TEXT", "once upon a time")]
+    config = transformers.GenerationConfig(do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=30)
+    by_config = base.generate(inputs, None, "TEXT", config, seed=5)  # positional, as the reference allows
+    by_keywords = base.generate(inputs, output_modality="TEXT", do_sample=True, temperature=0.9, top_p=0.95,
+                                max_new_tokens=30, seed=5)
+    by_dict = base.generate(inputs, output_modality="TEXT", generation_config=config.to_diff_dict(), seed=5)
+    assert by_config[0].content == by_keywords[0].content == by_dict[0].content
+    # sampling by default is not what the reference does: the default stays greedy
+    greedy = base.generate(inputs, output_modality="TEXT", max_new_tokens=30, seed=5)
+    assert greedy[0].content == base.generate(inputs, output_modality="TEXT", max_new_tokens=30,
+                                              do_sample=False)[0].content
+    with pytest.raises(ModelError, match="num_beams"):
+        base.generate(inputs, generation_config=transformers.GenerationConfig(num_beams=2))
+
+
+def test_drop_in_names():
+    assert spiritlm_edge.Spiritlm is SpiritLM
+    assert SpiritLM.TEXT_PROMPT_PREFIX == "[Text]" and SpiritLM.SPEECH_PROMPT_PREFIX == "[Speech]"
+
+
+@pytest.mark.parametrize("direction", ["T2T", "T2S", "S2T", "S2S"])
+def test_reference_few_shot_prompt_logic_runs_on_our_names(base, clip, direction):
+    """The logic of the reference's eval helper (spiritlm/eval/stsp/few_shot_prompt.py), restated
+    here against our names: each example is the prompt half then the generation half, speech as
+    SPEECH_PROMPT_PREFIX + speech_tokenizer(wav) (a torch tensor there: first half of the clip
+    for a prompt, second half for a generation), text as TEXT_PROMPT_PREFIX + text; examples are
+    joined by newlines with one after the last."""
+    torch = pytest.importorskip("torch")
+    model = base  # what the reference's code calls spiritlm_model
+    wav = torch.from_numpy(clip[:64000])
+    first, second = wav[:wav.shape[0] // 2], wav[wav.shape[0] // 2:]
+    rows = [("the sky is blue", "what a lovely day"), ("I lost my keys", "that is annoying")]
+
+    def speech(half):
+        return model.SPEECH_PROMPT_PREFIX + model.speech_tokenizer(half)
+
+    def text(content):
+        return model.TEXT_PROMPT_PREFIX + content
+
+    source, target = direction.split("2")
+    shots = [(text(p) if source == "T" else speech(first)) + (text(g) if target == "T" else speech(second))
+             for p, g in rows]
+    ours = "\n".join(shots) + "\n"
+    # the strings the reference writes: its literal prefixes, units from the numpy samples
+    units = {"first": base.speech_tokenizer.encode_string(first.numpy()),
+             "second": base.speech_tokenizer.encode_string(second.numpy())}
+    half = {"T": lambda content, which: "[Text]" + content, "S": lambda content, which: "[Speech]" + units[which]}
+    expected = "".join(half[source](p, "first") + half[target](g, "second") + "\n" for p, g in rows)
+    assert ours == expected
+    if source != target:  # across modalities, our prompt builder (spec section 3) gives them too
+        def segment(kind, content, samples):
+            return ("TEXT", content) if kind == "T" else ("SPEECH", samples.numpy())
+
+        built = "".join(model.build_prompt([segment(source, p, first), segment(target, g, second)]) + "\n"
+                        for p, g in rows)
+        assert ours == built

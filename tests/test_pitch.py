@@ -15,6 +15,7 @@ import yaml
 
 from spiritlm_edge.export import pitch
 from spiritlm_edge.export.checkpoints import CheckpointPaths
+from spiritlm_edge.export.random_speech import PITCH_FULL_CONFIG, write_pitch
 from spiritlm_edge.export.fcpe import FCPE_WEIGHTS_ENV, INSTALL_HINT, find_fcpe_weights, load_fcpe
 from spiritlm_edge.runtime import audio as audio_mod
 from spiritlm_edge.runtime import pitch as runtime_pitch
@@ -62,7 +63,7 @@ def tiny_paths(tmp_path_factory) -> CheckpointPaths:
     if _fcpe_available():
         pytest.skip(_fcpe_available())
     paths = CheckpointPaths(tmp_path_factory.mktemp("pitch-ckpt"))
-    pitch.write_tiny(paths, "expressive", seed=0)
+    write_pitch(paths, "expressive", seed=0)
     return paths
 
 
@@ -251,10 +252,10 @@ def test_engine_rejects_incomplete_bundle(bundle_dir, tmp_path):
 
 
 def test_full_size_vqvae_has_release_size():
-    model = pitch.PitchVQVAE(pitch.FULL_CONFIG)
+    model = pitch.PitchVQVAE(PITCH_FULL_CONFIG)
     n_params = sum(t.numel() for t in model.state_dict().values())
     assert 150_000 < n_params < 260_000  # spec: pitch VQ-VAE 0.2M
-    assert pitch.frames_per_code(pitch.FULL_CONFIG["encoder_params"]) == 16
+    assert pitch.frames_per_code(PITCH_FULL_CONFIG["encoder_params"]) == 16
     codes = model.eval()(torch.randn(1, 2, 1828))
     assert codes.shape == (1, 114)
 

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from spiritlm_edge.export import random_speech as RS  # noqa: E402
 from spiritlm_edge.export import style as S  # noqa: E402
 from spiritlm_edge.export.checkpoints import CheckpointPaths  # noqa: E402
 from spiritlm_edge.runtime import audio as audio_io  # noqa: E402
@@ -25,7 +26,7 @@ SR = 16000
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     paths = CheckpointPaths(tmp_path_factory.mktemp("style-ckpt"))
-    S.write_tiny(paths, variant="expressive", seed=5)
+    RS.write_style(paths, variant="expressive", seed=5)
     return paths
 
 
@@ -117,7 +118,7 @@ def test_engine_chunks_like_the_reference(model, engine, clip, monkeypatch):
 
 def test_full_size_parameter_count():
     """Spec section 8: style wav2vec2 = 95M parameters."""
-    config, proj, labels = S.encoder_config_from_hf(S._hf_config("full"), Path("full"))
+    config, proj, labels = S.encoder_config_from_hf(RS._wav2vec2_config("full"), Path("full"))
     with torch.device("meta"):
         full = S.StyleModel(config, proj, labels)
     n = sum(p.numel() for p in full.parameters())

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from spiritlm_edge.export import random_speech as RS
 from spiritlm_edge.export import vocoder as V
 from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.runtime.bundle import Bundle
@@ -32,7 +33,7 @@ def setup(request, tmp_path_factory):
     variant = request.param
     root = tmp_path_factory.mktemp(f"voc-{variant}")
     paths = CheckpointPaths(root / "ckpt")
-    V.write_tiny(paths, variant, seed=3)
+    RS.write_vocoder(paths, variant, seed=3)
     model = V.load_vocoder(paths, variant)
     V.export_onnx(paths, variant, root / "bundle")
     return variant, paths, model, Vocoder.from_bundle(root / "bundle", n_threads=1)
@@ -204,8 +205,8 @@ def test_bundle_manifest_and_determinism(setup, tmp_path):
     for name in ("vocoder", "vocoder_duration"):
         assert first.component(name)["sha256"] == again.component(name)["sha256"]
     entry = again.component("vocoder")
-    assert entry["speakers"] == V.TINY_SPEAKERS and entry["hop_length"] == 640
-    assert entry["styles"] == (V.TINY_STYLES if variant == "base" else [])
+    assert entry["speakers"] == RS.TINY_SPEAKERS and entry["hop_length"] == 640
+    assert entry["styles"] == (RS.TINY_STYLES if variant == "base" else [])
     assert entry["default_style"] == (8 if variant == "base" else None)
     assert entry["context_frames"] == {"left": 14, "right": 14}
     assert again.component("vocoder_duration")["context_units"] == {"left": 2, "right": 2}
@@ -222,7 +223,7 @@ def test_context_is_exact():
     (float64, so that no contribution vanishes in rounding)."""
     config = V.model_config("base", "tiny")
     left, right = V.generator_context(config)
-    model = V.random_model(config, seed=1).double()
+    model = RS.random_vocoder(config, seed=1).double()
     units = torch.arange(50) * 7 % 501
     extra = dict(speaker=torch.tensor([2]), style_id=torch.tensor([8]))
     with torch.no_grad():
@@ -236,7 +237,7 @@ def test_context_is_exact():
 
 def test_loader_errors(tmp_path):
     paths = CheckpointPaths(tmp_path)
-    directory = V.write_tiny(paths, "base", seed=0)
+    directory = RS.write_vocoder(paths, "base", seed=0)
     generator = directory / "generator.pt"
     state = torch.load(generator, weights_only=True)["generator"]
 
@@ -247,7 +248,7 @@ def test_loader_errors(tmp_path):
         for k, v in state.items()
     }
     torch.save({"generator": renamed}, generator)
-    assert V.load_vocoder(paths, "base").speakers == V.TINY_SPEAKERS  # newer weight-norm names load too
+    assert V.load_vocoder(paths, "base").speakers == RS.TINY_SPEAKERS  # newer weight-norm names load too
 
     torch.save({"model": state}, generator)
     with pytest.raises(CheckpointError, match=r"generator\.pt.*'generator'"):
@@ -266,7 +267,7 @@ def test_loader_errors(tmp_path):
     (directory / "styles.txt").unlink()
     with pytest.raises(CheckpointError, match=r"styles\.txt does not exist"):
         V.load_vocoder(paths, "base")
-    (directory / "styles.txt").write_text("\n".join(V.TINY_STYLES) + "\n")
+    (directory / "styles.txt").write_text("\n".join(RS.TINY_STYLES) + "\n")
 
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps(dict(config, model_in_dim=99)))

@@ -1,0 +1,22 @@
+# ctest script: examples/c/talk on the LibriSpeech clip, then check_wav on its answer.
+file(STRINGS "${ENV_FILE}" lines)
+foreach(line IN LISTS lines)
+  if(line MATCHES "^([A-Z_]+)=(.*)$")
+    set(SERVER_${CMAKE_MATCH_1} "${CMAKE_MATCH_2}")
+  endif()
+endforeach()
+file(REMOVE "${OUT}")
+execute_process(COMMAND "${TALK}" --token "${SERVER_TOKEN}" --voice 2 --rate 48000 --max-tokens 60
+                        "${SERVER_URL}" "${CLIP}" "${OUT}"
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 240)
+message(STATUS "talk:\n${out}${err}")
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "talk failed (${rc})")
+endif()
+if(NOT out MATCHES "time to first audio: [0-9]+ ms")
+  message(FATAL_ERROR "talk did not print the time to first audio")
+endif()
+execute_process(COMMAND "${CHECK}" "${OUT}" 48000 0.1 RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "the answer WAV is not right")
+endif()
