@@ -323,7 +323,7 @@ def run_benchmark(
     report["stages"] = stages
     report["turn"] = _turn_report(rec, bundle, expressive)
 
-    gguf = Path(clocked._lm.path)
+    gguf, kv_cache = Path(clocked._lm.path), clocked._lm.kv_cache
     spirit_lm.lm = clocked._lm
     spirit_lm.lm.close()  # the side-by-side runs load their own copies
     del spirit_lm, clocked
@@ -340,7 +340,7 @@ def run_benchmark(
     log.info("memory bandwidth (%d MB copies)", bandwidth_mb)
     bw: dict[str, Any] = dict(measure_bandwidth(bandwidth_mb, n_threads=n_threads))
     prompt_tokens = report["turn"]["prompt_tokens"]
-    per_token = decode_bytes_per_token(gguf, prompt_tokens + max_new_tokens / 2)
+    per_token = decode_bytes_per_token(gguf, prompt_tokens + max_new_tokens / 2, kv_cache)
     bw.update(per_token)
     bw["ceiling_tokens_per_s"] = bw["gb_per_s"] * 1e9 / per_token["total_bytes"]
     ours = stages["lm_decode"]["tokens_per_s"]["median"]
@@ -350,7 +350,7 @@ def run_benchmark(
         bw["raw_llama_cpp_fraction_of_ceiling"] = (report["engine_overhead"]["tokens_per_s_median"]["raw"]
                                                    / bw["ceiling_tokens_per_s"])
     bw["note"] = ("ceiling = delivered copy bandwidth / bytes read per decode step (all weights but the token "
-                  "embedding, plus the f16 KV cache at the turn's mean context)")
+                  "embedding, plus the KV cache at the turn's mean context, in its type: " + kv_cache + ")")
     report["bandwidth"] = bw
 
     if not reference and not reference_lm:

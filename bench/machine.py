@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import gguf
 import llama_cpp
 import numpy as np
 import onnxruntime
@@ -175,9 +176,15 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 5, n_threads: int = 
     return result
 
 
-def decode_bytes_per_token(gguf_path: Path, context_tokens: float) -> dict[str, float]:
+def kv_bytes_per_value(kv_cache: str) -> float:
+    """Bytes per cached key or value in a ``kv_cache`` type (f16 2, q8_0 34/32, ...)."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kv_cache.upper()]]
+    return size / block
+
+
+def decode_bytes_per_token(gguf_path: Path, context_tokens: float, kv_cache: str = "f16") -> dict[str, float]:
     """Bytes one decode step must read: every weight tensor except the token embedding (a
-    single row of it is read), plus the K and V cache of ``context_tokens`` positions (f16)."""
+    single row of it is read), plus the K and V cache of ``context_tokens`` positions."""
     info = read_gguf(gguf_path)
     weights = embedding = 0
     for name, tensor in info.tensors.items():
@@ -191,7 +198,7 @@ def decode_bytes_per_token(gguf_path: Path, context_tokens: float) -> dict[str, 
     hidden = int(meta.get("llama.embedding_length", 0))
     heads = int(meta.get("llama.attention.head_count", 1))
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    kv = 2 * layers * context_tokens * (hidden // heads * kv_heads) * 2
+    kv = 2 * layers * context_tokens * (hidden // heads * kv_heads) * kv_bytes_per_value(kv_cache)
     return {
         "weights_bytes": weights,
         "token_embd_bytes": embedding,

@@ -131,6 +131,9 @@ def test_bandwidth_and_bytes_per_token(tiny_bundle):
     short, long = machine.decode_bytes_per_token(gguf, 10), machine.decode_bytes_per_token(gguf, 1000)
     assert short["weights_bytes"] == long["weights_bytes"]
     assert long["kv_cache_bytes"] == pytest.approx(100 * short["kv_cache_bytes"])
+    # a q8_0 cache: 34 bytes per block of 32 values, as llama.cpp sizes it
+    q8 = machine.decode_bytes_per_token(gguf, 1000, "q8_0")
+    assert q8["kv_cache_bytes"] == pytest.approx(long["kv_cache_bytes"] * 34 / 32 / 2)
 
 
 def test_synthetic_plan_and_shapes():
