@@ -61,7 +61,7 @@ check: setup
 	$(BIN)/ruff format --check .
 	@mkdir -p $(TYPECHECK_TREE)/spiritlm_edge
 	@for f in spiritlm_edge/*.py; do ln -sfn $(CURDIR)/$$f $(TYPECHECK_TREE)/spiritlm_edge/; done
-	@for d in runtime export quant bench; do ln -sfn $(CURDIR)/$$d $(TYPECHECK_TREE)/spiritlm_edge/$$d; done
+	@for d in runtime export quant bench server; do ln -sfn $(CURDIR)/$$d $(TYPECHECK_TREE)/spiritlm_edge/$$d; done
 	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p spiritlm_edge
 

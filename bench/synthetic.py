@@ -42,8 +42,14 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_MODELS = {"base-7b": "base", "expressive-7b": "expressive"}
 # Llama-2 7B, as in the released spirit-lm-*-7b/config.json
-LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_layers": 32, "num_heads": 32,
-             "num_kv_heads": 32, "context_length": 4096}
+LLAMA2_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_layers": 32,
+    "num_heads": 32,
+    "num_kv_heads": 32,
+    "context_length": 4096,
+}
 TEXT_VOCAB = 32000  # Llama-2's SentencePiece vocabulary
 
 # Rough figures for the build on a 2-core x86 CPU (measured here), to tell the user up front.
@@ -120,9 +126,16 @@ def _lm_progress():
     return report
 
 
-def build_synthetic_bundle(name: str, quant: str = "Q4_K_M", cache_dir: str | os.PathLike | None = None,
-                           rebuild: bool = False, n_threads: int | None = None, seed: int = 0,
-                           keep_checkpoints: bool = True, lm_layers: int | None = None) -> tuple[Path, Path | None]:
+def build_synthetic_bundle(
+    name: str,
+    quant: str = "Q4_K_M",
+    cache_dir: str | os.PathLike | None = None,
+    rebuild: bool = False,
+    n_threads: int | None = None,
+    seed: int = 0,
+    keep_checkpoints: bool = True,
+    lm_layers: int | None = None,
+) -> tuple[Path, Path | None]:
     """The cached synthetic bundle ``name`` in ``quant``, built first if needed.
 
     Returns (bundle directory, checkpoint root or None if it was not kept). A build that
@@ -140,23 +153,29 @@ def build_synthetic_bundle(name: str, quant: str = "Q4_K_M", cache_dir: str | os
         from spiritlm_edge.export.build import build_bundle
         from spiritlm_edge.export.tiny import write_full_size_checkpoints
     except ImportError as exc:
-        raise ImportError(f"building a synthetic bundle needs the export extra ({exc.name} is missing)",
-                          name=exc.name) from exc
+        raise ImportError(
+            f"building a synthetic bundle needs the export extra ({exc.name} is missing)", name=exc.name
+        ) from exc
     log.info("%s", build_plan(name, quant, lm_layers))
     start = time.perf_counter()
     if rebuild or not (root / ".complete").is_file():
         shutil.rmtree(root, ignore_errors=True)
-        write_full_size_checkpoints(root, variant, seed, lm_cfg=cfg, text_vocab=TEXT_VOCAB,
-                                    lm_progress=_lm_progress())
+        write_full_size_checkpoints(root, variant, seed, lm_cfg=cfg, text_vocab=TEXT_VOCAB, lm_progress=_lm_progress())
         (root / ".complete").write_text("random weights, released shapes\n")
     written = time.perf_counter() - start
     shutil.rmtree(bundle_dir, ignore_errors=True)
     build_bundle(root, variant, bundle_dir, quant=quant, n_threads=n_threads)
     info = {
-        "name": name, "variant": variant, "quant": quant, "weights": "synthetic (random, released shapes)",
-        "seed": seed, "lm_layers": cfg["num_layers"], "lm_parameters": lm_parameter_count(variant, cfg),
+        "name": name,
+        "variant": variant,
+        "quant": quant,
+        "weights": "synthetic (random, released shapes)",
+        "seed": seed,
+        "lm_layers": cfg["num_layers"],
+        "lm_parameters": lm_parameter_count(variant, cfg),
         "built": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "checkpoint_seconds": round(written, 1), "total_seconds": round(time.perf_counter() - start, 1),
+        "checkpoint_seconds": round(written, 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
     }
     record.write_text(json.dumps(info, indent=2) + "\n")
     if not keep_checkpoints:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -129,9 +130,7 @@ def load_json(path: Path, what: str) -> dict:
 def get_key(mapping: Mapping, key: str, path: Path, what: str) -> Any:
     """``mapping[key]``, or an error naming the file and the missing key."""
     if not isinstance(mapping, Mapping):
-        raise CheckpointError(
-            f"{what} {path} holds a {type(mapping).__name__}, expected a dict with key {key!r}."
-        )
+        raise CheckpointError(f"{what} {path} holds a {type(mapping).__name__}, expected a dict with key {key!r}.")
     if key not in mapping:
         raise CheckpointError(
             f"{what} {path} has no key {key!r} (it has: {', '.join(map(str, list(mapping)[:12]))}). "
@@ -145,11 +144,17 @@ def shape_mismatches(expected: Mapping[str, tuple], found: Mapping[str, tuple], 
     wrong shapes (the first ``limit`` of each); empty when they match."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k}: expected {tuple(expected[k])}, found {tuple(found[k])}"
-             for k in expected if k in found and tuple(expected[k]) != tuple(found[k])]
+    wrong = [
+        f"{k}: expected {tuple(expected[k])}, found {tuple(found[k])}"
+        for k in expected
+        if k in found and tuple(expected[k]) != tuple(found[k])
+    ]
     problems = []
-    for label, items, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
-                              ("wrong shapes", wrong, "; ")):
+    for label, items, sep in (
+        ("missing keys", missing, ", "),
+        ("unexpected keys", unexpected, ", "),
+        ("wrong shapes", wrong, "; "),
+    ):
         if items:
             problems.append(f"{label}: {sep.join(items[:limit])}" + (" ..." if len(items) > limit else ""))
     return problems
@@ -167,7 +172,8 @@ def load_state_dict_strictly(
     problems = shape_mismatches(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if problems:
         raise CheckpointError(
-            f"{what} {path} does not match its configuration: " + " | ".join(problems)
+            f"{what} {path} does not match its configuration: "
+            + " | ".join(problems)
             + ". The file is corrupted or belongs to another model; re-download it."
         )
     module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})

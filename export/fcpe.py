@@ -50,8 +50,9 @@ def _package_weights() -> Path | None:
     """fcpe_c_v001.pt inside the installed torchfcpe package, found without importing it
     (its __init__ imports torchaudio)."""
     try:
-        candidate = Path(importlib.metadata.distribution(FCPE_PACKAGE).locate_file(
-            f"{FCPE_PACKAGE}/{FCPE_PACKAGE_FILE}"))
+        candidate = Path(
+            importlib.metadata.distribution(FCPE_PACKAGE).locate_file(f"{FCPE_PACKAGE}/{FCPE_PACKAGE_FILE}")
+        )
         if candidate.is_file():
             return candidate
     except importlib.metadata.PackageNotFoundError:
@@ -127,7 +128,7 @@ def windowed_dft_kernels(n_fft: int, win_size: int) -> np.ndarray:
     n = np.arange(win_size, dtype=np.float64)
     window = np.zeros(n_fft)
     offset = (n_fft - win_size) // 2
-    window[offset: offset + win_size] = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / win_size)
+    window[offset : offset + win_size] = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / win_size)
     bins = np.arange(n_fft // 2 + 1)[:, None]
     t = np.arange(n_fft)[None, :]
     # Reduce k*t modulo n_fft before scaling: exact angles for every bin.
@@ -155,7 +156,7 @@ class LogMel(nn.Module):
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         x = F.pad(audio.unsqueeze(1), (self.pad_left, self.pad_right), mode="reflect")
         spec = F.conv1d(x, self.dft, stride=self.hop)
-        real, imag = spec[:, : self.n_bins], spec[:, self.n_bins:]
+        real, imag = spec[:, : self.n_bins], spec[:, self.n_bins :]
         magnitude = torch.sqrt(real * real + imag * imag + 1e-9)
         mel = torch.log(torch.clamp(torch.matmul(self.mel_basis, magnitude), min=MEL_CLIP))
         # With reflect padding the STFT gives N//hop frames; the reference wants N//hop + 1
@@ -174,12 +175,16 @@ class ConformerConv(nn.Module):
     def __init__(self, dim: int, expansion: int = 2, kernel_size: int = 31):
         super().__init__()
         inner = dim * expansion
-        self.net = nn.ModuleDict({
-            "0": nn.LayerNorm(dim),
-            "2": nn.Conv1d(dim, inner * 2, 1),
-            "4": nn.ModuleDict({"conv": nn.Conv1d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner)}),
-            "6": nn.Conv1d(inner, dim, 1),
-        })
+        self.net = nn.ModuleDict(
+            {
+                "0": nn.LayerNorm(dim),
+                "2": nn.Conv1d(dim, inner * 2, 1),
+                "4": nn.ModuleDict(
+                    {"conv": nn.Conv1d(inner, inner, kernel_size, padding=kernel_size // 2, groups=inner)}
+                ),
+                "6": nn.Conv1d(inner, dim, 1),
+            }
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
         h = self.net["0"](x).transpose(1, 2)
@@ -240,13 +245,22 @@ class FCPE(nn.Module):
         self.f0_min = float(model["f0_min"])
         hidden, n_mels, out_dims = int(model["hidden_dims"]), int(mel["num_mels"]), int(model["out_dims"])
         self.out_dims = out_dims
-        self.mel = LogMel(self.sample_rate, n_mels, int(mel["n_fft"]), int(mel["win_size"]), self.hop,
-                          float(mel.get("fmin") or 0), float(mel.get("fmax") or self.sample_rate / 2))
-        self.input_stack = nn.ModuleDict({
-            "0": nn.Conv1d(n_mels, hidden, 3, 1, 1),
-            "1": nn.GroupNorm(4, hidden),
-            "3": nn.Conv1d(hidden, hidden, 3, 1, 1),
-        })
+        self.mel = LogMel(
+            self.sample_rate,
+            n_mels,
+            int(mel["n_fft"]),
+            int(mel["win_size"]),
+            self.hop,
+            float(mel.get("fmin") or 0),
+            float(mel.get("fmax") or self.sample_rate / 2),
+        )
+        self.input_stack = nn.ModuleDict(
+            {
+                "0": nn.Conv1d(n_mels, hidden, 3, 1, 1),
+                "1": nn.GroupNorm(4, hidden),
+                "3": nn.Conv1d(hidden, hidden, 3, 1, 1),
+            }
+        )
         self.harmonic_emb = nn.Embedding(9, hidden) if model.get("use_harmonic_emb") else None
         self.net = Encoder(hidden, int(model["n_layers"]))
         self.norm = nn.LayerNorm(hidden)
@@ -254,9 +268,7 @@ class FCPE(nn.Module):
         # Checkpoint buffers: cent value of every output bin, and a training-only constant.
         self.register_buffer("cent_table", torch.zeros(out_dims))
         self.register_buffer("gaussian_blurred_cent_mask", torch.zeros(()))
-        self.register_buffer(
-            "local_offsets", torch.arange(-LOCAL_HALF_WIDTH, LOCAL_HALF_WIDTH + 1), persistent=False
-        )
+        self.register_buffer("local_offsets", torch.arange(-LOCAL_HALF_WIDTH, LOCAL_HALF_WIDTH + 1), persistent=False)
 
     def activations(self, audio: torch.Tensor) -> torch.Tensor:
         """Sigmoid activations over the cent bins, [B, T, out_dims]."""

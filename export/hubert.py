@@ -413,8 +413,10 @@ def load_quantizer(paths: CheckpointPaths) -> LinearQuantizer:
     model_cfg = get_key(checkpoint, "model_cfg", path, QUANTIZER_WHAT)
     state = get_key(checkpoint, "model_weight", path, QUANTIZER_WHAT)
     try:
-        sizes = {k: int(get_key(model_cfg, k, path, f"{QUANTIZER_WHAT} model_cfg of"))
-                 for k in ("vocab_size", "dim", "upstream_dim")}
+        sizes = {
+            k: int(get_key(model_cfg, k, path, f"{QUANTIZER_WHAT} model_cfg of"))
+            for k in ("vocab_size", "dim", "upstream_dim")
+        }
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{QUANTIZER_WHAT} {path}: bad model_cfg value ({exc}).") from None
     if sizes["vocab_size"] != 500:
@@ -567,14 +569,16 @@ class EncoderGraph(nn.Module):
         config = encoder.config
         self.normalize = normalize  # None, "layer_norm" (fairseq), "zero_mean_unit_var" (HF)
         # "fused": see _FrontEnd; "conv": the module as is (kept to measure against)
-        self.frontend = (_FrontEnd(encoder.feature_extractor, config) if frontend == "fused"
-                         else encoder.feature_extractor)
+        self.frontend = (
+            _FrontEnd(encoder.feature_extractor, config) if frontend == "fused" else encoder.feature_extractor
+        )
         self.frontend_kind = frontend
         self.layer_norm = encoder.layer_norm
         self.post_extract_proj = encoder.post_extract_proj
         pos = encoder.encoder.pos_conv[0]
-        self.pos_conv = nn.Conv1d(config.embed_dim, config.embed_dim, pos.kernel, padding=pos.kernel // 2,
-                                  groups=pos.groups)
+        self.pos_conv = nn.Conv1d(
+            config.embed_dim, config.embed_dim, pos.kernel, padding=pos.kernel // 2, groups=pos.groups
+        )
         self.pos_conv.weight.data.copy_(pos.weight().detach())
         self.pos_conv.bias.data.copy_(pos.bias.detach())
         self.pos_trim = pos.kernel % 2 == 0
@@ -607,9 +611,7 @@ class HubertGraph(nn.Module):
 
     def __init__(self, hubert: HubertCheckpoint, quantizer: LinearQuantizer, frontend: str = "fused"):
         super().__init__()
-        self.encoder = EncoderGraph(
-            hubert.encoder, OUTPUT_LAYER, "layer_norm" if hubert.normalize else None, frontend
-        )
+        self.encoder = EncoderGraph(hubert.encoder, OUTPUT_LAYER, "layer_norm" if hubert.normalize else None, frontend)
         self.quantizer = quantizer.encoder
         self.blank = quantizer.vocab_size
 
@@ -619,24 +621,36 @@ class HubertGraph(nn.Module):
         return fill_blanks(codes, self.blank), features
 
 
-def export_graph_onnx(graph: nn.Module, out_path: Path, example: torch.Tensor, output_names: list[str],
-                      dynamic_outputs: dict, opset: int = 17) -> None:
+def export_graph_onnx(
+    graph: nn.Module,
+    out_path: Path,
+    example: torch.Tensor,
+    output_names: list[str],
+    dynamic_outputs: dict,
+    opset: int = 17,
+) -> None:
     """TorchScript-exporter ONNX export with a dynamic sample axis; deterministic bytes."""
     graph.eval()
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic are expected
         torch.onnx.export(
-            graph, (example,), buffer, dynamo=False, opset_version=opset,
-            input_names=["audio"], output_names=output_names,
+            graph,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["audio"],
+            output_names=output_names,
             dynamic_axes={"audio": {1: "samples"}, **dynamic_outputs},
             do_constant_folding=True,
         )
     out_path.write_bytes(buffer.getvalue())
 
 
-def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17,
-                frontend: str = "fused") -> dict:
+def export_onnx(
+    paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17, frontend: str = "fused"
+) -> dict:
     """Export HuBERT + quantizer + blank filling to ``<bundle>/hubert.onnx`` and register it."""
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
@@ -647,8 +661,12 @@ def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, op
     graph = HubertGraph(hubert, quantizer, frontend)
     example = torch.zeros(1, 16000)
     export_graph_onnx(
-        graph, bundle_dir / ONNX_FILE, example, ["units", "features"],
-        {"units": {0: "frames"}, "features": {0: "frames"}}, opset,
+        graph,
+        bundle_dir / ONNX_FILE,
+        example,
+        ["units", "features"],
+        {"units": {0: "frames"}, "features": {0: "frames"}},
+        opset,
     )
     entry = {
         "file": ONNX_FILE,

@@ -107,9 +107,7 @@ def load_lm_config(paths: CheckpointPaths | Path, variant: str) -> LMConfig:
     config = load_json(config_path, "LM config")
     model_type = config.get("model_type")
     if model_type != "llama":
-        raise CheckpointError(
-            f"LM config {config_path} has model_type={model_type!r}; Spirit LM is a 'llama' model."
-        )
+        raise CheckpointError(f"LM config {config_path} has model_type={model_type!r}; Spirit LM is a 'llama' model.")
 
     def key(name):
         return get_key(config, name, config_path, "LM config")

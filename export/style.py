@@ -99,7 +99,7 @@ class _HFNamed:
         self.names = {}
         for key in model.state_dict():
             if key.startswith("encoder."):
-                self.names[hf_name(key[len("encoder."):])] = key
+                self.names[hf_name(key[len("encoder.") :])] = key
             else:
                 self.names[key] = key
 
@@ -138,8 +138,9 @@ def encoder_config_from_hf(cfg: Mapping[str, Any], path: Path) -> tuple[EncoderC
     if not (len(hf.conv_dim) == len(hf.conv_kernel) == len(hf.conv_stride)):
         raise CheckpointError(f"{CONFIG_WHAT} {path}: conv_dim, conv_kernel and conv_stride differ in length.")
     config = EncoderConfig(
-        conv_layers=tuple((int(d), int(k), int(s))
-                          for d, k, s in zip(hf.conv_dim, hf.conv_kernel, hf.conv_stride, strict=False)),
+        conv_layers=tuple(
+            (int(d), int(k), int(s)) for d, k, s in zip(hf.conv_dim, hf.conv_kernel, hf.conv_stride, strict=False)
+        ),
         extractor_mode="default" if hf.feat_extract_norm == "group" else "layer_norm",
         conv_bias=bool(hf.conv_bias),
         embed_dim=hf.hidden_size,
@@ -197,16 +198,21 @@ class StyleGraph(nn.Module):
         return self.classifier(pooled).argmax(-1), pooled
 
 
-def export_onnx(paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17,
-                frontend: str = "fused") -> dict:
+def export_onnx(
+    paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17, frontend: str = "fused"
+) -> dict:
     """Export the style encoder to ``<bundle>/style.onnx`` and register component "style"."""
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     model = load_style_encoder(paths)
     config = model.encoder.config
     export_graph_onnx(
-        StyleGraph(model, frontend), bundle_dir / ONNX_FILE, torch.zeros(1, 16000), ["styles", "pooled"],
-        {"styles": {0: "windows"}, "pooled": {0: "windows"}}, opset,
+        StyleGraph(model, frontend),
+        bundle_dir / ONNX_FILE,
+        torch.zeros(1, 16000),
+        ["styles", "pooled"],
+        {"styles": {0: "windows"}, "pooled": {0: "windows"}},
+        opset,
     )
     entry = {
         "file": ONNX_FILE,

@@ -128,8 +128,10 @@ class VocoderConfig:
             log.warning("%s: resblock=%r ignored (the reference always uses type 1)", path, cfg["resblock"])
         dur = cfg.get("dur_predictor_params") or None
         if dur is not None:
-            dur = {k: get_key(dur, k, path, what + " dur_predictor_params") for k in
-                   ("encoder_embed_dim", "var_pred_hidden_dim", "var_pred_kernel_size")}
+            dur = {
+                k: get_key(dur, k, path, what + " dur_predictor_params")
+                for k in ("encoder_embed_dim", "var_pred_hidden_dim", "var_pred_kernel_size")
+            }
             if int(dur["var_pred_kernel_size"]) != 3:
                 # The second conv of the predictor is padded by 1 whatever its kernel:
                 # only kernel 3 keeps one duration per unit.
@@ -162,8 +164,11 @@ class VocoderConfig:
             raise bad("style_hop_size", "must be at least code_hop_size when num_style_tokens is set")
         streams = 1 + bool(config.num_f0_tokens) + bool(config.num_style_tokens) + config.multispkr + config.multistyle
         if config.model_in_dim != streams * config.embedding_dim:
-            raise bad("model_in_dim", f"is {config.model_in_dim} but the {streams} embedded inputs of "
-                      f"size {config.embedding_dim} make {streams * config.embedding_dim}")
+            raise bad(
+                "model_in_dim",
+                f"is {config.model_in_dim} but the {streams} embedded inputs of "
+                f"size {config.embedding_dim} make {streams * config.embedding_dim}",
+            )
         if config.sampling_rate != SAMPLE_RATE:
             raise bad("sampling_rate", f"is {config.sampling_rate}; Spirit LM vocoders make {SAMPLE_RATE} Hz")
         return config
@@ -331,9 +336,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, kernel: int, dilations: Sequence[int]):
         super().__init__()
-        self.convs1 = nn.ModuleList(
-            WNConv1d(channels, channels, kernel, 1, _padding(kernel, d), d) for d in dilations
-        )
+        self.convs1 = nn.ModuleList(WNConv1d(channels, channels, kernel, 1, _padding(kernel, d), d) for d in dilations)
         self.convs2 = nn.ModuleList(WNConv1d(channels, channels, kernel, 1, _padding(kernel)) for _ in dilations)
 
     def forward(self, x):
@@ -428,7 +431,7 @@ class UnitHiFiGAN(nn.Module):
         x = self.conv_pre(x)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, LRELU_SLOPE))
-            blocks = self.resblocks[i * kernels:(i + 1) * kernels]
+            blocks = self.resblocks[i * kernels : (i + 1) * kernels]
             xs = blocks[0](x)
             for block in blocks[1:]:
                 xs = xs + block(x)
@@ -443,8 +446,9 @@ class UnitHiFiGAN(nn.Module):
         return self.dur_predictor.frames(self.dict(units).t().unsqueeze(0)).view(-1)
 
     @torch.no_grad()
-    def synthesize(self, hubert, pitch=None, style=None, speaker_id=DEFAULT_SPEAKER, style_id=None,
-                   dur_pred=True) -> torch.Tensor:
+    def synthesize(
+        self, hubert, pitch=None, style=None, speaker_id=DEFAULT_SPEAKER, style_id=None, dur_pred=True
+    ) -> torch.Tensor:
         """The reference's ``SpiritLMTokenizer.decode`` on a units dict, in PyTorch.
 
         Units are used as given (the reference decodes with ``not_dedup_code=True``). If
@@ -511,6 +515,7 @@ def generator_context(config: VocoderConfig) -> tuple[int, int]:
     ``n + p - k + 1 <= m*u <= n + p``. The audio of frames ``[a, b)`` is then exactly the
     offline audio when computed from input frames ``[a - left, b + right)``.
     """
+
     def conv(k, d=1):
         pad = _padding(k, d)
         return pad, (k - 1) * d - pad
@@ -581,8 +586,9 @@ def load_vocoder(paths: CheckpointPaths, variant: str) -> UnitHiFiGAN:
     checkpoint = load_torch_file(gen_path, "vocoder checkpoint")
     state = get_key(checkpoint, "generator", gen_path, "vocoder checkpoint")
     if not isinstance(state, dict):
-        raise CheckpointError(f"vocoder checkpoint {gen_path}: 'generator' holds a {type(state).__name__}, "
-                              "expected a state dict.")
+        raise CheckpointError(
+            f"vocoder checkpoint {gen_path}: 'generator' holds a {type(state).__name__}, expected a state dict."
+        )
     load_state_dict_strictly(model, _rename_parametrizations(state), gen_path, "vocoder checkpoint")
     if config.multispkr:
         model.speakers = _read_lines(directory / "speakers.txt", "vocoder speaker list")
@@ -605,8 +611,14 @@ def load_vocoder(paths: CheckpointPaths, variant: str) -> UnitHiFiGAN:
 
 
 def _as_conv2d(conv: nn.Conv1d) -> nn.Conv2d:
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, (1, conv.kernel_size[0]), (1, conv.stride[0]),
-                    (0, conv.padding[0]), (1, conv.dilation[0]))
+    out = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        (1, conv.kernel_size[0]),
+        (1, conv.stride[0]),
+        (0, conv.padding[0]),
+        (1, conv.dilation[0]),
+    )
     with torch.no_grad():
         out.weight.copy_(conv.weight.unsqueeze(2))
         out.bias.copy_(conv.bias)
@@ -716,7 +728,7 @@ class _BlockedGenerator(nn.Module):
             x = self.identity(up(F.leaky_relu(x, LRELU_SLOPE)), i)
             shared = self.activate(x, i)
             total = None
-            for block in self.resblocks[i * self.kernels:(i + 1) * self.kernels]:
+            for block in self.resblocks[i * self.kernels : (i + 1) * self.kernels]:
                 y, act = x, shared
                 pairs = list(zip(block.convs1, block.convs2, strict=False))
                 for j, (conv1, conv2) in enumerate(pairs):
@@ -740,15 +752,29 @@ def _export(module: nn.Module, args: tuple, names: list[str], output: str, opset
 
 def _export_to(module, args, buffer, names, output, opset) -> None:
     torch.onnx.export(
-        module, args, buffer, input_names=names, output_names=[output],
-        dynamic_axes={**{n: {0: "frames"} for n in names if n in ("units", "pitch", "style_codes")},
-                      output: {0: "samples" if output == "audio" else "frames"}},
-        opset_version=opset, do_constant_folding=True, dynamo=False,
+        module,
+        args,
+        buffer,
+        input_names=names,
+        output_names=[output],
+        dynamic_axes={
+            **{n: {0: "frames"} for n in names if n in ("units", "pitch", "style_codes")},
+            output: {0: "samples" if output == "audio" else "frames"},
+        },
+        opset_version=opset,
+        do_constant_folding=True,
+        dynamo=False,
     )
 
 
-def export_onnx(paths: CheckpointPaths | None, variant: str, bundle_dir: str | Path, opset: int = 17,
-                model: UnitHiFiGAN | None = None, layout: str = "blocked") -> dict:
+def export_onnx(
+    paths: CheckpointPaths | None,
+    variant: str,
+    bundle_dir: str | Path,
+    opset: int = 17,
+    model: UnitHiFiGAN | None = None,
+    layout: str = "blocked",
+) -> dict:
     """Export the vocoder of ``variant`` into ``bundle_dir`` and record it in bundle.json.
 
     Writes ``vocoder.onnx`` (generator on per-frame inputs) and, if the model has a
@@ -818,8 +844,16 @@ def export_onnx(paths: CheckpointPaths | None, variant: str, bundle_dir: str | P
             data = _export(_DurationGraph(plain), (example["units"],), ["units"], "durations", opset)
         (bundle_dir / DURATION_ONNX_FILE).write_bytes(data)
         d_left, d_right = duration_context(config)
-        manifest = add_component(bundle_dir, "vocoder_duration", {
-            "file": DURATION_ONNX_FILE, "opset": opset, "inputs": ["units"], "outputs": ["durations"],
-            "context_units": {"left": d_left, "right": d_right},
-        }, variant=variant)
+        manifest = add_component(
+            bundle_dir,
+            "vocoder_duration",
+            {
+                "file": DURATION_ONNX_FILE,
+                "opset": opset,
+                "inputs": ["units"],
+                "outputs": ["durations"],
+                "context_units": {"left": d_left, "right": d_right},
+            },
+            variant=variant,
+        )
     return manifest

@@ -143,17 +143,19 @@ def _expected_shapes(cfg: LMConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+                p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     return shapes
 
 
@@ -163,7 +165,8 @@ def _check_weights(source: _WeightSource, cfg: LMConfig) -> list[str]:
     problems = shape_mismatches(expected, {n: tuple(source.shape(n)) for n in present}, limit=4)
     if problems:
         raise CheckpointError(
-            f"LM weights {source.path} do not match {cfg.lm_dir / 'config.json'}: " + " | ".join(problems)
+            f"LM weights {source.path} do not match {cfg.lm_dir / 'config.json'}: "
+            + " | ".join(problems)
             + ". The files do not belong together; re-download the checkpoint."
         )
     return list(expected)  # a fixed order: re-running the conversion gives the same bytes
@@ -320,13 +323,21 @@ def convert_lm(
     for name in names:
         shape = source.shape(name)
         nbytes, dtype, byte_shape = _tensor_nbytes(shape, outtype, len(shape))
-        raw = None if dtype in (np.float32, np.float16) else (
-            gguf.GGMLQuantizationType.BF16 if outtype == "BF16" else gguf.GGMLQuantizationType.Q8_0)
+        raw = (
+            None
+            if dtype in (np.float32, np.float16)
+            else (gguf.GGMLQuantizationType.BF16 if outtype == "BF16" else gguf.GGMLQuantizationType.Q8_0)
+        )
         gguf_name = gguf_tensor_name(name)
         assert gguf_name is not None  # _check_weights lists only the tensors a GGUF stores
         gguf_names[name] = gguf_name
-        writer.add_tensor_info(gguf_names[name], byte_shape if raw == gguf.GGMLQuantizationType.Q8_0 else shape,
-                               np.dtype(dtype), nbytes, raw_dtype=raw)
+        writer.add_tensor_info(
+            gguf_names[name],
+            byte_shape if raw == gguf.GGMLQuantizationType.Q8_0 else shape,
+            np.dtype(dtype),
+            nbytes,
+            raw_dtype=raw,
+        )
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -343,7 +354,11 @@ def convert_lm(
         tmp_path.unlink(missing_ok=True)
         raise
     os.replace(tmp_path, out_path)
-    log.info("wrote %s (%s, %.1f MB) in %.1f s", out_path, outtype, out_path.stat().st_size / 1e6,
-             time.perf_counter() - start)
+    log.info(
+        "wrote %s (%s, %.1f MB) in %.1f s",
+        out_path,
+        outtype,
+        out_path.stat().st_size / 1e6,
+        time.perf_counter() - start,
+    )
     return out_path
-

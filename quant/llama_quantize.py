@@ -91,6 +91,12 @@ def quantize_gguf(
         )
     os.replace(tmp, dst)
     read_spiritlm_gguf(dst)  # metadata copied, file complete
-    log.info("quantized %s -> %s (%s, %.1f MB) in %.1f s", src.name, dst.name, quant,
-             dst.stat().st_size / 1e6, time.perf_counter() - start)
+    log.info(
+        "quantized %s -> %s (%s, %.1f MB) in %.1f s",
+        src.name,
+        dst.name,
+        quant,
+        dst.stat().st_size / 1e6,
+        time.perf_counter() - start,
+    )
     return dst

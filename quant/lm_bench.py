@@ -81,8 +81,9 @@ def measure_decode_speed(
     lm = LanguageModel(path, n_threads=n_threads, n_ctx=n_ctx, extra_cpu_buffers=extra_cpu_buffers)
     vocab = lm.vocab
     # a speech prompt: BOS, [Speech], then Hubert units (prefill is not timed)
-    prompt = [lm.bos_id, vocab.speech_id] + [vocab.hubert_start + (7 * i) % vocab.hubert_count
-                                            for i in range(prompt_tokens - 2)]
+    prompt = [lm.bos_id, vocab.speech_id] + [
+        vocab.hubert_start + (7 * i) % vocab.hubert_count for i in range(prompt_tokens - 2)
+    ]
     results: dict[str, list[float]] = {"raw": [], "arbitrary": [], "text": [], "speech": []}
     for _ in range(repeats):
         results["raw"].append(_raw_decode_speed(path, prompt, n_tokens, n_threads, n_ctx,
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    print(json.dumps(measure_decode_speed(args.gguf, args.tokens, n_threads=args.threads,
-                                          repeats=args.repeats), indent=2))
+    print(
+        json.dumps(measure_decode_speed(args.gguf, args.tokens, n_threads=args.threads, repeats=args.repeats), indent=2)
+    )
 
 
 if __name__ == "__main__":

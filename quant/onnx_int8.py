@@ -118,8 +118,9 @@ def synthetic_speech(seconds: float, seed: int) -> np.ndarray:
     return signal.astype(np.float32)
 
 
-def calibration_audio(files: Sequence[str | os.PathLike] | None = None, synthetic: int = 2,
-                      synthetic_seconds: float = 6.0) -> list[np.ndarray]:
+def calibration_audio(
+    files: Sequence[str | os.PathLike] | None = None, synthetic: int = 2, synthetic_seconds: float = 6.0
+) -> list[np.ndarray]:
     """Speech for calibration and the gate: ``files`` (any format ``load_audio`` reads) or
     by default the bundled LibriSpeech clip, plus ``synthetic`` speech-like signals."""
     clips = [load_audio(Path(f)) for f in (files or [BUNDLED_CLIP])]
@@ -164,8 +165,9 @@ def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
     return float(10 * np.log10(max(float(np.sum(ref * ref)), 1e-30) / noise))
 
 
-def mel_filterbank(n_mels: int = 80, n_fft: int = 1024, sample_rate: int = SAMPLE_RATE,
-                   fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+def mel_filterbank(
+    n_mels: int = 80, n_fft: int = 1024, sample_rate: int = SAMPLE_RATE, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
     """Triangular HTK-mel filters [n_mels, n_fft // 2 + 1]."""
     fmax = fmax or sample_rate / 2
     mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
@@ -211,8 +213,9 @@ def activation_matmuls(model) -> list[str]:
     """MatMul / Gemm nodes with no constant operand (attention scores, the folded
     front-end GEMM): their scale would have to cover every input's range."""
     inits = _initializers(model)
-    return [n.name for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm") and not any(i in inits for i in n.input[:2])]
+    return [
+        n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and not any(i in inits for i in n.input[:2])
+    ]
 
 
 def name_node_outputs(model) -> None:
@@ -298,12 +301,16 @@ def _encoder_exclusions(model) -> list[str]:
 
 RECIPES: dict[str, Recipe] = {
     "hubert": Recipe(
-        "static", ("Conv", "Gemm", "MatMul"), _encoder_exclusions,
+        "static",
+        ("Conv", "Gemm", "MatMul"),
+        _encoder_exclusions,
         "activation x activation MatMuls (front-end GEMM with folded group norm, attention "
         "scores) and the unit classifier stay fp32",
     ),
     "style": Recipe(
-        "static", ("Conv", "Gemm", "MatMul"), _encoder_exclusions,
+        "static",
+        ("Conv", "Gemm", "MatMul"),
+        _encoder_exclusions,
         "activation x activation MatMuls and the style classifier stay fp32",
     ),
     "vocoder": Recipe("static", ("Conv", "ConvTranspose"), lambda model: [], ""),
@@ -321,24 +328,36 @@ def quantize_model(fp32_path: Path, out_path: Path, recipe: Recipe, feeds: list[
         named = Path(tmp) / "named.onnx"
         onnx.save(model, str(named))
         common = dict(
-            op_types_to_quantize=list(recipe.op_types), nodes_to_quantize=quantized,
-            per_channel=recipe.per_channel, weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(recipe.op_types),
+            nodes_to_quantize=quantized,
+            per_channel=recipe.per_channel,
+            weight_type=QuantType.QInt8,
         )
         if recipe.method == "dynamic":
             quantize_dynamic(named, out_path, **common, extra_options=dict(recipe.extra))
         else:
             quantize_static(
-                named, out_path, _FeedReader(feeds), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QUInt8, calibrate_method=getattr(CalibrationMethod, recipe.calibrate),
-                extra_options=dict(recipe.extra), **common,
+                named,
+                out_path,
+                _FeedReader(feeds),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                calibrate_method=getattr(CalibrationMethod, recipe.calibrate),
+                extra_options=dict(recipe.extra),
+                **common,
             )
     return {
-        "method": recipe.method, "format": "QDQ" if recipe.method == "static" else "integer ops",
-        "activations": ("uint8 (calibrated, " + recipe.calibrate + ")" if recipe.method == "static"
-                        else "uint8 (dynamic)"),
+        "method": recipe.method,
+        "format": "QDQ" if recipe.method == "static" else "integer ops",
+        "activations": (
+            "uint8 (calibrated, " + recipe.calibrate + ")" if recipe.method == "static" else "uint8 (dynamic)"
+        ),
         "weights": "int8 " + ("per channel" if recipe.per_channel else "per tensor"),
-        "op_types": list(recipe.op_types), "nodes_quantized": len(quantized), "nodes_excluded": exclude,
-        "excluded_why": recipe.exclude_why, "calibration_inputs": len(feeds) if recipe.method == "static" else 0,
+        "op_types": list(recipe.op_types),
+        "nodes_quantized": len(quantized),
+        "nodes_excluded": exclude,
+        "excluded_why": recipe.exclude_why,
+        "calibration_inputs": len(feeds) if recipe.method == "static" else 0,
     }
 
 
@@ -351,8 +370,12 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> dict:
     block = ["ArgMax", "ReduceMean", "ReduceSum", "Sqrt"]
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + block)
     onnx.save(converted, str(out_path))
-    return {"method": "float16", "tool": "onnxruntime.transformers.float16", "keep_io_types": True,
-            "kept_fp32_ops": block}
+    return {
+        "method": "float16",
+        "tool": "onnxruntime.transformers.float16",
+        "keep_io_types": True,
+        "kept_fp32_ops": block,
+    }
 
 
 # ----------------------------------------------------------------------------- gate
@@ -385,8 +408,11 @@ def _compare_runs(reference, candidate, feeds_list: list[dict]) -> tuple[list, l
         out, t = _timed(candidate, feeds)
         cand_out.append(out)
         t_cand.append(t)
-    timing = {"fp32_seconds": round(float(np.median(t_ref)), 4), "seconds": round(float(np.median(t_cand)), 4),
-              "speedup": round(float(np.median(t_ref) / max(np.median(t_cand), 1e-9)), 3)}
+    timing = {
+        "fp32_seconds": round(float(np.median(t_ref)), 4),
+        "seconds": round(float(np.median(t_cand)), 4),
+        "speedup": round(float(np.median(t_ref) / max(np.median(t_cand), 1e-9)), 3),
+    }
     return ref_out, cand_out, timing
 
 
@@ -403,15 +429,21 @@ def gate_figures(component: str, reference, candidate, feeds_list: list[dict]) -
         ref_codes = np.concatenate([o[0].reshape(-1) for o in ref_out])
         cand_codes = np.concatenate([o[0].reshape(-1) for o in cand_out])
         key = "unit_agreement" if component == "hubert" else "code_agreement"
-        figures = {key: round(agreement(ref_codes, cand_codes), 4), "codes": int(ref_codes.size),
-                   "feature_cosine": round(float(np.mean([_mean_cosine(r[1], c[1])
-                                                          for r, c in zip(ref_out, cand_out, strict=False)])), 5)}
+        figures = {
+            key: round(agreement(ref_codes, cand_codes), 4),
+            "codes": int(ref_codes.size),
+            "feature_cosine": round(
+                float(np.mean([_mean_cosine(r[1], c[1]) for r, c in zip(ref_out, cand_out, strict=False)])), 5
+            ),
+        }
     elif component == "vocoder":
         ref_audio = np.concatenate([o[0].reshape(-1) for o in ref_out])
         cand_audio = np.concatenate([o[0].reshape(-1) for o in cand_out])
-        figures = {"mel_distance_db": round(mel_distance_db(ref_audio, cand_audio), 4),
-                   "snr_db": round(snr_db(ref_audio, cand_audio), 3),
-                   "seconds_of_audio": round(len(ref_audio) / SAMPLE_RATE, 2)}
+        figures = {
+            "mel_distance_db": round(mel_distance_db(ref_audio, cand_audio), 4),
+            "snr_db": round(snr_db(ref_audio, cand_audio), 3),
+            "seconds_of_audio": round(len(ref_audio) / SAMPLE_RATE, 2),
+        }
     else:
         raise ValueError(f"no gate for component {component!r}")
     figures.update(timing)
@@ -439,8 +471,7 @@ def _encoder_feeds(clips: list[np.ndarray], chunk_seconds: float) -> list[dict]:
     return [{"audio": c[None].astype(np.float32)} for c in split_chunks(clips, chunk_seconds)]
 
 
-def _vocoder_feeds(bundle: Bundle, clips: list[np.ndarray], n_threads: int | None,
-                   frames_per_feed: int) -> list[dict]:
+def _vocoder_feeds(bundle: Bundle, clips: list[np.ndarray], n_threads: int | None, frames_per_feed: int) -> list[dict]:
     """Generator inputs made from speech: HuBERT units from the fp32 HuBERT, pitch codes
     from the fp32 pitch engine and style codes from the fp32 style encoder (Expressive)."""
     entry = bundle.component("vocoder")
@@ -469,8 +500,10 @@ def _vocoder_feeds(bundle: Bundle, clips: list[np.ndarray], n_threads: int | Non
         if "style_id" in names:
             streams["style_id"] = np.array([index % max(1, int(entry.get("num_styles", 1)))], dtype=np.int64)
         for start in range(0, frames, frames_per_feed):
-            piece = {k: (v[start : start + frames_per_feed] if k in ("units", "pitch", "style_codes") else v)
-                     for k, v in streams.items()}
+            piece = {
+                k: (v[start : start + frames_per_feed] if k in ("units", "pitch", "style_codes") else v)
+                for k, v in streams.items()
+            }
             if len(piece["units"]) >= 8:
                 feeds.append({k: np.ascontiguousarray(piece[k]) for k in names})
     return feeds
@@ -483,11 +516,19 @@ class _Plan:
 
 def _plans() -> dict[str, _Plan]:
     encoder_all = RECIPES["hubert"]
-    transformer = Recipe("static", ("Gemm", "MatMul"), _encoder_exclusions,
-                         encoder_all.exclude_why + "; the conv front end stays fp32 (fallback)")
+    transformer = Recipe(
+        "static",
+        ("Gemm", "MatMul"),
+        _encoder_exclusions,
+        encoder_all.exclude_why + "; the conv front end stays fp32 (fallback)",
+    )
     style_all = RECIPES["style"]
-    style_tf = Recipe("static", ("Gemm", "MatMul"), _encoder_exclusions,
-                      style_all.exclude_why + "; the conv front end stays fp32 (fallback)")
+    style_tf = Recipe(
+        "static",
+        ("Gemm", "MatMul"),
+        _encoder_exclusions,
+        style_all.exclude_why + "; the conv front end stays fp32 (fallback)",
+    )
     return {
         "hubert": _Plan([("conv+transformer", encoder_all), ("transformer", transformer)]),
         "style": _Plan([("conv+transformer", style_all), ("transformer", style_tf)]),
@@ -565,20 +606,33 @@ def quantize_bundle(
                 try:
                     candidate = _session(tmp_path, n_threads)
                 except Exception as exc:  # ORT's own exception types
-                    raise ModelError(f"ONNX Runtime cannot load the {precision} model made from {fp32_path} "
-                                     f"({label}): {str(exc)[:300]}") from None
+                    raise ModelError(
+                        f"ONNX Runtime cannot load the {precision} model made from {fp32_path} "
+                        f"({label}): {str(exc)[:300]}"
+                    ) from None
                 figures = gate_figures(name, reference, candidate, gate_feeds)
                 passed, failures = gate_verdict(name, figures, (thresholds or {}).get(name))
                 limits = dict(THRESHOLDS[name], **(thresholds or {}).get(name, {}))
-                gate = {"passed": passed, "thresholds": limits, "failures": failures,
-                        "audio": [str(f) for f in calibration] if calibration else
-                        [f"bundled clip {BUNDLED_CLIP.name}"]
-                        + [f"synthetic speech-like #{i}" for i in range(synthetic)],
-                        **figures}
+                gate = {
+                    "passed": passed,
+                    "thresholds": limits,
+                    "failures": failures,
+                    "audio": [str(f) for f in calibration]
+                    if calibration
+                    else [f"bundled clip {BUNDLED_CLIP.name}"]
+                    + [f"synthetic speech-like #{i}" for i in range(synthetic)],
+                    **figures,
+                }
                 last = label == [c[1] for c in candidates if c[0] == precision][-1]
                 entry = {"file": out_name, "quantization": how, "gate": gate}
-                result = {"file": out_name, "recipe": label, "passed": passed, "failures": failures,
-                          "figures": figures, "seconds_to_make": round(seconds, 1)}
+                result = {
+                    "file": out_name,
+                    "recipe": label,
+                    "passed": passed,
+                    "failures": failures,
+                    "figures": figures,
+                    "seconds_to_make": round(seconds, 1),
+                }
                 log.info("%s %s (%s): %s %s", name, precision, label, "passed" if passed else "REFUSED", figures)
                 if passed or (last and force):
                     if not passed:

@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,12 @@ class AudioInput:
 
     sample_rate = SAMPLE_RATE
     block_samples = BLOCK_SAMPLES
+
+    @property
+    def latency(self) -> float:
+        """Seconds between a sound reaching the microphone and its block being readable (as the
+        device reports it; echo cancellation aligns its reference with it)."""
+        return 0.0
 
     def start(self) -> None:
         pass
@@ -67,6 +74,13 @@ class AudioOutput:
 
     def __init__(self):
         self._buffer = _PlaybackBuffer()
+        # Every sample handed to the device, silence included: echo cancellation's far end.
+        self.reference = FarEndReference()
+
+    @property
+    def latency(self) -> float:
+        """Seconds between a sample being handed to the device and it leaving the speaker."""
+        return 0.0
 
     def start(self) -> None:
         pass
@@ -149,6 +163,90 @@ class _PlaybackBuffer:
         return filled
 
 
+class FarEndReference:
+    """What an output device was handed, sample by sample on one continuous timeline (silence
+    included), for echo cancellation.
+
+    The device side calls :meth:`write` with each block it hands to the device (at its own
+    rate: resampled here to 16 kHz). The loop calls :meth:`read` once per microphone block
+    with the two devices' latencies: the first read (and any read after the timelines
+    drifted apart by more than ``RESYNC_SECONDS`` for ``RESYNC_READS`` reads in a row: a
+    stalled or restarted device; a host API that hands out several blocks at once makes
+    shorter swings)
+    places the read position ``lag`` behind the newest sample written; later reads continue
+    exactly where the previous one ended, so that the canceller sees a steady delay.
+    ``breaks`` counts the times the echo path may have jumped (resyncs, and underruns the
+    device reported through :meth:`mark_break`): an echo canceller should start afresh
+    then, which re-converges faster than it re-learns a shifted path.
+    """
+
+    CAPACITY_SECONDS = 4.0
+    RESYNC_SECONDS = 0.2
+    RESYNC_READS = 8
+
+    def __init__(self):
+        self._ring = np.zeros(int(self.CAPACITY_SECONDS * SAMPLE_RATE), dtype=np.float32)
+        self._written = 0  # samples written since the start, on the 16 kHz timeline
+        self._cursor: int | None = None  # next sample read() returns
+        self._drifting = 0  # reads in a row that found the cursor out of place
+        self._lock = threading.Lock()
+        self._resampler = None
+        self._rate = SAMPLE_RATE
+        self.resyncs = 0  # times read() had to jump: underruns, device restarts
+        self.breaks = 0
+
+    def mark_break(self) -> None:
+        """The device played something else than it was handed (an underrun), or restarted."""
+        self.breaks += 1
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def write(self, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if rate != SAMPLE_RATE:
+            if self._resampler is None or rate != self._rate:
+                import soxr
+
+                self._resampler, self._rate = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32"), rate
+            samples = self._resampler.resample_chunk(samples)
+        with self._lock:
+            n, size = len(samples), len(self._ring)
+            if n >= size:
+                samples, n = samples[-size:], size
+            start = self._written % size
+            first = min(n, size - start)
+            self._ring[start : start + first] = samples[:first]
+            self._ring[: n - first] = samples[first:]
+            self._written += n
+
+    def read(self, n: int, lag: int = 0) -> np.ndarray:
+        """The ``n`` samples after the previous read; zeros for what was never written."""
+        with self._lock:
+            expected = self._written - lag - n
+            off = self._cursor is not None and abs(self._cursor - expected) > self.RESYNC_SECONDS * SAMPLE_RATE
+            self._drifting = self._drifting + 1 if off else 0
+            if self._cursor is None or self._drifting >= self.RESYNC_READS:
+                self._drifting = 0
+                if self._cursor is not None:
+                    self.resyncs += 1
+                    self.breaks += 1
+                    log.info(
+                        "echo reference realigned by %+.0f ms (output underrun or device restart)",
+                        (expected - self._cursor) * 1000 / SAMPLE_RATE,
+                    )
+                self._cursor = expected
+            start, self._cursor = self._cursor, self._cursor + n
+            out = np.zeros(n, dtype=np.float32)
+            size = len(self._ring)
+            lo, hi = max(start, self._written - size, 0), min(start + n, self._written)
+            if lo < hi:
+                idx = np.arange(lo, hi) % size
+                out[lo - start : hi - start] = self._ring[idx]
+            return out
+
+
 # --------------------------------------------------------------------------- scripted devices
 
 
@@ -185,7 +283,7 @@ class ScriptedInput(AudioInput):
         if audio is not None:
             self.add(audio, at)
 
-    def add(self, audio: np.ndarray, at: float) -> "ScriptedInput":
+    def add(self, audio: np.ndarray, at: float) -> ScriptedInput:
         """Schedule ``audio`` (16 kHz) to start ``at`` seconds into the stream."""
         self._events.append((round(at * SAMPLE_RATE), np.asarray(audio, dtype=np.float32).reshape(-1)))
         return self
@@ -201,6 +299,7 @@ class ScriptedInput(AudioInput):
     def read(self) -> np.ndarray | None:
         if self._t0 is None:
             self.start()
+        assert self._t0 is not None
         start, end = self.position, self.position + BLOCK_SAMPLES
         if self.interrupt_at is not None and start >= self.interrupt_at * SAMPLE_RATE:
             raise KeyboardInterrupt
@@ -269,6 +368,7 @@ class RecordingOutput(AudioOutput):
         next_tick = time.monotonic()
         while not self._stop_thread.is_set():
             n = self._buffer.pull(out)
+            self.reference.write(out)
             if n:
                 self._played.append(out[:n].copy())
                 total += n
@@ -289,9 +389,7 @@ def import_sounddevice():
     try:
         return importlib.import_module("sounddevice")
     except ImportError:
-        raise AudioError(
-            "Live audio needs the sounddevice package: pip install 'spiritlm-edge[mic]'."
-        ) from None
+        raise AudioError("Live audio needs the sounddevice package: pip install 'spiritlm-edge[mic]'.") from None
     except OSError as exc:  # sounddevice raises OSError when libportaudio is missing
         raise AudioError(
             f"sounddevice cannot load PortAudio ({exc}). Install it: `sudo apt-get install "
@@ -335,7 +433,9 @@ def format_devices(devices: list[dict]) -> str:
             f"{mark}{d['index']:>2} {d['inputs']:>3} {d['outputs']:>3} {d['default_samplerate'] / 1000:>5.1f}k "
             f"{d['name']} ({d['hostapi']})"
         )
-    lines.append("> default input, < default output; pass an index or part of a name to --input-device / --output-device")
+    lines.append(
+        "> default input, < default output; pass an index or part of a name to --input-device / --output-device"
+    )
     return "\n".join(lines)
 
 
@@ -377,7 +477,7 @@ class SoundDeviceInput(AudioInput):
     def __init__(self, device: int | str | None = None):
         self.device = device
         self._queue: queue.Queue = queue.Queue()
-        self._stream = None
+        self._stream: Any = None  # a sounddevice stream once started
         self._resampler = None
         self._pending = np.zeros(0, dtype=np.float32)
         self.overflows = 0
@@ -392,14 +492,26 @@ class SoundDeviceInput(AudioInput):
         device_block = max(1, round(BLOCK_SAMPLES * rate / SAMPLE_RATE))
         try:
             self._stream = sd.InputStream(
-                device=index, samplerate=rate, channels=1, dtype="float32",
-                blocksize=device_block, callback=self._callback,
+                device=index,
+                samplerate=rate,
+                channels=1,
+                dtype="float32",
+                blocksize=device_block,
+                callback=self._callback,
             )
             self._stream.start()
         except Exception as exc:
             self._stream = None
             raise AudioError(f"Cannot open microphone {name!r} at {rate} Hz ({exc}). {LIST_DEVICES_HINT}.") from None
         log.info("microphone: %s at %d Hz", name, rate)
+
+    @property
+    def latency(self) -> float:
+        # PortAudio's input latency, plus what waits in our queue when the loop runs late.
+        if self._stream is None:
+            return 0.0
+        queued = self._queue.qsize() * self._stream.blocksize / self._stream.samplerate
+        return float(self._stream.latency) + queued + len(self._pending) / SAMPLE_RATE
 
     def _callback(self, indata, frames, time_info, status) -> None:
         if status.input_overflow:
@@ -445,10 +557,11 @@ class SoundDeviceOutput(AudioOutput):
     def __init__(self, device: int | str | None = None):
         super().__init__()
         self.device = device
-        self._stream = None
+        self._stream: Any = None  # a sounddevice stream once started
         self._rate = SAMPLE_RATE
         self._resampler = None
         self._resample_lock = threading.Lock()
+        self._started = False
 
     def start(self) -> None:
         sd = import_sounddevice()
@@ -458,14 +571,23 @@ class SoundDeviceOutput(AudioOutput):
             # The stream runs for the whole session and plays zeros when idle, so that a new
             # answer starts without the latency of opening a stream.
             self._stream = sd.OutputStream(
-                device=index, samplerate=self._rate, channels=1, dtype="float32",
-                blocksize=max(1, round(BLOCK_SAMPLES * self._rate / SAMPLE_RATE)), callback=self._callback,
+                device=index,
+                samplerate=self._rate,
+                channels=1,
+                dtype="float32",
+                blocksize=max(1, round(BLOCK_SAMPLES * self._rate / SAMPLE_RATE)),
+                callback=self._callback,
             )
             self._stream.start()
         except Exception as exc:
             self._stream = None
-            raise AudioError(f"Cannot open audio output {name!r} at {self._rate} Hz ({exc}). {LIST_DEVICES_HINT}.") from None
+            raise AudioError(
+                f"Cannot open audio output {name!r} at {self._rate} Hz ({exc}). {LIST_DEVICES_HINT}."
+            ) from None
         log.info("speaker: %s at %d Hz", name, self._rate)
+        if self._started:
+            self.reference.mark_break()  # a restarted device: the echo path starts anew
+        self._started = True
 
     def _new_resampler(self) -> None:
         if self._rate != SAMPLE_RATE:
@@ -473,8 +595,15 @@ class SoundDeviceOutput(AudioOutput):
 
             self._resampler = soxr.ResampleStream(SAMPLE_RATE, self._rate, 1, dtype="float32", quality="HQ")
 
+    @property
+    def latency(self) -> float:
+        return 0.0 if self._stream is None else float(self._stream.latency)
+
     def _callback(self, outdata, frames, time_info, status) -> None:
         self._buffer.pull(outdata[:, 0])
+        if getattr(status, "output_underflow", False):
+            self.reference.mark_break()
+        self.reference.write(outdata[:, 0], self._rate)
 
     def play(self, samples: np.ndarray) -> None:
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)

@@ -12,16 +12,26 @@ Behaviour (one small state machine, driven by microphone blocks of 32 ms):
     as they stream. The microphone and the VAD keep running. The turn is over when the
     generator is exhausted and the speaker has played everything; then ``listening``.
 ``barge-in``
-    If the VAD hears the user start speaking while the loop is ``responding``, playback is
+    If the user speaks for ``barge_in_min_ms`` while the loop is ``responding``, playback is
     cut at once, the generator is abandoned (closed in its worker at its next yield) and the
     loop is back to listening, already inside the new utterance: the speech that triggered
-    the barge-in, with its pre-roll, is the start of the next turn. ``barge_in=False``
-    ignores the microphone while answering instead (for speakers without echo
-    cancellation, where the answer itself would trigger a barge-in).
+    the barge-in, with its pre-roll, is the start of the next turn. Shorter speech (an
+    "mm-hmm") does not cut the answer. ``barge_in=False`` ignores the microphone while
+    answering instead (for speakers without echo cancellation, where the answer itself
+    would trigger a barge-in).
+
+The turn-taking rules live in :class:`~spiritlm_edge.runtime.turns.TurnTaking`, shared
+with the Realtime server; this module adds the devices, the worker and playback.
 
 The session ends after ``max_seconds`` of audio, after ``max_turns`` answered turns, when
 the input ends, or on Ctrl-C; every case stops the devices and joins the worker. A failure
 inside ``respond`` ends the session and is raised again in the caller's thread.
+
+Echo cancellation (``aec``, an :class:`~spiritlm_edge.runtime.aec.EchoCanceller`): every
+microphone block first goes through the canceller with the samples the speaker was playing
+when it was captured (the output's :class:`~spiritlm_edge.runtime.audio_io.FarEndReference`,
+placed by the two devices' reported latencies), so the VAD and the turn logic hear the user
+and not the answer coming back from the loudspeaker.
 """
 
 from __future__ import annotations
@@ -32,20 +42,34 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Union
 
 import numpy as np
 
+from spiritlm_edge.runtime.aec import EchoCanceller
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, resample
 from spiritlm_edge.runtime.audio_io import AudioInput, AudioOutput
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
-from spiritlm_edge.runtime.vad import SpeechDiscarded, SpeechStart, TurnDetector, Utterance
+from spiritlm_edge.runtime.turns import (
+    DEFAULT_BARGE_IN_MIN_MS,
+    BargeIn,
+    SpeechIgnored,
+    SpeechStarted,
+    TurnEnded,
+    TurnTaking,
+)
+from spiritlm_edge.runtime.vad import TurnDetector
 
 log = logging.getLogger(__name__)
 
-Event = Union[TextDelta, AudioChunk, TurnEnd]
+Event = TextDelta | AudioChunk | TurnEnd
 Respond = Callable[[np.ndarray], Iterator[Event]]
+
+# The echo reference is placed this share of the devices' reported latencies back: the
+# canceller finds echoes that come late, never ones that come before their reference, and
+# PortAudio's figures are often upper bounds (buffers that are not always full).
+ALIGNMENT_SHARE = 0.5
 
 # How long closing the session waits for ``respond`` to reach its next yield.
 WORKER_JOIN_SECONDS = 30.0
@@ -72,7 +96,9 @@ class SessionSummary:
 
     def __str__(self) -> str:
         interrupted = sum(t.interrupted for t in self.turns)
-        why = {"interrupted": "Ctrl-C", "end_of_input": "end of input"}.get(self.ended_by, self.ended_by.replace("_", "-"))
+        why = {"interrupted": "Ctrl-C", "end_of_input": "end of input"}.get(
+            self.ended_by, self.ended_by.replace("_", "-")
+        )
         detail = f", {interrupted} interrupted" if interrupted else ""
         speech = "" if self.speech_detected else ", no speech detected"
         return f"{len(self.turns)} turns{detail} in {self.seconds:.1f} s of audio{speech} (ended by {why})"
@@ -125,19 +151,24 @@ class LiveLoop:
         on_status: Callable[[str], None] | None = None,
         on_turn_end: Callable[[Turn], None] | None = None,
         barge_in: bool = True,
+        aec: EchoCanceller | None = None,
         max_seconds: float | None = None,
         max_turns: int | None = None,
+        barge_in_min_ms: float = DEFAULT_BARGE_IN_MIN_MS,
     ):
         self.respond = respond
         self.audio_in, self.audio_out = audio_in, audio_out
         self.vad = vad
         self.detector = detector or TurnDetector()
+        self.turn_taking = TurnTaking(vad, self.detector, barge_in=barge_in, barge_in_min_ms=barge_in_min_ms)
         self.on_text = on_text or (lambda text: None)
         self.on_status = on_status or (lambda message: None)
         self.on_turn_end = on_turn_end or (lambda turn: None)
         self.barge_in = barge_in
         self.max_seconds = max_seconds
         self.max_turns = max_turns
+        self.aec = aec
+        self._reference_breaks = 0
 
         self.turns: list[Turn] = []
         self.seconds = 0.0
@@ -171,6 +202,8 @@ class LiveLoop:
                         break
                     self.seconds += len(block) / SAMPLE_RATE
                     self._handle_events()
+                    if self.aec is not None:
+                        block = self._cancel_echo(self.aec, block)
                     self._hear(block)
             except KeyboardInterrupt:
                 ended_by = "interrupted"
@@ -182,18 +215,28 @@ class LiveLoop:
         return SessionSummary(self.turns, self.seconds, ended_by, self.speech_detected)
 
     def _hear(self, block: np.ndarray) -> None:
-        if self.responding and not self.barge_in:
-            return  # the microphone is deaf while the answer plays
-        event = self.detector.feed(block, self.vad(block))
-        if isinstance(event, SpeechStart):
-            self.speech_detected = True
-            if self.responding:
+        for event in self.turn_taking.feed(block, answering=self.responding):
+            if isinstance(event, SpeechStarted):
+                self.speech_detected = True
+            elif isinstance(event, BargeIn) and self.responding:
                 self.on_status("(interrupted)")
                 self._abandon_answer()
-        elif isinstance(event, Utterance):
-            self._start_turn(event.audio)
-        elif isinstance(event, SpeechDiscarded):
-            log.debug("ignored %.0f ms of speech (shorter than min_speech_ms)", event.speech_ms)
+            elif isinstance(event, TurnEnded):
+                self._start_turn(event.audio)
+            elif isinstance(event, SpeechIgnored):
+                log.debug("ignored %.0f ms of speech (%s)", event.speech_ms, event.reason)
+
+    def _cancel_echo(self, aec: EchoCanceller, block: np.ndarray) -> np.ndarray:
+        latency = self.audio_in.latency + self.audio_out.latency
+        lag = round(latency * ALIGNMENT_SHARE * SAMPLE_RATE)
+        aec.device_delay_ms = lag * 1000 / SAMPLE_RATE  # for its log line
+        reference = self.audio_out.reference
+        far = reference.read(len(block), lag)
+        if reference.breaks != self._reference_breaks:  # an underrun or a restarted device
+            self._reference_breaks = reference.breaks
+            log.info("echo path interrupted (output underrun or device restart): echo cancellation starts afresh")
+            aec.reset()
+        return aec.process(block, far)
 
     # ----------------------------------------------------------------- turns
 
@@ -243,8 +286,6 @@ class LiveLoop:
                 raise event
         if self._current is not None and not self._generating and self.audio_out.idle():
             turn, self._current = self._current, None
-            if not self.barge_in:  # the VAD skipped the answer: start from a clean state
-                getattr(self.vad, "reset", lambda: None)()
             self.on_turn_end(turn)
             self.on_status("listening")
 
@@ -284,25 +325,31 @@ def run_mic_session(
     vad_model: str | os.PathLike | None = None,
     bundle=None,
     barge_in: bool = True,
+    aec: bool | None = None,
     threshold: float = 0.5,
     end_silence_ms: float = 700.0,
     max_turns: int | None = None,
+    barge_in_min_ms: float = DEFAULT_BARGE_IN_MIN_MS,
 ) -> SessionSummary:
     """Talk with ``respond`` through the microphone and speaker until Ctrl-C / ``max_seconds``.
 
     ``input_device`` / ``output_device``: PortAudio index or part of a name (default: the
     system's). ``vad_model``: path to ``silero_vad.onnx``; otherwise the bundle's ``vad``
     component (``bundle``: a directory or a :class:`Bundle`), otherwise the installed
-    silero-vad package. Raises AudioError when there is no usable device.
+    silero-vad package. ``aec``: cancel the speaker's echo before the VAD (default: whenever
+    ``barge_in`` is on). Raises AudioError when there is no usable device, or when ``aec`` is
+    on and its library is missing.
     """
     from spiritlm_edge.runtime.audio_io import SoundDeviceInput, SoundDeviceOutput
     from spiritlm_edge.runtime.vad import SileroVAD
 
     if on_status is None:
+
         def on_status(message: str) -> None:
             print(f"[{message}]", file=sys.stderr, flush=True)
 
     if on_turn_end is None and on_text is _print_text:
+
         def on_turn_end(turn: Turn) -> None:
             if turn.text:
                 _print_text("\n")  # end the answer's line before the next status
@@ -318,8 +365,10 @@ def run_mic_session(
         on_status=on_status,
         on_turn_end=on_turn_end,
         barge_in=barge_in,
+        aec=EchoCanceller() if (barge_in if aec is None else aec) else None,
         max_seconds=max_seconds,
         max_turns=max_turns,
+        barge_in_min_ms=barge_in_min_ms,
     )
     started = time.monotonic()
     summary = loop.run()

@@ -40,8 +40,8 @@ from spiritlm_edge.runtime.cpu_buffers import quant_type
 from spiritlm_edge.runtime.cpu_buffers import resolve as resolve_cpu_buffers
 from spiritlm_edge.runtime.errors import BundleError, ModelError
 from spiritlm_edge.runtime.gguf_file import Keys, read_spiritlm_gguf, vocab_from_metadata
-from spiritlm_edge.runtime.llama_log import install_llama_logging
-from spiritlm_edge.runtime.providers import llama_gpu_available, lm_gpu_settings
+from spiritlm_edge.runtime.llama_log import install_llama_logging, log_listener
+from spiritlm_edge.runtime.providers import llama_gpu_available, lm_gpu_memory_error, lm_gpu_settings
 from spiritlm_edge.runtime.sampling import DEFAULT_SAMPLING, SamplingConfig
 from spiritlm_edge.runtime.threads import default_threads
 from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
@@ -98,8 +98,14 @@ class LanguageModel:
         # repacked (AMX) buffers crashed llama_decode on a 7B Q4_K_M: on only where checked safe
         self.cpu_buffers = resolve_cpu_buffers(extra_cpu_buffers, quant_type(meta))
         self.model_params.use_extra_bufts = self.cpu_buffers.enabled
-        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
+        loading: list[str] = []  # llama.cpp only logs why a load failed: kept to explain it
+        with log_listener(loading.append):
+            model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
         if not model:
+            # on a GPU, most often memory: say so, and how much, rather than blame the file
+            oom = lm_gpu_memory_error(loading, "loading the weights", gpu["n_gpu_layers"])
+            if oom is not None:
+                raise oom
             raise BundleError(
                 f"llama.cpp could not load {self.path} (see the spiritlm_edge.llama_cpp log, -v). "
                 "Rebuild the GGUF with `spiritlm-edge export lm`."
@@ -116,10 +122,16 @@ class LanguageModel:
         self.context_params.flash_attn_type = gpu["flash_attn_type"]
         self.context_params.type_k = gpu["type_k"]
         self.context_params.type_v = gpu["type_v"]
-        ctx = llama_cpp.llama_init_from_model(model, self.context_params)
+        creating: list[str] = []
+        with log_listener(creating.append):
+            ctx = llama_cpp.llama_init_from_model(model, self.context_params)
         if not ctx:
             llama_cpp.llama_model_free(model)
             self._model = None
+            oom = lm_gpu_memory_error(creating, f"creating its context (n_ctx={n_ctx}, {kv_cache} KV cache)",
+                                      gpu["n_gpu_layers"])
+            if oom is not None:
+                raise oom
             raise ModelError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch} "
                 "(out of memory?). Try a smaller n_ctx."

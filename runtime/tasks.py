@@ -36,9 +36,7 @@ def read_examples(path: str | os.PathLike) -> list[tuple[Path, str]]:
 
 def asr_prompt(speech_tokenizer, audio, examples: list[tuple[Path, str]] = ()) -> str:
     """``[Speech]<units>[Text]transcript\\n`` per example, then ``[Speech]<query units>[Text]``."""
-    shots = "".join(
-        f"{SPEECH_PREFIX}{speech_tokenizer.encode_string(a)}{TEXT_PREFIX}{text}\n" for a, text in examples
-    )
+    shots = "".join(f"{SPEECH_PREFIX}{speech_tokenizer.encode_string(a)}{TEXT_PREFIX}{text}\n" for a, text in examples)
     return f"{shots}{SPEECH_PREFIX}{speech_tokenizer.encode_string(audio)}{TEXT_PREFIX}"
 
 
@@ -46,7 +44,5 @@ def tts_prompt(speech_tokenizer, text: str, examples: list[tuple[Path, str]] = (
     """``[Text]text[Speech]<units>\\n`` per example, then ``[Text]<query>[Speech]``."""
     if not text.strip():
         raise SpiritLMEdgeError("Nothing to say: the text is empty.")
-    shots = "".join(
-        f"{TEXT_PREFIX}{t}{SPEECH_PREFIX}{speech_tokenizer.encode_string(a)}\n" for a, t in examples
-    )
+    shots = "".join(f"{TEXT_PREFIX}{t}{SPEECH_PREFIX}{speech_tokenizer.encode_string(a)}\n" for a, t in examples)
     return f"{shots}{TEXT_PREFIX}{text}{SPEECH_PREFIX}"

@@ -42,8 +42,16 @@ _UNIT_TOKEN = re.compile(r"\[(?:Hu|Pi|St)\d+\]")
 _BRACKETED = re.compile(r"\[[A-Za-z]+\d*\]")
 # transformers' `clean_up_tokenization` (applied only when the config asks for it).
 _CLEANUPS = (
-    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-    (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
 )
 
 
@@ -85,9 +93,9 @@ def resolve_added_tokens(
             content = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}[name]
         if content:
             specials.append(content)
-    extra = special_tokens_map.get("additional_special_tokens") or tokenizer_config.get(
-        "additional_special_tokens"
-    ) or []
+    extra = (
+        special_tokens_map.get("additional_special_tokens") or tokenizer_config.get("additional_special_tokens") or []
+    )
     specials += [c for c in map(_token_content, extra) if c]
 
     tokens: dict[int, AddedToken] = {}
@@ -191,14 +199,10 @@ class SpiritTokenizer:
         self.bos_id = self._special_id("bos", self.sp.bos_id(), "<s>")
         self.eos_id = self._special_id("eos", self.sp.eos_id(), "</s>")
         self.unk_id = self.sp.unk_id()
-        self._unit_ids = {
-            piece: i for piece, i in self.piece_to_id.items() if _UNIT_TOKEN.fullmatch(piece)
-        }
+        self._unit_ids = {piece: i for piece, i in self.piece_to_id.items() if _UNIT_TOKEN.fullmatch(piece)}
         # Decoded as they are, outside SentencePiece: non-special added tokens and special
         # ones past the SentencePiece vocabulary (transformers' "legacy added tokens").
-        self._legacy_added = {
-            t.content for t in self.added_tokens if (not t.special) or t.id >= self.n_pieces
-        }
+        self._legacy_added = {t.content for t in self.added_tokens if (not t.special) or t.id >= self.n_pieces}
         self._all_special = {t.content for t in self.added_tokens if t.special}
 
     # -- construction ----------------------------------------------------------------
@@ -220,8 +224,13 @@ class SpiritTokenizer:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise CheckpointError(f"{lm_dir / name} is not valid JSON: {exc}.") from None
         tokenizer_config, special_tokens_map = configs
-        return cls.from_files((lm_dir / "tokenizer.model").read_bytes(), tokenizer_config, special_tokens_map,
-                              variant=variant, source=str(lm_dir))
+        return cls.from_files(
+            (lm_dir / "tokenizer.model").read_bytes(),
+            tokenizer_config,
+            special_tokens_map,
+            variant=variant,
+            source=str(lm_dir),
+        )
 
     @classmethod
     def from_files(
@@ -278,8 +287,14 @@ class SpiritTokenizer:
                 "`spiritlm-edge export lm`."
             ) from None
         added = [AddedToken(**entry) for entry in table]
-        return cls(proto, added, clean_up_tokenization_spaces=clean, variant=meta.get(Keys.VARIANT),
-                   source=source, embedding_rows=meta.get(Keys.EMBEDDING_ROWS))
+        return cls(
+            proto,
+            added,
+            clean_up_tokenization_spaces=clean,
+            variant=meta.get(Keys.VARIANT),
+            source=source,
+            embedding_rows=meta.get(Keys.EMBEDDING_ROWS),
+        )
 
     @classmethod
     def from_bundle(cls, bundle) -> SpiritTokenizer:

@@ -11,7 +11,7 @@ it with ``pip install --no-deps silero-vad`` and we only read its ``data/silero_
 :class:`TurnDetector` turns the probabilities into turns: speech starts after
 ``start_ms`` of speech, the turn ends after ``end_silence_ms`` of silence, and the
 utterance comes back with ``pad_ms`` of audio before the first and after the last
-speech block.
+speech block. ``runtime/turns.py`` builds barge-in on top of it.
 """
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ class SileroVAD:
 
         self.model_path = find_vad_model(model_path, bundle)
         # One thread: the VAD runs next to the LM, and a 32 ms block costs well under a millisecond.
-        self.session = create_session(self.model_path, providers=["cpu"], n_threads=n_threads)  # tiny model: a GPU would only add transfers
+        self.session = create_session(
+            self.model_path, providers=["cpu"], n_threads=n_threads
+        )  # tiny model: a GPU would only add transfers
         names = {i.name for i in self.session.get_inputs()}
         if names != {"input", "state", "sr"}:
             raise BundleError(
@@ -109,7 +111,7 @@ class SileroVAD:
         self.reset()
 
     @classmethod
-    def from_bundle(cls, bundle, model_path: str | os.PathLike | None = None) -> "SileroVAD":
+    def from_bundle(cls, bundle, model_path: str | os.PathLike | None = None) -> SileroVAD:
         return cls(model_path, bundle=bundle)
 
     def reset(self) -> None:
@@ -120,9 +122,7 @@ class SileroVAD:
     def __call__(self, block: np.ndarray) -> float:
         block = np.asarray(block, dtype=np.float32)
         if block.shape != (BLOCK_SAMPLES,):
-            raise AudioError(
-                f"Silero VAD takes blocks of {BLOCK_SAMPLES} samples at 16 kHz; got shape {block.shape}."
-            )
+            raise AudioError(f"Silero VAD takes blocks of {BLOCK_SAMPLES} samples at 16 kHz; got shape {block.shape}.")
         window = self._window
         window[0, :CONTEXT_SAMPLES] = window[0, -CONTEXT_SAMPLES:]  # previous block's tail
         window[0, CONTEXT_SAMPLES:] = block
@@ -206,6 +206,16 @@ class TurnDetector:
     @property
     def speaking(self) -> bool:
         return self._blocks is not None
+
+    @property
+    def utterance_blocks(self) -> int:
+        """Blocks of the utterance so far (pre-roll included); 0 when idle."""
+        return 0 if self._blocks is None else len(self._blocks)
+
+    @property
+    def speech_ms(self) -> float:
+        """Speech so far in the current utterance, first to last speech block; 0 when idle."""
+        return 0.0 if self._blocks is None else (self._last_speech + 1 - self._first_speech) * BLOCK_MS
 
     def feed(self, block: np.ndarray, prob: float):
         if self._blocks is None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import BundleError, ModelError, UnitsError
+from spiritlm_edge.runtime.limits import MAX_WINDOW_FRAMES
 from spiritlm_edge.runtime.onnx_session import create_session, default_threads
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SPEAKER = 2
 # The reference picks one of these when pitch codes come without any style code.
 MOST_COMMON_STYLES = (71, 68, 98)
-# Longer spans are synthesized in exact windows to bound memory.
-MAX_WINDOW_FRAMES = 750  # 30 s
 # Parallel windows are at least this long, and at least as long as their context.
 MIN_SEGMENT_FRAMES = 8
 

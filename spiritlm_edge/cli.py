@@ -328,8 +328,14 @@ def run_cmd(
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="End the live session after N s."),
     vad_model: Optional[Path] = typer.Option(None, "--vad-model", help="silero_vad.onnx (default: the bundle's)."),
     end_silence_ms: float = typer.Option(700.0, "--end-silence-ms", help="Silence that ends the user's turn."),
+    aec: Optional[str] = typer.Option(
+        None, "--aec", help="on|off: cancel the speaker's echo before the VAD (default: on with barge-in)."
+    ),
     no_barge_in: bool = typer.Option(
-        False, "--no-barge-in", help="Don't stop the answer when the user speaks (speakers without echo cancellation)."
+        False, "--no-barge-in", help="Don't stop the answer when the user speaks (where --aec cannot run)."
+    ),
+    barge_in_min_ms: float = typer.Option(
+        300.0, "--barge-in-min-ms", help="Speech that cuts the answer; shorter speech (an 'mm-hmm') does not."
     ),
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
@@ -355,6 +361,13 @@ def run_cmd(
         return
     if not mic and input is None and text is None:
         fail("give --mic for a live session, or --input FILE and/or --text TEXT for one turn from files.")
+    if aec not in (None, "on", "off"):
+        fail(f"--aec takes on or off, not {aec!r}.")
+    echo_cancellation = not no_barge_in if aec is None else aec == "on"
+    if mic and echo_cancellation:
+        from spiritlm_edge.runtime.aec import check_available
+
+        check_available()  # before loading the model: a missing library is said at once
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)  # fail fast
     spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers, cpu_buffers,
                                 n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
@@ -363,9 +376,10 @@ def run_cmd(
         from spiritlm_edge.runtime.live import run_mic_session
 
         summary = run_mic_session(
-            conversation.respond, input_device=_device(input_device), output_device=_device(output_device),
+            conversation.respond, aec=echo_cancellation, input_device=_device(input_device),
+            output_device=_device(output_device),
             max_seconds=max_seconds, vad_model=vad_model, bundle=spirit_lm.bundle, barge_in=not no_barge_in,
-            end_silence_ms=end_silence_ms,
+            end_silence_ms=end_silence_ms, barge_in_min_ms=barge_in_min_ms,
         )
         typer.echo(f"session ended: {summary}", err=True)
         return
@@ -386,6 +400,39 @@ def run_cmd(
 
 def _device(value: Optional[str]):
     return int(value) if value is not None and value.isdigit() else value
+
+
+@app.command("serve")
+def serve_cmd(
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token."),
+    port: int = typer.Option(8765, "--port"),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar="SPIRITLM_TOKEN", help="Clients must send 'Authorization: Bearer TOKEN'."
+    ),
+    allow_origin: Optional[list[str]] = typer.Option(
+        None, "--allow-origin", help="Another browser Origin allowed to connect (repeatable)."
+    ),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS and WSS."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    max_connections: int = typer.Option(8, "--max-connections"),
+    max_queued_turns: int = typer.Option(4, "--max-queued-turns", help="Turns waiting for the model before 'busy'."),
+    idle_timeout_s: float = typer.Option(300.0, "--idle-timeout", help="Close a connection silent this long (s)."),
+    providers: Optional[str] = ProvidersOption,
+    threads: Optional[int] = ThreadsOption,
+    n_gpu_layers: Optional[int] = GpuLayersOption,
+    n_ctx: int = typer.Option(2048, "--n-ctx", help="LM context length (a connection's memory)."),
+    cpu_buffers: str = CpuBuffersOption,
+) -> None:
+    """Serve the OpenAI Realtime protocol (WebSocket /v1/realtime) and the kiosk page (/)."""
+    from spiritlm_edge.server.app import ServerConfig, serve
+    from spiritlm_edge.server.realtime import Limits
+
+    limits = Limits(max_connections=max_connections, max_queued_turns=max_queued_turns, idle_timeout_s=idle_timeout_s)
+    config = ServerConfig(host=host, port=port, token=token, allow_origins=list(allow_origin or []),
+                          tls_cert=tls_cert, tls_key=tls_key, limits=limits)
+    serve(bundle, config, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+          extra_cpu_buffers=cpu_buffers)
 
 
 @app.command("asr")

@@ -52,13 +52,23 @@ def ensure_demo_bundle(variant: str = "base", rebuild: bool = False, bundle_dir:
 def format_timings(timings: dict[str, float], input_seconds: float) -> str:
     """A per-stage latency table for one turn."""
     rows = [
-        ("speech encoding (units)", timings.get("encode_s", 0.0), f"RTF {timings.get('encode_s', 0.0) / input_seconds:.3f}"),
+        (
+            "speech encoding (units)",
+            timings.get("encode_s", 0.0),
+            f"RTF {timings.get('encode_s', 0.0) / input_seconds:.3f}",
+        ),
         ("prompt tokenization", timings.get("tokenize_s", 0.0), f"{int(timings.get('prompt_tokens', 0))} tokens"),
         ("LM prefill (+ first token)", timings.get("prefill_s", 0.0), ""),
-        ("LM decode", timings.get("decode_s", 0.0), f"{int(timings.get('new_tokens', 0))} tokens, "
-                                                    f"{timings.get('decode_tokens_per_s', 0.0):.1f} tok/s"),
-        ("vocoder (streaming)", timings.get("vocoder_s", 0.0),
-         f"RTF {timings.get('vocoder_s', 0.0) / timings['audio_s']:.3f}" if timings.get("audio_s") else "no audio"),
+        (
+            "LM decode",
+            timings.get("decode_s", 0.0),
+            f"{int(timings.get('new_tokens', 0))} tokens, {timings.get('decode_tokens_per_s', 0.0):.1f} tok/s",
+        ),
+        (
+            "vocoder (streaming)",
+            timings.get("vocoder_s", 0.0),
+            f"RTF {timings.get('vocoder_s', 0.0) / timings['audio_s']:.3f}" if timings.get("audio_s") else "no audio",
+        ),
         ("time to first audio", timings.get("first_audio_s", float("nan")), "from the end of the user's audio"),
         ("turn total", timings.get("total_s", 0.0), f"{timings.get('audio_s', 0.0):.2f} s of answer audio"),
     ]
@@ -68,22 +78,33 @@ def format_timings(timings: dict[str, float], input_seconds: float) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, variant: str = "base", rebuild: bool = False, max_new_tokens: int = 150,
-             n_threads: int | None = None, echo=print) -> dict[str, float]:
+def run_demo(
+    out: Path,
+    variant: str = "base",
+    rebuild: bool = False,
+    max_new_tokens: int = 150,
+    n_threads: int | None = None,
+    echo=print,
+) -> dict[str, float]:
     from spiritlm_edge.runtime.events import AudioChunk, TurnEnd
     from spiritlm_edge.runtime.pipeline import SpiritLM
 
-    echo("spiritlm-edge demo: the bundle has RANDOM weights, so the answer is babble; the engines, "
-         "the streaming and the timings are real.")
-    echo("For the real model: spiritlm-edge build --checkpoints DIR --variant base --out BUNDLE "
-         "(see README, 'From the released checkpoints to a bundle').")
+    echo(
+        "spiritlm-edge demo: the bundle has RANDOM weights, so the answer is babble; the engines, "
+        "the streaming and the timings are real."
+    )
+    echo(
+        "For the real model: spiritlm-edge build --checkpoints DIR --variant base --out BUNDLE "
+        "(see README, 'From the released checkpoints to a bundle')."
+    )
     bundle_dir = ensure_demo_bundle(variant, rebuild)
     spirit_lm = SpiritLM(bundle_dir, n_threads=n_threads)
     question = load_audio(BUNDLED_CLIP)
     end = None
     chunks = 0
     for event in spirit_lm.generate_stream(
-        [("SPEECH", question)], output_modality="SPEECH",
+        [("SPEECH", question)],
+        output_modality="SPEECH",
         generation_config=CLI_SAMPLING.updated(max_new_tokens=max_new_tokens, seed=0),  # the CLI's sampling
     ):
         if isinstance(event, AudioChunk):

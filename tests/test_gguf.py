@@ -3,20 +3,25 @@ sources, determinism, and bad input."""
 
 import json
 
+import gguf  # a base dependency: the runtime reads GGUF with it
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-
-from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.export.build import export_lm
+from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.export.lm import load_lm_config
 from spiritlm_edge.export.random_lm import write_tiny_lm as write_tiny
-from spiritlm_edge.quant.gguf_convert import CONTROL, UNUSED, USER_DEFINED, BYTE, convert_lm, rope_permute
+from spiritlm_edge.quant.gguf_convert import BYTE, CONTROL, UNUSED, USER_DEFINED, convert_lm, rope_permute
 from spiritlm_edge.quant.llama_quantize import check_quant, quantize_gguf
 from spiritlm_edge.runtime.errors import BundleError, CheckpointError, ModelError
-from spiritlm_edge.runtime.gguf_file import FORMAT_VERSION, Keys, decode_sentencepiece_model, read_gguf, read_spiritlm_gguf
+from spiritlm_edge.runtime.gguf_file import (
+    FORMAT_VERSION,
+    Keys,
+    decode_sentencepiece_model,
+    read_gguf,
+    read_spiritlm_gguf,
+)
 from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
 
@@ -135,7 +140,9 @@ def test_quantize_keeps_metadata_and_tokenizer(expressive, tmp_path):
     info = read_spiritlm_gguf(q)
     assert info.metadata["general.file_type"] == 15
     assert info.metadata["spiritlm.token.style_first"] == 1567
-    assert SpiritTokenizer.from_gguf(q).encode("[Speech][Hu3]") == SpiritTokenizer.from_dir(lm_dir).encode("[Speech][Hu3]")
+    assert SpiritTokenizer.from_gguf(q).encode("[Speech][Hu3]") == SpiritTokenizer.from_dir(lm_dir).encode(
+        "[Speech][Hu3]"
+    )
     assert q.stat().st_size < out.stat().st_size / 2
 
 

@@ -173,10 +173,20 @@ def test_gate_refuses_damaged_model_and_force_writes_it(bundle_copy, speech_file
 def test_threshold_parameter_decides(bundle_copy, speech_file):
     """The same candidate passes or fails depending only on the threshold given."""
     with pytest.raises(q.GateRefused):
-        quantize(bundle_copy, speech_file, components=("hubert",), damage=_damage_weights,
-                          thresholds={"hubert": {"min_unit_agreement": 1.01}})
-    quantize(bundle_copy, speech_file, components=("hubert",), damage=_damage_weights,
-                      thresholds={"hubert": {"min_unit_agreement": 0.0}})
+        quantize(
+            bundle_copy,
+            speech_file,
+            components=("hubert",),
+            damage=_damage_weights,
+            thresholds={"hubert": {"min_unit_agreement": 1.01}},
+        )
+    quantize(
+        bundle_copy,
+        speech_file,
+        components=("hubert",),
+        damage=_damage_weights,
+        thresholds={"hubert": {"min_unit_agreement": 0.0}},
+    )
     assert read_manifest(bundle_copy)["components"]["hubert"]["variants"]["int8"]["gate"]["passed"]
 
 
@@ -242,8 +252,20 @@ def test_quantize_cli(bundle_copy, speech_file):
     from spiritlm_edge.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["quantize", str(bundle_copy), "--components", "vocoder", "--fp16",
-                                 "--calibration", str(speech_file), "--threads", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            str(bundle_copy),
+            "--components",
+            "vocoder",
+            "--fp16",
+            "--calibration",
+            str(speech_file),
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "vocoder  int8" in result.output and "vocoder  fp16" in result.output
     variants = json.loads((bundle_copy / "bundle.json").read_text())["components"]["vocoder"]["variants"]

@@ -112,9 +112,16 @@ def make_loop(respond, audio_in, audio_out, **kwargs):
     texts, statuses, ended = [], [], []
     detector = TurnDetector(end_silence_ms=kwargs.pop("end_silence_ms", END_SILENCE_MS))
     loop = LiveLoop(
-        respond, audio_in, audio_out, SileroVAD(), detector,
-        on_text=texts.append, on_status=statuses.append, on_turn_end=ended.append,
-        max_seconds=kwargs.pop("max_seconds", 60.0), **kwargs,
+        respond,
+        audio_in,
+        audio_out,
+        SileroVAD(),
+        detector,
+        on_text=texts.append,
+        on_status=statuses.append,
+        on_turn_end=ended.append,
+        max_seconds=kwargs.pop("max_seconds", 60.0),
+        **kwargs,
     )
     return loop, texts, statuses, ended
 
@@ -271,8 +278,13 @@ def test_respond_failure_is_raised_and_threads_are_joined(clip, no_leftover_thre
 
     texts = []
     loop = LiveLoop(
-        respond, ScriptedInput(clip, at=0.5, speed=SPEED), RecordingOutput(speed=SPEED), SileroVAD(),
-        TurnDetector(end_silence_ms=END_SILENCE_MS), on_text=texts.append, max_seconds=30,
+        respond,
+        ScriptedInput(clip, at=0.5, speed=SPEED),
+        RecordingOutput(speed=SPEED),
+        SileroVAD(),
+        TurnDetector(end_silence_ms=END_SILENCE_MS),
+        on_text=texts.append,
+        max_seconds=30,
     )
     with pytest.raises(ModelError, match="longer than the context"):
         loop.run()
@@ -418,7 +430,9 @@ class FakeSoundDevice(types.SimpleNamespace):
                 while not self.stop_event.is_set():
                     if is_input:  # a 440 Hz tone at the device rate
                         t = (n + np.arange(blocksize)) / fake.rate
-                        callback((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[:, None], blocksize, None, status)
+                        callback(
+                            (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[:, None], blocksize, None, status
+                        )
                     else:
                         out = np.empty((blocksize, 1), dtype=np.float32)
                         callback(out, blocksize, None, status)
@@ -450,7 +464,7 @@ def test_portaudio_classes_resample_device_rates(monkeypatch, no_leftover_thread
     with SoundDeviceInput("0") as mic:
         captured = np.concatenate([mic.read() for _ in range(40)])
     assert captured.dtype == np.float32
-    spectrum = np.abs(np.fft.rfft(captured[4096:4096 + 8192]))
+    spectrum = np.abs(np.fft.rfft(captured[4096 : 4096 + 8192]))
     assert np.fft.rfftfreq(8192, 1 / SAMPLE_RATE)[spectrum.argmax()] == pytest.approx(440, abs=2)
     assert np.abs(captured[4096:]).max() == pytest.approx(0.5, abs=0.02)
 
@@ -474,10 +488,26 @@ def test_portaudio_classes_resample_device_rates(monkeypatch, no_leftover_thread
 
 def test_device_listing_and_summary_text():
     devices = [
-        {"index": 0, "name": "Built-in Mic", "hostapi": "ALSA", "inputs": 2, "outputs": 0,
-         "default_samplerate": 48000.0, "default_input": True, "default_output": False},
-        {"index": 3, "name": "USB Headset", "hostapi": "ALSA", "inputs": 1, "outputs": 2,
-         "default_samplerate": 16000.0, "default_input": False, "default_output": True},
+        {
+            "index": 0,
+            "name": "Built-in Mic",
+            "hostapi": "ALSA",
+            "inputs": 2,
+            "outputs": 0,
+            "default_samplerate": 48000.0,
+            "default_input": True,
+            "default_output": False,
+        },
+        {
+            "index": 3,
+            "name": "USB Headset",
+            "hostapi": "ALSA",
+            "inputs": 1,
+            "outputs": 2,
+            "default_samplerate": 16000.0,
+            "default_input": False,
+            "default_output": True,
+        },
     ]
     table = audio_io.format_devices(devices).splitlines()
     assert table[1].startswith("> ") and "Built-in Mic (ALSA)" in table[1] and "48.0k" in table[1]
@@ -485,7 +515,9 @@ def test_device_listing_and_summary_text():
     assert "no audio devices" in audio_io.format_devices([])
     from spiritlm_edge.runtime.live import SessionSummary, Turn
 
-    summary = SessionSummary([Turn(np.zeros(1), 1.0, interrupted=True), Turn(np.zeros(1), 5.0)], 12.34, "interrupted", True)
+    summary = SessionSummary(
+        [Turn(np.zeros(1), 1.0, interrupted=True), Turn(np.zeros(1), 5.0)], 12.34, "interrupted", True
+    )
     assert str(summary) == "2 turns, 1 interrupted in 12.3 s of audio (ended by Ctrl-C)"
     assert "no speech detected" in str(SessionSummary([], 3.0, "max_seconds", False))
 

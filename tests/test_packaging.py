@@ -67,9 +67,7 @@ def test_cli_help_lists_commands_without_torch():
 
 
 def test_version_flag():
-    result = subprocess.run(
-        [sys.executable, "-m", "spiritlm_edge.cli", "--version"], capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-m", "spiritlm_edge.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("spiritlm-edge ")
 

@@ -52,8 +52,34 @@ def pair(request, tmp_path_factory):
 
 
 def random_prompt(rng: random.Random, variant: str) -> str:
-    words = ["hello", "world", "the", "spirit", "café", "日本語", "naïve", "x", "42", "3.14", "!", "?",
-             "[", "]", "[Hu", "Hu1]", "<s>", "</s>", "<unk>", "▁", "  ", "\n", "\t", " \n ", "é", "🙂"]
+    words = [
+        "hello",
+        "world",
+        "the",
+        "spirit",
+        "café",
+        "日本語",
+        "naïve",
+        "x",
+        "42",
+        "3.14",
+        "!",
+        "?",
+        "[",
+        "]",
+        "[Hu",
+        "Hu1]",
+        "<s>",
+        "</s>",
+        "<unk>",
+        "▁",
+        "  ",
+        "\n",
+        "\t",
+        " \n ",
+        "é",
+        "🙂",
+    ]
     units = ["Hu"] + (["Pi", "St"] if variant == "expressive" else [])
     limits = {"Hu": 501, "Pi": 64, "St": 100}
     parts = []
@@ -88,9 +114,24 @@ def test_encode_matches_reference_on_random_prompts(pair):
 
 def test_encode_matches_reference_on_edge_cases(pair):
     ours, ref, _ = pair
-    cases = ["", " ", "\n", "[Speech]", "[Text]", " [Speech][Hu0] ", "[Hu500][Hu500]", "[Hu501]",
-             "[[Hu3]]", "[Hu3 ][Hu 3]", "a[Text]b", "<s>[Speech]</s>", "  leading and trailing  ",
-             "[Text]hello\n[Speech][Hu1][Hu2]\n[Text]bye\n", "[Hu007]", "▁[Hu1]▁"]
+    cases = [
+        "",
+        " ",
+        "\n",
+        "[Speech]",
+        "[Text]",
+        " [Speech][Hu0] ",
+        "[Hu500][Hu500]",
+        "[Hu501]",
+        "[[Hu3]]",
+        "[Hu3 ][Hu 3]",
+        "a[Text]b",
+        "<s>[Speech]</s>",
+        "  leading and trailing  ",
+        "[Text]hello\n[Speech][Hu1][Hu2]\n[Text]bye\n",
+        "[Hu007]",
+        "▁[Hu1]▁",
+    ]
     for prompt in cases:
         assert ours.encode(prompt) == ref.encode(prompt), prompt
 
@@ -133,7 +174,7 @@ def test_encode_units_fast_path(pair):
     units = "[Hu5][Hu0][Hu500]" + ("[Pi3][St99]" if variant == "expressive" else "")
     fast = ours.encode_units(units)
     full = ours.encode("[Speech]" + units)
-    assert full[-len(fast):] == fast
+    assert full[-len(fast) :] == fast
     with pytest.raises(UnitsError, match="not in this model"):
         ours.encode_units("[Hu501]")
     with pytest.raises(UnitsError, match="not \\[HuN\\]"):

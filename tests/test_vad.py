@@ -48,7 +48,11 @@ def test_speech_probability_high_on_speech_low_on_silence(vad, clip):
     assert probs.max() > 0.95
     assert probs[85:120].max() < 0.2  # inside the pause (2.7 s - 3.8 s)
     rng = np.random.default_rng(1)
-    for signal in (np.zeros(3 * SAMPLE_RATE), rng.normal(0, 0.003, 3 * SAMPLE_RATE), rng.normal(0, 0.02, 3 * SAMPLE_RATE)):
+    for signal in (
+        np.zeros(3 * SAMPLE_RATE),
+        rng.normal(0, 0.003, 3 * SAMPLE_RATE),
+        rng.normal(0, 0.02, 3 * SAMPLE_RATE),
+    ):
         assert vad.probabilities(signal.astype(np.float32)).max() < 0.3
 
 
@@ -57,9 +61,8 @@ def test_streaming_matches_silero_reference_wrapper(vad, clip):
     """Our numpy streaming protocol against silero-vad's own ONNX wrapper (which needs torch)."""
     pytest.importorskip("torch")
     pytest.importorskip("packaging")
-    from silero_vad.utils_vad import OnnxWrapper  # imported here only: the runtime never does
-
     import torch
+    from silero_vad.utils_vad import OnnxWrapper  # imported here only: the runtime never does
 
     reference = OnnxWrapper(str(MODEL), force_onnx_cpu=True)
     segment = clip[: 150 * BLOCK_SAMPLES]
@@ -137,7 +140,8 @@ def test_not_a_vad_model_is_rejected(tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
@@ -159,7 +163,7 @@ def _blocks(values):
 
 def _run(detector, probs):
     events = []
-    for i, (block, p) in enumerate(zip(_blocks(probs), probs)):
+    for i, (block, p) in enumerate(zip(_blocks(probs), probs, strict=True)):
         event = detector.feed(block, p)
         if event is not None:
             events.append((i, event))
