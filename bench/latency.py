@@ -230,6 +230,7 @@ def run_benchmark(
     spirit_lm, footprint = _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx, cpu_buffers)
     decision = spirit_lm.lm.cpu_buffers
     report["settings"]["llama_cpp_extra_cpu_buffers"] = {"enabled": decision.enabled, "why": decision.reason}
+    report["settings"]["kv_cache"] = spirit_lm.lm.kv_cache
     speech = spirit_lm.speech_tokenizer
     clocked = _ClockedLM(spirit_lm.lm)
     spirit_lm.lm = clocked

@@ -219,9 +219,10 @@ def test_peak_rss_excludes_what_ran_before(reset, monkeypatch):
 
 
 @pytest.mark.parametrize("reset", [True, False], ids=["clear_refs", "sampled"])
-def test_bench_peak_rss_is_the_pipelines_not_the_builds(tiny_bundle, reset, monkeypatch):
+def test_bench_peak_rss_is_the_pipelines_not_the_builds(tiny_bundle, reset, monkeypatch, tmp_path):
     """`bench --synthetic` builds its bundle in the same process (a 14 GB peak for the 7B): the
     reported peak must be the pipeline's alone."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no CPU-buffer decision cached: off
     if not reset:
         _no_clear_refs(monkeypatch)
     bundle, _ = tiny_bundle
@@ -232,4 +233,5 @@ def test_bench_peak_rss_is_the_pipelines_not_the_builds(tiny_bundle, reset, monk
     assert memory["pipeline_peak_rss_gb"] * 1e9 < before - 1e9
     assert memory["pipeline_peak_rss_gb"] >= memory["after_load_rss_gb"] > 0
     assert memory["peak_rss_method"].startswith("high-water mark reset") is reset
-    assert report["settings"]["llama_cpp_extra_cpu_buffers"]["why"]
+    assert report["settings"]["llama_cpp_extra_cpu_buffers"]["why"] and report["settings"]["kv_cache"] == "q8_0"
+    assert "extra CPU buffers off (not checked" in bench_report.format_table(report)
