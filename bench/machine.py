@@ -71,8 +71,10 @@ class PeakRSS:
                 f.write("5")
             self.method = "high-water mark reset at the start (/proc/self/clear_refs)"
         except OSError:
-            self.method = (f"RSS sampled every {self.interval * 1000:.0f} ms (the high-water mark cannot be reset "
-                           "here: a lower bound)")
+            self.method = (
+                f"RSS sampled every {self.interval * 1000:.0f} ms (the high-water mark cannot be reset "
+                "here: a lower bound)"
+            )
             self.bytes = rss_bytes()
             self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
             self._thread.start()

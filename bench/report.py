@@ -88,8 +88,10 @@ def format_table(report: dict) -> str:
     )
     if "llama_cpp_extra_cpu_buffers" in s:  # reports written before the per-machine decision lack it
         buffers = s["llama_cpp_extra_cpu_buffers"]
-        lines.append(f"llama.cpp: KV cache {s.get('kv_cache', 'f16')}; extra CPU buffers "
-                     f"{'on' if buffers['enabled'] else 'off'} ({buffers['why']})")
+        lines.append(
+            f"llama.cpp: KV cache {s.get('kv_cache', 'f16')}; extra CPU buffers "
+            f"{'on' if buffers['enabled'] else 'off'} ({buffers['why']})"
+        )
     lines.append("")
     rows = [("stage", "median ms", "p90 ms", "rate")]
     for name, entry in report["stages"].items():

@@ -24,8 +24,9 @@ from spiritlm_edge.runtime.lm import LanguageModel
 from spiritlm_edge.runtime.threads import default_threads
 
 
-def _raw_decode_speed(path: Path, prompt: list[int], n_tokens: int, n_threads: int, n_ctx: int,
-                      extra_bufts: bool) -> float:
+def _raw_decode_speed(
+    path: Path, prompt: list[int], n_tokens: int, n_threads: int, n_ctx: int, extra_bufts: bool
+) -> float:
     """Tokens/s of the plainest llama-cpp-python loop: decode one token, greedy-sample."""
     install_llama_logging()
     mparams = llama_cpp.llama_model_default_params()
@@ -86,8 +87,7 @@ def measure_decode_speed(
     ]
     results: dict[str, list[float]] = {"raw": [], "arbitrary": [], "text": [], "speech": []}
     for _ in range(repeats):
-        results["raw"].append(_raw_decode_speed(path, prompt, n_tokens, n_threads, n_ctx,
-                                                 lm.cpu_buffers.enabled))
+        results["raw"].append(_raw_decode_speed(path, prompt, n_tokens, n_threads, n_ctx, lm.cpu_buffers.enabled))
         for modality in ("arbitrary", "text", "speech"):
             results[modality].append(_engine_decode_speed(lm, prompt, n_tokens, modality))
     lm.close()
