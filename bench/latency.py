@@ -38,10 +38,10 @@ import numpy as np
 import soxr
 
 from spiritlm_edge.bench.machine import (
+    PeakRSS,
     decode_bytes_per_token,
     machine_info,
     measure_bandwidth,
-    peak_rss_bytes,
     rss_bytes,
 )
 from spiritlm_edge.bench.report import SCHEMA_VERSION, evaluate_goals, format_table, plot_report, summarize
@@ -157,7 +157,7 @@ def _bundle_info(bundle) -> dict[str, Any]:
     }
 
 
-def _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx) -> tuple[Any, dict[str, Any]]:
+def _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx, cpu_buffers) -> tuple[Any, dict[str, Any]]:
     """The pipeline, loaded engine by engine to see each one's footprint. Speech sessions
     are cached per process, so the pipeline reuses the ones loaded here."""
     engines: list[tuple[str, Any]] = [("hubert", HubertEngine)]
@@ -172,7 +172,8 @@ def _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx) -> tuple[An
         footprint["load_seconds"][name] = time.perf_counter() - start
         footprint["engines_after_load_mb"][name] = (rss_bytes() - before) / 1e6
     before, start = rss_bytes(), time.perf_counter()
-    spirit_lm = SpiritLM(bundle, providers=providers, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
+    spirit_lm = SpiritLM(bundle, providers=providers, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+                         extra_cpu_buffers=cpu_buffers)
     footprint["load_seconds"]["lm"] = time.perf_counter() - start
     footprint["engines_after_load_mb"]["lm"] = (rss_bytes() - before) / 1e6
     footprint["after_load_rss_gb"] = rss_bytes() / 1e9
@@ -189,6 +190,7 @@ def run_benchmark(
     providers: list[str] | None = None,
     n_gpu_layers: int | None = None,
     n_ctx: int = 2048,
+    cpu_buffers: str = "auto",
     audio: str | os.PathLike | None = None,
     checkpoints: str | os.PathLike | None = None,
     reference: bool = True,
@@ -223,7 +225,12 @@ def run_benchmark(
     report["settings"]["audio"] = {"path": str(audio_path), "seconds": audio_s}
     samples_44k = soxr.resample(samples, SAMPLE_RATE, 44100).astype(np.float32)
 
-    spirit_lm, footprint = _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx)
+    # the pipeline's peak alone, not that of what ran before in this process (a --synthetic build)
+    peak = PeakRSS().start()
+    spirit_lm, footprint = _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx, cpu_buffers)
+    decision = spirit_lm.lm.cpu_buffers
+    report["settings"]["llama_cpp_extra_cpu_buffers"] = {"enabled": decision.enabled, "why": decision.reason}
+    report["settings"]["kv_cache"] = spirit_lm.lm.kv_cache
     speech = spirit_lm.speech_tokenizer
     clocked = _ClockedLM(spirit_lm.lm)
     spirit_lm.lm = clocked
@@ -306,7 +313,8 @@ def run_benchmark(
         rec.add("vocoder_units_before_first_chunk", pulled)
         report.setdefault("_decoded_audio_s", audio_out.size / SAMPLE_RATE)
     footprint["after_turns_rss_gb"] = rss_bytes() / 1e9
-    footprint["pipeline_peak_rss_gb"] = peak_rss_bytes() / 1e9
+    footprint["pipeline_peak_rss_gb"] = peak.stop() / 1e9
+    footprint["peak_rss_method"] = peak.method
     report["memory"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in footprint.items()}
     report["memory"]["engines_after_load_mb"] = {k: round(v, 1) for k, v in footprint["engines_after_load_mb"].items()}
     report["memory"]["load_seconds"] = {k: round(v, 3) for k, v in footprint["load_seconds"].items()}
@@ -316,7 +324,7 @@ def run_benchmark(
     report["stages"] = stages
     report["turn"] = _turn_report(rec, bundle, expressive)
 
-    gguf = Path(clocked._lm.path)
+    gguf, kv_cache = Path(clocked._lm.path), clocked._lm.kv_cache
     spirit_lm.lm = clocked._lm
     spirit_lm.lm.close()  # the side-by-side runs load their own copies
     del spirit_lm, clocked
@@ -325,7 +333,7 @@ def run_benchmark(
     if engine_overhead:
         log.info("engine overhead: our LM path vs llama.cpp direct (%d tokens x %d)", max_new_tokens, repeat)
         speed = measure_decode_speed(gguf, n_tokens=max_new_tokens, n_threads=n_threads, repeats=repeat,
-                                     n_ctx=min(n_ctx, 1024))
+                                     n_ctx=min(n_ctx, 1024), extra_cpu_buffers=decision.enabled)
         report["engine_overhead"] = {k: v for k, v in speed.items() if k != "gguf"}
         report["engine_overhead"]["note"] = ("same GGUF, threads and prompt; greedy; interleaved repeats; ratios "
                                              "of the best repeats (a shared machine only slows runs down)")
@@ -333,7 +341,7 @@ def run_benchmark(
     log.info("memory bandwidth (%d MB copies)", bandwidth_mb)
     bw: dict[str, Any] = dict(measure_bandwidth(bandwidth_mb, n_threads=n_threads))
     prompt_tokens = report["turn"]["prompt_tokens"]
-    per_token = decode_bytes_per_token(gguf, prompt_tokens + max_new_tokens / 2)
+    per_token = decode_bytes_per_token(gguf, prompt_tokens + max_new_tokens / 2, kv_cache)
     bw.update(per_token)
     bw["ceiling_tokens_per_s"] = bw["gb_per_s"] * 1e9 / per_token["total_bytes"]
     ours = stages["lm_decode"]["tokens_per_s"]["median"]
@@ -343,7 +351,7 @@ def run_benchmark(
         bw["raw_llama_cpp_fraction_of_ceiling"] = (report["engine_overhead"]["tokens_per_s_median"]["raw"]
                                                    / bw["ceiling_tokens_per_s"])
     bw["note"] = ("ceiling = delivered copy bandwidth / bytes read per decode step (all weights but the token "
-                  "embedding, plus the f16 KV cache at the turn's mean context)")
+                  "embedding, plus the KV cache at the turn's mean context, in its type: " + kv_cache + ")")
     report["bandwidth"] = bw
 
     if not reference and not reference_lm:
@@ -453,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-ctx", type=int, default=2048, help="LM context size")
     parser.add_argument("--providers", default=None, help="ONNX Runtime providers, comma-separated")
     parser.add_argument("--n-gpu-layers", type=int, default=None, help="LM layers on the GPU")
+    parser.add_argument("--cpu-buffers", choices=["auto", "on", "off"], default="auto",
+                        help="llama.cpp's extra CPU buffers (auto: this machine's cached check, else off)")
     parser.add_argument("--audio", type=Path, default=None, help="the user's turn (default: the LibriSpeech clip)")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="checkpoint root of the bundle, for the reference path (--synthetic: its own)")
@@ -480,7 +490,8 @@ def main(argv: list[str] | None = None) -> dict:
     command = "spiritlm-edge bench " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run_benchmark(
         bundle, repeat=args.repeat, warmup=args.warmup, max_new_tokens=args.max_new_tokens, n_threads=args.threads,
-        providers=providers, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, audio=args.audio,
+        providers=providers, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, cpu_buffers=args.cpu_buffers,
+        audio=args.audio,
         checkpoints=checkpoints, reference=not args.no_reference, reference_lm=args.reference_lm,
         engine_overhead=not args.no_engine_overhead, bandwidth_mb=args.bandwidth_mb, command=command,
     )

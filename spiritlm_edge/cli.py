@@ -180,8 +180,12 @@ def build_cmd(
 def info_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     verify: bool = typer.Option(False, "--verify", help="Hash every file, the LM included."),
+    check_cpu_buffers: bool = typer.Option(
+        False, "--check-cpu-buffers",
+        help="Decide (and cache) whether llama.cpp's extra CPU buffers are safe and faster here: loads the LM twice.",
+    ),
 ) -> None:
-    """Show what a bundle holds and which accelerators this machine offers."""
+    """Show what a bundle holds, which accelerators this machine offers and the LM's CPU buffer decision."""
     import onnxruntime
 
     from spiritlm_edge.runtime.bundle import Bundle
@@ -211,6 +215,29 @@ def info_cmd(
         typer.echo(f"llama.cpp GPU offload: {'yes' if offload else 'no (CPU build)'}")
     except ImportError:
         typer.echo("llama.cpp: llama-cpp-python is not installed")
+        return
+    if "lm" in opened.components:
+        _show_cpu_buffers(opened.path("lm"), check_cpu_buffers)
+
+
+def _show_cpu_buffers(gguf: Path, check: bool) -> None:
+    from spiritlm_edge.runtime import cpu_buffers
+    from spiritlm_edge.runtime.gguf_file import read_gguf
+
+    quant = cpu_buffers.quant_type(read_gguf(gguf).metadata)
+    if check:
+        typer.echo(f"checking llama.cpp's extra CPU buffers ({quant}, each setting in a child process) ...")
+        entry = cpu_buffers.check(gguf, quant)
+        for name in ("off", "on"):
+            run = entry[name]
+            if run["survived"]:
+                prefill, decode = run["prefill_tokens_per_s"], run["decode_tokens_per_s"]
+                figures = f"prefill {prefill:8.1f} tok/s   decode {decode:6.2f} tok/s"
+            else:
+                figures = f"CRASHED  {run['error']}"
+            typer.echo(f"  extra buffers {name:<3}  {figures}")
+        typer.echo(f"  cached in {cpu_buffers.cache_path()}")
+    typer.echo(f"llama.cpp extra CPU buffers: {cpu_buffers.resolve('auto', quant)}")
 
 
 @app.command("quantize")
@@ -253,6 +280,10 @@ ProvidersOption = typer.Option(
 )
 ThreadsOption = typer.Option(None, "--threads", help="CPU threads for every engine (default: cores).")
 GpuLayersOption = typer.Option(None, "--n-gpu-layers", help="LM layers on the GPU (default: all if CUDA, else 0).")
+CpuBuffersOption = typer.Option(
+    "auto", "--cpu-buffers",
+    help="llama.cpp's extra CPU buffers: auto (this machine's cached check, else off), on or off.",
+)
 
 
 def _providers(value: Optional[str]):
@@ -260,11 +291,11 @@ def _providers(value: Optional[str]):
 
 
 def _open_spirit_lm(bundle: Path, providers: Optional[str], threads: Optional[int], n_gpu_layers: Optional[int],
-                    **lm_options):
+                    cpu_buffers: str = "auto", **lm_options):
     from spiritlm_edge.runtime.pipeline import SpiritLM
 
     return SpiritLM(bundle, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers,
-                    **lm_options)
+                    extra_cpu_buffers=cpu_buffers, **lm_options)
 
 
 def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed) -> SamplingConfig:
@@ -309,9 +340,14 @@ def run_cmd(
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
     n_gpu_layers: Optional[int] = GpuLayersOption,
+    cpu_buffers: str = CpuBuffersOption,
     n_ctx: int = typer.Option(2048, "--n-ctx", help="LM context length (the conversation's memory)."),
-    kv_cache: str = typer.Option("f16", "--kv-cache", help="LM KV-cache type: f16, q8_0 (half the memory), ..."),
-    flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn", help="Default: llama.cpp decides."),
+    kv_cache: Optional[str] = typer.Option(
+        None, "--kv-cache", help="KV-cache type: f16 or q8_0 (half the memory). Default: q8_0 on a CPU, f16 on a GPU."
+    ),
+    flash_attn: Optional[bool] = typer.Option(
+        None, "--flash-attn/--no-flash-attn", help="Default: on with a q8_0 cache, else llama.cpp decides."
+    ),
 ) -> None:
     """Speech-to-speech: one turn from files, or a live microphone loop (--mic)."""
     from spiritlm_edge.runtime.audio import write_wav
@@ -333,7 +369,7 @@ def run_cmd(
 
         check_available()  # before loading the model: a missing library is said at once
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)  # fail fast
-    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers,
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers, cpu_buffers,
                                 n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
     conversation = Conversation(spirit_lm, output_modality=mode, speaker_id=speaker, sampling=sampling)
     if mic:
@@ -386,6 +422,7 @@ def serve_cmd(
     threads: Optional[int] = ThreadsOption,
     n_gpu_layers: Optional[int] = GpuLayersOption,
     n_ctx: int = typer.Option(2048, "--n-ctx", help="LM context length (a connection's memory)."),
+    cpu_buffers: str = CpuBuffersOption,
 ) -> None:
     """Serve the OpenAI Realtime protocol (WebSocket /v1/realtime) and the kiosk page (/)."""
     from spiritlm_edge.server.app import ServerConfig, serve
@@ -394,7 +431,8 @@ def serve_cmd(
     limits = Limits(max_connections=max_connections, max_queued_turns=max_queued_turns, idle_timeout_s=idle_timeout_s)
     config = ServerConfig(host=host, port=port, token=token, allow_origins=list(allow_origin or []),
                           tls_cert=tls_cert, tls_key=tls_key, limits=limits)
-    serve(bundle, config, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
+    serve(bundle, config, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+          extra_cpu_buffers=cpu_buffers)
 
 
 @app.command("asr")
@@ -408,11 +446,12 @@ def asr_cmd(
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
     n_gpu_layers: Optional[int] = GpuLayersOption,
+    cpu_buffers: str = CpuBuffersOption,
 ) -> None:
     """Few-shot speech recognition: [Speech]units[Text]transcript prompts."""
     from spiritlm_edge.runtime.tasks import asr_prompt, read_examples
 
-    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers)
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers, cpu_buffers)
     pairs = read_examples(examples) if examples else []
     prompt = asr_prompt(spirit_lm.speech_tokenizer, audio, pairs)
     outputs = spirit_lm.generate(prompt=prompt, output_modality="TEXT", max_new_tokens=max_new_tokens)
@@ -434,12 +473,13 @@ def tts_cmd(
     providers: Optional[str] = ProvidersOption,
     threads: Optional[int] = ThreadsOption,
     n_gpu_layers: Optional[int] = GpuLayersOption,
+    cpu_buffers: str = CpuBuffersOption,
 ) -> None:
     """Few-shot text-to-speech: [Text]text[Speech]units prompts."""
     from spiritlm_edge.runtime.audio import write_wav
     from spiritlm_edge.runtime.tasks import read_examples, tts_prompt
 
-    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers)
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers, cpu_buffers)
     pairs = read_examples(examples) if examples else []
     prompt = tts_prompt(spirit_lm.speech_tokenizer, text, pairs)
     outputs = spirit_lm.generate(

@@ -131,6 +131,9 @@ def test_bandwidth_and_bytes_per_token(tiny_bundle):
     short, long = machine.decode_bytes_per_token(gguf, 10), machine.decode_bytes_per_token(gguf, 1000)
     assert short["weights_bytes"] == long["weights_bytes"]
     assert long["kv_cache_bytes"] == pytest.approx(100 * short["kv_cache_bytes"])
+    # a q8_0 cache: 34 bytes per block of 32 values, as llama.cpp sizes it
+    q8 = machine.decode_bytes_per_token(gguf, 1000, "q8_0")
+    assert q8["kv_cache_bytes"] == pytest.approx(long["kv_cache_bytes"] * 34 / 32 / 2)
 
 
 def test_synthetic_plan_and_shapes():
@@ -183,16 +186,52 @@ def test_synthetic_lm_has_released_layout(tmp_path):
         assert not np.array_equal(embed[0].numpy(), embed[1].numpy())
 
 
-def test_cpu_buffer_check_reports_each_setting_without_dying(tiny_bundle):
-    """The extra-CPU-buffer check runs each setting in a child process: the default (off)
-    must run; the other either runs or is reported as a crash, never taking us down."""
-    from spiritlm_edge.bench.cpu_buffers import main as check_buffers
-    from spiritlm_edge.runtime.bundle import Bundle
+def _big_allocation_then_free(gigabytes: float) -> int:
+    """Touch ``gigabytes`` of memory, free it, and return the process's high-water mark."""
+    block = np.ones(int(gigabytes * 1e9) // 8)  # np.ones writes every page: all of it is resident
+    del block
+    return machine.peak_rss_bytes()
 
+
+def _no_clear_refs(monkeypatch):
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(machine, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["clear_refs", "sampled"])
+def test_peak_rss_excludes_what_ran_before(reset, monkeypatch):
+    if not reset:
+        _no_clear_refs(monkeypatch)
+    before = _big_allocation_then_free(1.0)
+    with machine.PeakRSS() as peak:
+        block = np.ones(int(0.3e9) // 8)  # a peak inside the measurement, held long enough to be sampled
+        machine.time.sleep(0.2)
+        del block
+    assert peak.method.startswith("high-water mark reset") is reset and ("lower bound" in peak.method) is not reset
+    assert peak.bytes < before - 0.5e9  # the 1 GB before the start is not in it
+    assert peak.bytes >= machine.rss_bytes() + 0.25e9  # the 0.3 GB inside is
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["clear_refs", "sampled"])
+def test_bench_peak_rss_is_the_pipelines_not_the_builds(tiny_bundle, reset, monkeypatch, tmp_path):
+    """`bench --synthetic` builds its bundle in the same process (a 14 GB peak for the 7B): the
+    reported peak must be the pipeline's alone."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no CPU-buffer decision cached: off
+    if not reset:
+        _no_clear_refs(monkeypatch)
     bundle, _ = tiny_bundle
-    report = check_buffers([str(Bundle(bundle).path("lm")), "--threads", "1", "--prompt-tokens", "16",
-                            "--new-tokens", "3", "--timeout", "120"])
-    default = report["use_extra_bufts=False"]
-    assert default["survived"] and default["prefill_tokens_per_s"] > 0 and default["decode_tokens_per_s"] > 0
-    other = report["use_extra_bufts=True"]
-    assert other["survived"] or other["error"]
+    before = _big_allocation_then_free(1.5)  # stands in for the build
+    report = latency.run_benchmark(bundle, repeat=1, warmup=0, max_new_tokens=5, n_threads=1, reference=False,
+                                   engine_overhead=False, bandwidth_mb=16)
+    memory = report["memory"]
+    assert memory["pipeline_peak_rss_gb"] * 1e9 < before - 1e9
+    assert memory["pipeline_peak_rss_gb"] >= memory["after_load_rss_gb"] > 0
+    assert memory["peak_rss_method"].startswith("high-water mark reset") is reset
+    assert report["settings"]["llama_cpp_extra_cpu_buffers"]["why"] and report["settings"]["kv_cache"] == "q8_0"
+    assert "extra CPU buffers off (not checked" in bench_report.format_table(report)
