@@ -69,8 +69,17 @@ FCPE_ONNX = "fcpe.onnx"
 VQVAE_ONNX = "pitch_vqvae.onnx"
 
 _LEVEL_KEYS = {"input_emb_width", "output_emb_width", "levels", "downs_t", "strides_t"}
-_BLOCK_KEYS = {"width", "depth", "m_conv", "dilation_growth_rate", "dilation_cycle", "zero_out",
-               "res_scale", "reverse_decoder_dilation", "checkpoint_res"}
+_BLOCK_KEYS = {
+    "width",
+    "depth",
+    "m_conv",
+    "dilation_growth_rate",
+    "dilation_cycle",
+    "zero_out",
+    "res_scale",
+    "reverse_decoder_dilation",
+    "checkpoint_res",
+}
 _VQ_KEYS = {"l_bins", "emb_width", "mu", "levels"}
 
 
@@ -84,10 +93,12 @@ class ResidualUnit(nn.Module):
     def __init__(self, channels: int, hidden: int, dilation: int, scale: float):
         super().__init__()
         # Indices 1 and 3 of the reference's Sequential(ReLU, Conv, ReLU, Conv).
-        self.model = nn.ModuleDict({
-            "1": nn.Conv1d(channels, hidden, 3, 1, dilation, dilation),
-            "3": nn.Conv1d(hidden, channels, 1, 1, 0),
-        })
+        self.model = nn.ModuleDict(
+            {
+                "1": nn.Conv1d(channels, hidden, 3, 1, dilation, dilation),
+                "3": nn.Conv1d(hidden, channels, 1, 1, 0),
+            }
+        )
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,10 +193,12 @@ class VQEncoder(nn.Module):
     def __init__(self, p: dict):
         super().__init__()
         emb_in, emb_out = int(p["input_emb_width"]), int(p["output_emb_width"])
-        self.level_blocks = nn.ModuleList([
-            EncoderLevel(emb_in if level == 0 else emb_out, emb_out, down_t, stride_t, p)
-            for level, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"], strict=False)
-        ])
+        self.level_blocks = nn.ModuleList(
+            [
+                EncoderLevel(emb_in if level == 0 else emb_out, emb_out, down_t, stride_t, p)
+                for level, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"], strict=False)
+            ]
+        )
 
 
 class VQDecoder(nn.Module):
@@ -194,10 +207,12 @@ class VQDecoder(nn.Module):
     def __init__(self, p: dict):
         super().__init__()
         emb_in, emb_out = int(p["input_emb_width"]), int(p["output_emb_width"])
-        self.level_blocks = nn.ModuleList([
-            DecoderLevel(emb_out, emb_out, down_t, stride_t, p)
-            for _, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"], strict=False)
-        ])
+        self.level_blocks = nn.ModuleList(
+            [
+                DecoderLevel(emb_out, emb_out, down_t, stride_t, p)
+                for _, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"], strict=False)
+            ]
+        )
         self.out = nn.Conv1d(emb_out, emb_in, 3, 1, 1)
 
 
@@ -321,8 +336,10 @@ def read_vqvae_config(path: Path) -> dict:
         if p.get("checkpoint_res"):
             raise CheckpointError(f"{what} {path}: {name}.checkpoint_res is set; the release's layout has it off.")
         if int(p["input_emb_width"]) != 2:
-            raise CheckpointError(f"{what} {path}: {name}.input_emb_width is {p['input_emb_width']}; "
-                                  "the pitch features are (f0, vuv), 2 channels.")
+            raise CheckpointError(
+                f"{what} {path}: {name}.input_emb_width is {p['input_emb_width']}; "
+                "the pitch features are (f0, vuv), 2 channels."
+            )
     vq = _check_params(get_key(config, "vq_params", path, what), "vq_params", _VQ_KEYS, _VQ_KEYS - {"mu"}, path)
     if int(vq["l_bins"]) != CODEBOOK_SIZE:
         raise CheckpointError(
@@ -423,8 +440,9 @@ def load_pitch_tokenizer(paths: CheckpointPaths, fcpe_weights: str | os.PathLike
 # -- ONNX ---------------------------------------------------------------------------------
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: Path, inputs: list, outputs: list,
-            dynamic_axes: dict, opset: int) -> None:
+def _export(
+    model: nn.Module, example: torch.Tensor, path: Path, inputs: list, outputs: list, dynamic_axes: dict, opset: int
+) -> None:
     tmp = path.with_suffix(".onnx.tmp")
     with torch.no_grad(), warnings.catch_warnings():
         # Known and harmless here: the TorchScript exporter's deprecation notice, shape
@@ -434,8 +452,15 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, inputs: list, o
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         torch.onnx.export(
-            model, (example,), str(tmp), input_names=inputs, output_names=outputs,
-            dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            model,
+            (example,),
+            str(tmp),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
         )
     os.replace(tmp, path)
 
@@ -457,28 +482,65 @@ def export_onnx(
     fcpe = load_fcpe(weights)
     vqvae, config = load_vqvae(paths)
 
-    _export(fcpe, torch.zeros(1, SAMPLE_RATE), bundle_dir / FCPE_ONNX, ["audio"], ["f0", "confidence"],
-            {"audio": {0: "batch", 1: "samples"}, "f0": {0: "batch", 1: "frames"},
-             "confidence": {0: "batch", 1: "frames"}}, opset)
+    _export(
+        fcpe,
+        torch.zeros(1, SAMPLE_RATE),
+        bundle_dir / FCPE_ONNX,
+        ["audio"],
+        ["f0", "confidence"],
+        {"audio": {0: "batch", 1: "samples"}, "f0": {0: "batch", 1: "frames"}, "confidence": {0: "batch", 1: "frames"}},
+        opset,
+    )
     step = frames_per_code(config["encoder_params"])
-    _export(vqvae, torch.zeros(1, 2, 8 * step), bundle_dir / VQVAE_ONNX, ["features"], ["codes"],
-            {"features": {0: "batch", 2: "frames"}, "codes": {0: "batch", 1: "codes"}}, opset)
+    _export(
+        vqvae,
+        torch.zeros(1, 2, 8 * step),
+        bundle_dir / VQVAE_ONNX,
+        ["features"],
+        ["codes"],
+        {"features": {0: "batch", 2: "frames"}, "codes": {0: "batch", 1: "codes"}},
+        opset,
+    )
 
     neutral_code, neutral_f0 = neutral_pitch(PitchTokenizer(fcpe, vqvae, config), step)
-    add_component(bundle_dir, "fcpe", {
-        "file": FCPE_ONNX, "opset": opset, "inputs": ["audio"], "outputs": ["f0", "confidence"],
-        "sample_rate": fcpe.sample_rate, "model_hop": fcpe.hop, "frame_hop": F0_HOP,
-        "threshold": VOICING_THRESHOLD, "f0_min": F0_MIN, "f0_max": F0_MAX,
-        "interpolate_unvoiced": INTERPOLATE_UNVOICED,
-        "source": {"file": weights.name, "sha256": sha256_file(weights)},
-    }, variant=variant)
-    return add_component(bundle_dir, "pitch", {
-        "file": VQVAE_ONNX, "opset": opset, "inputs": ["features"], "outputs": ["codes"],
-        "features": config["features"], "normalize_f0": normalizes_f0(config),
-        "frame_hop": F0_HOP, "frames_per_code": step, "codebook_size": int(config["vq_params"]["l_bins"]),
-        "rate": fcpe.sample_rate / (F0_HOP * step),  # 12.5 Hz for the release
-        "neutral_code": neutral_code, "neutral_f0_hz": neutral_f0,
-    }, variant=variant)
+    add_component(
+        bundle_dir,
+        "fcpe",
+        {
+            "file": FCPE_ONNX,
+            "opset": opset,
+            "inputs": ["audio"],
+            "outputs": ["f0", "confidence"],
+            "sample_rate": fcpe.sample_rate,
+            "model_hop": fcpe.hop,
+            "frame_hop": F0_HOP,
+            "threshold": VOICING_THRESHOLD,
+            "f0_min": F0_MIN,
+            "f0_max": F0_MAX,
+            "interpolate_unvoiced": INTERPOLATE_UNVOICED,
+            "source": {"file": weights.name, "sha256": sha256_file(weights)},
+        },
+        variant=variant,
+    )
+    return add_component(
+        bundle_dir,
+        "pitch",
+        {
+            "file": VQVAE_ONNX,
+            "opset": opset,
+            "inputs": ["features"],
+            "outputs": ["codes"],
+            "features": config["features"],
+            "normalize_f0": normalizes_f0(config),
+            "frame_hop": F0_HOP,
+            "frames_per_code": step,
+            "codebook_size": int(config["vq_params"]["l_bins"]),
+            "rate": fcpe.sample_rate / (F0_HOP * step),  # 12.5 Hz for the release
+            "neutral_code": neutral_code,
+            "neutral_f0_hz": neutral_f0,
+        },
+        variant=variant,
+    )
 
 
 @torch.no_grad()

@@ -128,8 +128,9 @@ class LanguageModel:
         if not ctx:
             llama_cpp.llama_model_free(model)
             self._model = None
-            oom = lm_gpu_memory_error(creating, f"creating its context (n_ctx={n_ctx}, {kv_cache} KV cache)",
-                                      gpu["n_gpu_layers"])
+            oom = lm_gpu_memory_error(
+                creating, f"creating its context (n_ctx={n_ctx}, {kv_cache} KV cache)", gpu["n_gpu_layers"]
+            )
             if oom is not None:
                 raise oom
             raise ModelError(
@@ -212,7 +213,7 @@ class LanguageModel:
         llama_cpp, batch = self._llama, self._batch
         rows: list[np.ndarray] = []
         for chunk_start in range(0, len(ids), self.n_batch):
-            chunk = ids[chunk_start:chunk_start + self.n_batch]
+            chunk = ids[chunk_start : chunk_start + self.n_batch]
             last_chunk = chunk_start + self.n_batch >= len(ids)
             batch.n_tokens = len(chunk)
             for j, token in enumerate(chunk):
@@ -318,8 +319,8 @@ class LanguageModel:
         if sampling.repetition_penalty != 1.0:
             # HF semantics: every token of the prompt and of the output counts
             llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_penalties(
-                    self.n_vocab, self.n_ctx, sampling.repetition_penalty, 0.0, 0.0)
+                chain,
+                llama_cpp.llama_sampler_init_penalties(self.n_vocab, self.n_ctx, sampling.repetition_penalty, 0.0, 0.0),
             )
             for token in history:
                 llama_cpp.llama_sampler_accept(chain, token)

@@ -235,8 +235,9 @@ class SpiritLM:
             options["seed"] = seed
         return SamplingConfig.from_generation_config(generation_config, **options)
 
-    def _decode_generated(self, modality, generated: str, prompt: str, speaker_id: int, seed,
-                          fallback=None) -> list[GenerationOutput]:
+    def _decode_generated(
+        self, modality, generated: str, prompt: str, speaker_id: int, seed, fallback=None
+    ) -> list[GenerationOutput]:
         """Spec section 7: the generated string -> text and speech outputs."""
         generated = generated.strip()
         if modality is OutputModality.TEXT:
@@ -345,18 +346,21 @@ class SpiritLM:
         audio = np.concatenate(audio_parts) if audio_parts else None
         yield TurnEnd(timings=turn.report(audio), text=text, audio=audio, generated=generated)
 
-    def _stream_run(self, prime, run, pieces, speaker_id, seed, chunk_frames, turn,
-                    fallback=None) -> Iterator[np.ndarray]:
+    def _stream_run(
+        self, prime, run, pieces, speaker_id, seed, chunk_frames, turn, fallback=None
+    ) -> Iterator[np.ndarray]:
         """Stream one speech run through the vocoder; ``prime`` (the prompt's trailing
         speech) gives the vocoder its context, and its audio is skipped."""
         skip_samples = 0
         if prime:
-            prime_audio = self.speech_tokenizer.decode(prime, speaker_id=speaker_id, seed=seed,
-                                                       pitch_fallback=fallback)
+            prime_audio = self.speech_tokenizer.decode(prime, speaker_id=speaker_id, seed=seed, pitch_fallback=fallback)
             skip_samples = prime_audio.size
         tokens = iter([prime] if prime else [])
         stream = self.speech_tokenizer.decode_stream(
-            _chain(tokens, run, pieces.iter_units()), speaker_id=speaker_id, seed=seed, chunk_frames=chunk_frames,
+            _chain(tokens, run, pieces.iter_units()),
+            speaker_id=speaker_id,
+            seed=seed,
+            chunk_frames=chunk_frames,
             pitch_fallback=fallback,
         )
         for chunk in turn.time_vocoder(stream):

@@ -28,9 +28,25 @@ def tiny_bundle(tmp_path_factory):
 def bench_run(tiny_bundle, tmp_path_factory):
     bundle, root = tiny_bundle
     out = tmp_path_factory.mktemp("bench-out")
-    argv = ["--bundle", str(bundle), "--checkpoints", str(root), "--repeat", "1", "--warmup", "0",
-            "--max-new-tokens", "20", "--bandwidth-mb", "16", "--json", str(out / "bench.json"),
-            "--plot", str(out / "bench.png"), "--reference-lm"]
+    argv = [
+        "--bundle",
+        str(bundle),
+        "--checkpoints",
+        str(root),
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "20",
+        "--bandwidth-mb",
+        "16",
+        "--json",
+        str(out / "bench.json"),
+        "--plot",
+        str(out / "bench.png"),
+        "--reference-lm",
+    ]
     report = latency.main(argv)
     return report, out
 
@@ -54,8 +70,10 @@ def test_summarize_median_and_p90():
 
 
 def test_goals_compare_in_the_right_direction():
-    report = {"stages": {"hubert": {"rtf": {"median": 0.04}}, "vocoder_offline": {"rtf": {"median": 0.06}}},
-              "engine_overhead": {"engine_vs_raw": 0.97}}
+    report = {
+        "stages": {"hubert": {"rtf": {"median": 0.04}}, "vocoder_offline": {"rtf": {"median": 0.06}}},
+        "engine_overhead": {"engine_vs_raw": 0.97},
+    }
     goals = {g["figure"]: g for g in bench_report.evaluate_goals(report)}
     assert goals["stages.hubert.rtf.median"]["met"] is True
     assert goals["stages.vocoder_offline.rtf.median"]["met"] is False
@@ -67,13 +85,32 @@ def test_report_has_every_figure_with_sane_values(bench_run):
     report, out = bench_run
     saved = json.loads((out / "bench.json").read_text())
     assert saved["schema"] == bench_report.SCHEMA_VERSION
-    for key in ("machine", "bundle", "settings", "stages", "turn", "memory", "engine_overhead", "bandwidth",
-                "reference", "goals"):
+    for key in (
+        "machine",
+        "bundle",
+        "settings",
+        "stages",
+        "turn",
+        "memory",
+        "engine_overhead",
+        "bandwidth",
+        "reference",
+        "goals",
+    ):
         assert key in saved, key
     machine = saved["machine"]
     assert machine["cpu"] and machine["usable_cores"] >= 1 and machine["versions"]["numpy"]
-    assert set(saved["stages"]) >= {"audio_load", "audio_resample", "hubert", "prompt_build", "lm_prefill",
-                                    "lm_decode", "vocoder_offline", "vocoder_streaming", "vocoder_first_chunk"}
+    assert set(saved["stages"]) >= {
+        "audio_load",
+        "audio_resample",
+        "hubert",
+        "prompt_build",
+        "lm_prefill",
+        "lm_decode",
+        "vocoder_offline",
+        "vocoder_streaming",
+        "vocoder_first_chunk",
+    }
     summaries = dict(_walk_summaries(saved))
     for stage in saved["stages"]:
         assert f"stages.{stage}.seconds" in summaries, stage
@@ -107,8 +144,17 @@ def test_report_has_every_figure_with_sane_values(bench_run):
 def test_table_prints_and_plot_is_a_png(bench_run, capsys):
     report, out = bench_run
     table = bench_report.format_table(report)
-    for needle in ("hubert", "lm_decode", "vocoder_first_chunk", "time to first audio", "peak RSS",
-                   "engine overhead", "ceiling", "speed-up over the reference", "goals"):
+    for needle in (
+        "hubert",
+        "lm_decode",
+        "vocoder_first_chunk",
+        "time to first audio",
+        "peak RSS",
+        "engine overhead",
+        "ceiling",
+        "speed-up over the reference",
+        "goals",
+    ):
         assert needle in table, needle
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -162,8 +208,7 @@ def test_synthetic_lm_has_released_layout(tmp_path):
     from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
     paths = CheckpointPaths(tmp_path)
-    cfg = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=4,
-               context_length=4096)
+    cfg = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=4, context_length=4096)
     lm_dir = write_random_lm(paths, "expressive", seed=1, cfg=cfg, text_vocab=synthetic.TEXT_VOCAB)
     loaded = load_lm_config(paths, "expressive")
     assert loaded.vocab_size == 32768 and loaded.weights_path.name == "model.safetensors"
@@ -227,8 +272,16 @@ def test_bench_peak_rss_is_the_pipelines_not_the_builds(tiny_bundle, reset, monk
         _no_clear_refs(monkeypatch)
     bundle, _ = tiny_bundle
     before = _big_allocation_then_free(1.5)  # stands in for the build
-    report = latency.run_benchmark(bundle, repeat=1, warmup=0, max_new_tokens=5, n_threads=1, reference=False,
-                                   engine_overhead=False, bandwidth_mb=16)
+    report = latency.run_benchmark(
+        bundle,
+        repeat=1,
+        warmup=0,
+        max_new_tokens=5,
+        n_threads=1,
+        reference=False,
+        engine_overhead=False,
+        bandwidth_mb=16,
+    )
     memory = report["memory"]
     assert memory["pipeline_peak_rss_gb"] * 1e9 < before - 1e9
     assert memory["pipeline_peak_rss_gb"] >= memory["after_load_rss_gb"] > 0

@@ -4,15 +4,14 @@ and bad input."""
 
 import random
 
+import llama_cpp  # a base dependency
 import numpy as np
 import pytest
 import torch
+import transformers  # the dev extra: the parity oracle
 
-transformers = pytest.importorskip("transformers")
-llama_cpp = pytest.importorskip("llama_cpp")
-
-from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.export.build import export_lm
+from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.export.random_lm import write_tiny_lm as write_tiny
 from spiritlm_edge.quant.gguf_convert import convert_lm
 from spiritlm_edge.quant.llama_quantize import quantize_gguf
@@ -56,8 +55,9 @@ def test_f16_greedy_continuation_matches_transformers(setup):
     ids = lm.tokenizer.encode(PROMPT)
     ours = lm.generate_ids(ids, 64, do_sample=False)
     with torch.no_grad():
-        theirs = ref.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=2,
-                              pad_token_id=0)[0, len(ids):].tolist()
+        theirs = ref.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=2, pad_token_id=0)[
+            0, len(ids) :
+        ].tolist()
     if theirs[-1:] == [2]:
         theirs = theirs[:-1]  # we stop at EOS without yielding it
     assert ours == theirs
@@ -68,7 +68,7 @@ def test_greedy_is_the_exact_argmax_of_constrained_logits(setup):
     variant, root, lm_dir, lm, ref = setup
     ids = lm.tokenizer.encode("[Speech][Hu5][Hu9]")
     generated = lm.generate_ids(ids, 12, do_sample=False, output_modality="speech")
-    rows = lm.score(ids + generated)[len(ids) - 1:-1]
+    rows = lm.score(ids + generated)[len(ids) - 1 : -1]
     rows[:, lm.banned_ids("speech")] = -np.inf
     assert rows.argmax(-1).tolist() == generated
 
@@ -101,8 +101,10 @@ def test_quantized_agreement_with_fp32(setup, tmp_path):
         q = torch.log_softmax(ours[:, :n_real], -1)
         kl = (p.exp() * (p - q)).sum(-1).mean().item()
         figures[quant] = (top1, kl)
-    print(f"\n{variant}: top-1 agreement / KL vs fp32: " + ", ".join(
-        f"{k} {a:.3f} / {b:.4f}" for k, (a, b) in figures.items()))
+    print(
+        f"\n{variant}: top-1 agreement / KL vs fp32: "
+        + ", ".join(f"{k} {a:.3f} / {b:.4f}" for k, (a, b) in figures.items())
+    )
     assert figures["Q8_0"][0] >= 0.9
     assert figures["Q8_0"][1] < figures["Q4_K_M"][1]
 
@@ -127,8 +129,10 @@ def test_q8_0_kv_cache_costs_little_against_transformers(setup):
             "top1": float((ours[:, :n_real].argmax(-1) == theirs[:, :n_real].argmax(-1)).mean()),
             "kl": float((p.exp() * (p - q)).sum(-1).mean()),
         }
-    print(f"\n{variant}: KV cache vs transformers fp32: " + ", ".join(
-        f"{kv} max rel {f['rel']:.2e} top-1 {f['top1']:.4f} KL {f['kl']:.1e}" for kv, f in figures.items()))
+    print(
+        f"\n{variant}: KV cache vs transformers fp32: "
+        + ", ".join(f"{kv} max rel {f['rel']:.2e} top-1 {f['top1']:.4f} KL {f['kl']:.1e}" for kv, f in figures.items())
+    )
     assert figures["f16"]["rel"] < 1e-3 and figures["f16"]["top1"] == 1.0
     q8 = figures["q8_0"]
     assert q8["rel"] < 1e-2 and q8["top1"] >= 0.99 and q8["kl"] < 1e-4

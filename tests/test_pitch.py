@@ -15,8 +15,8 @@ import yaml
 
 from spiritlm_edge.export import pitch
 from spiritlm_edge.export.checkpoints import CheckpointPaths
-from spiritlm_edge.export.random_speech import PITCH_FULL_CONFIG, write_pitch
 from spiritlm_edge.export.fcpe import FCPE_WEIGHTS_ENV, INSTALL_HINT, find_fcpe_weights, load_fcpe
+from spiritlm_edge.export.random_speech import PITCH_FULL_CONFIG, write_pitch
 from spiritlm_edge.runtime import audio as audio_mod
 from spiritlm_edge.runtime import pitch as runtime_pitch
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
@@ -119,8 +119,14 @@ def reference_f0(model, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """F0 and voiced mask exactly as Spirit LM's FCPEF0Extractor asks torchfcpe for them."""
     with torch.no_grad():
         f0, uv = model.infer(
-            torch.from_numpy(samples)[None, :, None], sr=SR, decoder_mode="local_argmax", threshold=0.05,
-            f0_min=50, f0_max=1100, interp_uv=True, output_interp_target_length=len(samples) // 80 + 1,
+            torch.from_numpy(samples)[None, :, None],
+            sr=SR,
+            decoder_mode="local_argmax",
+            threshold=0.05,
+            f0_min=50,
+            f0_max=1100,
+            interp_uv=True,
+            output_interp_target_length=len(samples) // 80 + 1,
             retur_uv=True,
         )
     return f0[0, :, 0].numpy(), uv[0, :, 0].numpy() < 0.5
@@ -156,7 +162,7 @@ def test_f0_is_physically_right(engine):
     tone = slice(SR // 80 + 10, 2 * SR // 80 - 10)
     assert voiced[tone].mean() > 0.95
     assert abs(1200 * np.log2(np.median(f0[tone]) / 220.0)) < 20
-    assert not voiced[10: SR // 80 - 10].any()
+    assert not voiced[10 : SR // 80 - 10].any()
 
 
 def test_pure_silence_gives_no_pitch(engine):
@@ -206,7 +212,7 @@ def test_long_audio_is_chunked_like_the_reference(engine, librispeech_clip, monk
     """Codes of chunked audio = codes of each chunk, a short tail (< 1280 samples) skipped.
     The 100 s chunk length is lowered to 3 s to keep the test fast."""
     samples = load_audio(librispeech_clip)[: 6 * SR + 1000]
-    whole = [engine(samples[:3 * SR]), engine(samples[3 * SR: 6 * SR])]
+    whole = [engine(samples[: 3 * SR]), engine(samples[3 * SR : 6 * SR])]
     monkeypatch.setattr(runtime_pitch, "chunks", functools.partial(audio_mod.chunks, max_samples=3 * SR))
     np.testing.assert_array_equal(engine(samples), np.concatenate(whole))
     f0, _ = engine.f0(samples)
@@ -216,9 +222,13 @@ def test_long_audio_is_chunked_like_the_reference(engine, librispeech_clip, monk
 @pytest.mark.parametrize("n_samples", [1280, 1300, 1359, 1360, 16000, 16079, 16080, 146160, 99999])
 def test_nearest_resize_matches_torch(n_samples):
     n_in, n_out = n_samples // 160 + 1, n_samples // 80 + 1
-    expected = torch.nn.functional.interpolate(
-        torch.arange(n_in, dtype=torch.float32)[None, None], size=n_out, mode="nearest"
-    )[0, 0].long().numpy()
+    expected = (
+        torch.nn.functional.interpolate(
+            torch.arange(n_in, dtype=torch.float32)[None, None], size=n_out, mode="nearest"
+        )[0, 0]
+        .long()
+        .numpy()
+    )
     np.testing.assert_array_equal(nearest_indices(n_in, n_out), expected)
 
 
@@ -381,7 +391,7 @@ def _torch_neutral_code(model: pitch.PitchVQVAE, frames_per_code: int, f0_hz: fl
     features = torch.stack([torch.full((frames,), f0_hz), torch.ones(frames)])[None]
     with torch.no_grad():
         out = model(features)[0].numpy()
-    return set(out[codes // 4: 3 * codes // 4].tolist())
+    return set(out[codes // 4 : 3 * codes // 4].tolist())
 
 
 def test_neutral_pitch_code_recorded_and_matches_pytorch(bundle_dir, torch_tokenizer, engine):
