@@ -38,10 +38,10 @@ import numpy as np
 import soxr
 
 from spiritlm_edge.bench.machine import (
+    PeakRSS,
     decode_bytes_per_token,
     machine_info,
     measure_bandwidth,
-    peak_rss_bytes,
     rss_bytes,
 )
 from spiritlm_edge.bench.report import SCHEMA_VERSION, evaluate_goals, format_table, plot_report, summarize
@@ -139,40 +139,49 @@ def _stream_vocoder(speech_tokenizer, tokens: list[str]) -> tuple[float, float, 
 
 def _bundle_info(bundle) -> dict[str, Any]:
     manifest = bundle.manifest
-    components = {name: {"file": e["file"], "mb": round(e["bytes"] / 1e6, 1),
-                         **({"quant": e["quant"]} if "quant" in e else {})}
-                  for name, e in sorted(bundle.components.items())}
+    components = {
+        name: {"file": e["file"], "mb": round(e["bytes"] / 1e6, 1), **({"quant": e["quant"]} if "quant" in e else {})}
+        for name, e in sorted(bundle.components.items())
+    }
     synthetic = synthetic_info(bundle.dir)
     return {
         "path": str(bundle.dir),
         "variant": bundle.variant,
         "quant": components.get("lm", {}).get("quant"),
         "components": components,
-        "weights": ("as given (not marked synthetic)" if not synthetic
-                    else "synthetic: random weights, released shapes"
-                    + ("" if synthetic.get("lm_layers", 32) == 32
-                       else f", LM cut to {synthetic['lm_layers']} of 32 layers")),
+        "weights": (
+            "as given (not marked synthetic)"
+            if not synthetic
+            else "synthetic: random weights, released shapes"
+            + ("" if synthetic.get("lm_layers", 32) == 32 else f", LM cut to {synthetic['lm_layers']} of 32 layers")
+        ),
         "synthetic": synthetic,
         "created_by": manifest.get("created_by"),
     }
 
 
-def _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx) -> tuple[Any, dict[str, Any]]:
+def _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx, cpu_buffers) -> tuple[Any, dict[str, Any]]:
     """The pipeline, loaded engine by engine to see each one's footprint. Speech sessions
     are cached per process, so the pipeline reuses the ones loaded here."""
     engines: list[tuple[str, Any]] = [("hubert", HubertEngine)]
     if bundle.variant == "expressive":
         engines += [("pitch", PitchEngine), ("style", StyleEngine)]
     engines.append(("vocoder", Vocoder))
-    footprint: dict[str, Any] = {"baseline_rss_gb": rss_bytes() / 1e9, "engines_after_load_mb": {},
-                                 "load_seconds": {}}
+    footprint: dict[str, Any] = {"baseline_rss_gb": rss_bytes() / 1e9, "engines_after_load_mb": {}, "load_seconds": {}}
     for name, cls in engines:
         before, start = rss_bytes(), time.perf_counter()
         cls.from_bundle(bundle, providers=providers, n_threads=n_threads)
         footprint["load_seconds"][name] = time.perf_counter() - start
         footprint["engines_after_load_mb"][name] = (rss_bytes() - before) / 1e6
     before, start = rss_bytes(), time.perf_counter()
-    spirit_lm = SpiritLM(bundle, providers=providers, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
+    spirit_lm = SpiritLM(
+        bundle,
+        providers=providers,
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        n_ctx=n_ctx,
+        extra_cpu_buffers=cpu_buffers,
+    )
     footprint["load_seconds"]["lm"] = time.perf_counter() - start
     footprint["engines_after_load_mb"]["lm"] = (rss_bytes() - before) / 1e6
     footprint["after_load_rss_gb"] = rss_bytes() / 1e9
@@ -189,6 +198,7 @@ def run_benchmark(
     providers: list[str] | None = None,
     n_gpu_layers: int | None = None,
     n_ctx: int = 2048,
+    cpu_buffers: str = "auto",
     audio: str | os.PathLike | None = None,
     checkpoints: str | os.PathLike | None = None,
     reference: bool = True,
@@ -214,16 +224,28 @@ def run_benchmark(
         "command": command,
         "machine": machine_info(),
         "bundle": _bundle_info(bundle),
-        "settings": {"repeat": repeat, "warmup": warmup, "max_new_tokens": max_new_tokens, "threads": n_threads,
-                     "n_ctx": n_ctx, "providers": providers, "n_gpu_layers": n_gpu_layers,
-                     "decoding": "greedy, SPEECH output (EOS banned: exactly max_new_tokens tokens)"},
+        "settings": {
+            "repeat": repeat,
+            "warmup": warmup,
+            "max_new_tokens": max_new_tokens,
+            "threads": n_threads,
+            "n_ctx": n_ctx,
+            "providers": providers,
+            "n_gpu_layers": n_gpu_layers,
+            "decoding": "greedy, SPEECH output (EOS banned: exactly max_new_tokens tokens)",
+        },
     }
     samples = load_audio(audio_path)
     audio_s = samples.size / SAMPLE_RATE
     report["settings"]["audio"] = {"path": str(audio_path), "seconds": audio_s}
     samples_44k = soxr.resample(samples, SAMPLE_RATE, 44100).astype(np.float32)
 
-    spirit_lm, footprint = _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx)
+    # the pipeline's peak alone, not that of what ran before in this process (a --synthetic build)
+    peak = PeakRSS().start()
+    spirit_lm, footprint = _load_engines(bundle, providers, n_threads, n_gpu_layers, n_ctx, cpu_buffers)
+    decision = spirit_lm.lm.cpu_buffers
+    report["settings"]["llama_cpp_extra_cpu_buffers"] = {"enabled": decision.enabled, "why": decision.reason}
+    report["settings"]["kv_cache"] = spirit_lm.lm.kv_cache
     speech = spirit_lm.speech_tokenizer
     clocked = _ClockedLM(spirit_lm.lm)
     spirit_lm.lm = clocked
@@ -252,8 +274,9 @@ def run_benchmark(
         spirit_lm.lm.reset()
         start = time.perf_counter()
         first_chunk_at, tokens_at_first_chunk, end = None, 0, None
-        for event in spirit_lm.generate_stream([("SPEECH", samples)], output_modality="SPEECH",
-                                               max_new_tokens=max_new_tokens, do_sample=False):
+        for event in spirit_lm.generate_stream(
+            [("SPEECH", samples)], output_modality="SPEECH", max_new_tokens=max_new_tokens, do_sample=False
+        ):
             if isinstance(event, AudioChunk) and first_chunk_at is None:
                 first_chunk_at = time.perf_counter()
                 tokens_at_first_chunk = len(clocked.token_times)
@@ -306,7 +329,8 @@ def run_benchmark(
         rec.add("vocoder_units_before_first_chunk", pulled)
         report.setdefault("_decoded_audio_s", audio_out.size / SAMPLE_RATE)
     footprint["after_turns_rss_gb"] = rss_bytes() / 1e9
-    footprint["pipeline_peak_rss_gb"] = peak_rss_bytes() / 1e9
+    footprint["pipeline_peak_rss_gb"] = peak.stop() / 1e9
+    footprint["peak_rss_method"] = peak.method
     report["memory"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in footprint.items()}
     report["memory"]["engines_after_load_mb"] = {k: round(v, 1) for k, v in footprint["engines_after_load_mb"].items()}
     report["memory"]["load_seconds"] = {k: round(v, 3) for k, v in footprint["load_seconds"].items()}
@@ -316,7 +340,7 @@ def run_benchmark(
     report["stages"] = stages
     report["turn"] = _turn_report(rec, bundle, expressive)
 
-    gguf = Path(clocked._lm.path)
+    gguf, kv_cache = Path(clocked._lm.path), clocked._lm.kv_cache
     spirit_lm.lm = clocked._lm
     spirit_lm.lm.close()  # the side-by-side runs load their own copies
     del spirit_lm, clocked
@@ -324,26 +348,37 @@ def run_benchmark(
 
     if engine_overhead:
         log.info("engine overhead: our LM path vs llama.cpp direct (%d tokens x %d)", max_new_tokens, repeat)
-        speed = measure_decode_speed(gguf, n_tokens=max_new_tokens, n_threads=n_threads, repeats=repeat,
-                                     n_ctx=min(n_ctx, 1024))
+        speed = measure_decode_speed(
+            gguf,
+            n_tokens=max_new_tokens,
+            n_threads=n_threads,
+            repeats=repeat,
+            n_ctx=min(n_ctx, 1024),
+            extra_cpu_buffers=decision.enabled,
+        )
         report["engine_overhead"] = {k: v for k, v in speed.items() if k != "gguf"}
-        report["engine_overhead"]["note"] = ("same GGUF, threads and prompt; greedy; interleaved repeats; ratios "
-                                             "of the best repeats (a shared machine only slows runs down)")
+        report["engine_overhead"]["note"] = (
+            "same GGUF, threads and prompt; greedy; interleaved repeats; ratios "
+            "of the best repeats (a shared machine only slows runs down)"
+        )
 
     log.info("memory bandwidth (%d MB copies)", bandwidth_mb)
     bw: dict[str, Any] = dict(measure_bandwidth(bandwidth_mb, n_threads=n_threads))
     prompt_tokens = report["turn"]["prompt_tokens"]
-    per_token = decode_bytes_per_token(gguf, prompt_tokens + max_new_tokens / 2)
+    per_token = decode_bytes_per_token(gguf, prompt_tokens + max_new_tokens / 2, kv_cache)
     bw.update(per_token)
     bw["ceiling_tokens_per_s"] = bw["gb_per_s"] * 1e9 / per_token["total_bytes"]
     ours = stages["lm_decode"]["tokens_per_s"]["median"]
     bw["ours_tokens_per_s"] = ours
     bw["fraction_of_ceiling"] = ours / bw["ceiling_tokens_per_s"]
     if engine_overhead:
-        bw["raw_llama_cpp_fraction_of_ceiling"] = (report["engine_overhead"]["tokens_per_s_median"]["raw"]
-                                                   / bw["ceiling_tokens_per_s"])
-    bw["note"] = ("ceiling = delivered copy bandwidth / bytes read per decode step (all weights but the token "
-                  "embedding, plus the f16 KV cache at the turn's mean context)")
+        bw["raw_llama_cpp_fraction_of_ceiling"] = (
+            report["engine_overhead"]["tokens_per_s_median"]["raw"] / bw["ceiling_tokens_per_s"]
+        )
+    bw["note"] = (
+        "ceiling = delivered copy bandwidth / bytes read per decode step (all weights but the token "
+        "embedding, plus the KV cache at the turn's mean context, in its type: " + kv_cache + ")"
+    )
     report["bandwidth"] = bw
 
     if not reference and not reference_lm:
@@ -355,10 +390,22 @@ def run_benchmark(
     else:
         from spiritlm_edge.bench.reference import reference_report  # needs torch: checked just above
 
-        report["reference"] = reference_report(report, checkpoints, bundle, samples, answer_tokens, ids_for_lm=ids,
-                                               speech_dir=bundle_dir, providers=providers, n_threads=n_threads,
-                                               repeat=repeat, warmup=warmup, reference=reference,
-                                               reference_lm=reference_lm, max_new_tokens=max_new_tokens)
+        report["reference"] = reference_report(
+            report,
+            checkpoints,
+            bundle,
+            samples,
+            answer_tokens,
+            ids_for_lm=ids,
+            speech_dir=bundle_dir,
+            providers=providers,
+            n_threads=n_threads,
+            repeat=repeat,
+            warmup=warmup,
+            reference=reference,
+            reference_lm=reference_lm,
+            max_new_tokens=max_new_tokens,
+        )
     report["goals"] = evaluate_goals(report)
     return report
 
@@ -381,28 +428,45 @@ def _stage_report(rec: _Recorder, audio_s: float, decoded_s: float, expressive: 
     if expressive:
         stages["pitch"] = stage("pitch", rtf=rtf("pitch", audio_s), what="FCPE + pitch VQ-VAE -> [Pi] codes")
         stages["style"] = stage("style", rtf=rtf("style", audio_s), what="wav2vec2 style encoder -> [St] codes")
-    stages.update({
-        "prompt_build": stage("prompt_build", what="units -> prompt string -> token ids"),
-        "lm_prefill": stage("lm_prefill", tokens_per_s=rec.summary("lm_prefill_tokens_per_s"),
-                            what="prompt prefill + first token (in the turn)"),
-        "lm_decode": stage("lm_decode", tokens_per_s=rec.summary("lm_decode_tokens_per_s"),
-                           what="token-by-token decode, SPEECH constraint on (in the turn)"),
-        "vocoder_offline": stage("vocoder_offline", rtf=rec.summary("vocoder_offline_rtf"),
-                                 what="units -> audio in one call (durations + generator)"),
-        "vocoder_streaming": stage("vocoder_streaming", rtf=rec.summary("vocoder_streaming_rtf"),
-                                   what="the same units streamed, chunk by chunk"),
-        "vocoder_first_chunk": stage("vocoder_first_chunk",
-                                     units_needed=rec.summary("vocoder_units_before_first_chunk"),
-                                     what="first streamed chunk after the last unit it needs arrives"),
-    })
+    stages.update(
+        {
+            "prompt_build": stage("prompt_build", what="units -> prompt string -> token ids"),
+            "lm_prefill": stage(
+                "lm_prefill",
+                tokens_per_s=rec.summary("lm_prefill_tokens_per_s"),
+                what="prompt prefill + first token (in the turn)",
+            ),
+            "lm_decode": stage(
+                "lm_decode",
+                tokens_per_s=rec.summary("lm_decode_tokens_per_s"),
+                what="token-by-token decode, SPEECH constraint on (in the turn)",
+            ),
+            "vocoder_offline": stage(
+                "vocoder_offline",
+                rtf=rec.summary("vocoder_offline_rtf"),
+                what="units -> audio in one call (durations + generator)",
+            ),
+            "vocoder_streaming": stage(
+                "vocoder_streaming",
+                rtf=rec.summary("vocoder_streaming_rtf"),
+                what="the same units streamed, chunk by chunk",
+            ),
+            "vocoder_first_chunk": stage(
+                "vocoder_first_chunk",
+                units_needed=rec.summary("vocoder_units_before_first_chunk"),
+                what="first streamed chunk after the last unit it needs arrives",
+            ),
+        }
+    )
     stages["vocoder_offline"]["audio_s"] = decoded_s
     return stages
 
 
 def _turn_report(rec: _Recorder, bundle, expressive: bool) -> dict[str, Any]:
     rates = bundle.manifest.get("token_rates") or {"hubert": 24.99}
-    nominal = float(rates.get("hubert", 24.99)) + (float(rates.get("pitch", 0)) + float(rates.get("style", 0))
-                                                   if expressive else 0.0)
+    nominal = float(rates.get("hubert", 24.99)) + (
+        float(rates.get("pitch", 0)) + float(rates.get("style", 0)) if expressive else 0.0
+    )
     sustained = rec.summary("lm_decode_tokens_per_s")
     required = rec.summary("required_tokens_per_s")
     prompt_tokens = rec.summary("prompt_tokens")
@@ -426,8 +490,10 @@ def _turn_report(rec: _Recorder, bundle, expressive: bool) -> dict[str, Any]:
         turn["real_time_margin"] = sustained["median"] / required["median"]
     if sustained:
         turn["nominal_real_time_margin"] = sustained["median"] / nominal
-    turn["note"] = ("required = tokens generated per second of answer audio in these turns (random weights set "
-                    "the durations); nominal = the spec's stream rates, every unit one 40 ms frame (upper bound)")
+    turn["note"] = (
+        "required = tokens generated per second of answer audio in these turns (random weights set "
+        "the durations); nominal = the spec's stream rates, every unit one 40 ms frame (upper bound)"
+    )
     return turn
 
 
@@ -438,14 +504,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spiritlm-edge bench",
         description="Speech-to-speech latency of a bundle: per stage, per turn, memory, vs llama.cpp direct, "
-                    "vs the PyTorch reference, vs the memory-bandwidth ceiling.")
+        "vs the PyTorch reference, vs the memory-bandwidth ceiling.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--bundle", type=Path, help="bundle directory")
-    source.add_argument("--synthetic", choices=["base-7b", "expressive-7b"],
-                        help="build once (cached) and use a random-weight bundle of the released sizes")
+    source.add_argument(
+        "--synthetic",
+        choices=["base-7b", "expressive-7b"],
+        help="build once (cached) and use a random-weight bundle of the released sizes",
+    )
     parser.add_argument("--quant", default="Q4_K_M", help="LM quantization of the --synthetic bundle")
-    parser.add_argument("--synthetic-lm-layers", type=int, default=None,
-                        help="--synthetic with only N of the 7B's 32 LM layers (where the 7B does not fit)")
+    parser.add_argument(
+        "--synthetic-lm-layers",
+        type=int,
+        default=None,
+        help="--synthetic with only N of the 7B's 32 LM layers (where the 7B does not fit)",
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median and p90 over them)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens generated per turn (exactly)")
@@ -453,12 +527,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-ctx", type=int, default=2048, help="LM context size")
     parser.add_argument("--providers", default=None, help="ONNX Runtime providers, comma-separated")
     parser.add_argument("--n-gpu-layers", type=int, default=None, help="LM layers on the GPU")
+    parser.add_argument(
+        "--cpu-buffers",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="llama.cpp's extra CPU buffers (auto: this machine's cached check, else off)",
+    )
     parser.add_argument("--audio", type=Path, default=None, help="the user's turn (default: the LibriSpeech clip)")
-    parser.add_argument("--checkpoints", type=Path, default=None,
-                        help="checkpoint root of the bundle, for the reference path (--synthetic: its own)")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help="checkpoint root of the bundle, for the reference path (--synthetic: its own)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference path")
-    parser.add_argument("--reference-lm", action="store_true",
-                        help="also time transformers' LlamaForCausalLM in bf16 (RAM: 2 bytes per parameter)")
+    parser.add_argument(
+        "--reference-lm",
+        action="store_true",
+        help="also time transformers' LlamaForCausalLM in bf16 (RAM: 2 bytes per parameter)",
+    )
     parser.add_argument("--no-engine-overhead", action="store_true", help="skip the llama.cpp-direct comparison")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer size of the bandwidth copy")
     parser.add_argument("--json", type=Path, default=None, help="write every figure and the machine to this file")
@@ -473,16 +560,29 @@ def main(argv: list[str] | None = None) -> dict:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     checkpoints, bundle = args.checkpoints, args.bundle
     if args.synthetic:
-        bundle, root = build_synthetic_bundle(args.synthetic, args.quant, n_threads=args.threads,
-                                              lm_layers=args.synthetic_lm_layers)
+        bundle, root = build_synthetic_bundle(
+            args.synthetic, args.quant, n_threads=args.threads, lm_layers=args.synthetic_lm_layers
+        )
         checkpoints = checkpoints or root
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     command = "spiritlm-edge bench " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run_benchmark(
-        bundle, repeat=args.repeat, warmup=args.warmup, max_new_tokens=args.max_new_tokens, n_threads=args.threads,
-        providers=providers, n_gpu_layers=args.n_gpu_layers, n_ctx=args.n_ctx, audio=args.audio,
-        checkpoints=checkpoints, reference=not args.no_reference, reference_lm=args.reference_lm,
-        engine_overhead=not args.no_engine_overhead, bandwidth_mb=args.bandwidth_mb, command=command,
+        bundle,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        max_new_tokens=args.max_new_tokens,
+        n_threads=args.threads,
+        providers=providers,
+        n_gpu_layers=args.n_gpu_layers,
+        n_ctx=args.n_ctx,
+        cpu_buffers=args.cpu_buffers,
+        audio=args.audio,
+        checkpoints=checkpoints,
+        reference=not args.no_reference,
+        reference_lm=args.reference_lm,
+        engine_overhead=not args.no_engine_overhead,
+        bandwidth_mb=args.bandwidth_mb,
+        command=command,
     )
     print(format_table(report))
     if args.json:

@@ -14,17 +14,20 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import gguf
 import llama_cpp
 import numpy as np
 import onnxruntime
 import psutil
 
+from spiritlm_edge.runtime.cpu_buffers import cpu_model
 from spiritlm_edge.runtime.gguf_file import read_gguf
 
 
@@ -45,23 +48,65 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+class PeakRSS:
+    """The peak resident memory between :meth:`start` and :meth:`stop` alone (also a context manager).
+
+    The process's high-water mark also holds whatever ran before (a synthetic bundle built in
+    the same process peaks at 14 GB), so at the start it is reset to the current RSS (Linux:
+    ``/proc/self/clear_refs`` "5"), and ``peak.bytes`` is the mark at the stop. Where that cannot
+    be done a thread samples the RSS every ``interval`` s instead (a lower bound: a spike
+    shorter than the interval can be missed); ``peak.method`` says which.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.method = ""
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PeakRSS:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "high-water mark reset at the start (/proc/self/clear_refs)"
+        except OSError:
+            self.method = (
+                f"RSS sampled every {self.interval * 1000:.0f} ms (the high-water mark cannot be reset "
+                "here: a lower bound)"
+            )
+            self.bytes = rss_bytes()
+            self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.bytes = max(self.bytes, rss_bytes())
+
+    def stop(self) -> int:
+        """Stop measuring; returns (and keeps in ``bytes``) the peak."""
+        if self._thread is None:
+            self.bytes = peak_rss_bytes()
+            return self.bytes
+        self._stop.set()
+        self._thread.join()
+        self.bytes = max(self.bytes, rss_bytes())
+        return self.bytes
+
+    def __enter__(self) -> PeakRSS:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def library_version(dist: str) -> str | None:
     """The installed version of distribution ``dist`` (None: not installed)."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _gpus() -> list[str]:
@@ -82,7 +127,7 @@ def _gpus() -> list[str]:
 def machine_info() -> dict[str, Any]:
     """CPU, cores, memory, GPUs and the versions of every library on the timed path."""
     info = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -133,9 +178,15 @@ def measure_bandwidth(megabytes: int = 1024, repeats: int = 5, n_threads: int = 
     return result
 
 
-def decode_bytes_per_token(gguf_path: Path, context_tokens: float) -> dict[str, float]:
+def kv_bytes_per_value(kv_cache: str) -> float:
+    """Bytes per cached key or value in a ``kv_cache`` type (f16 2, q8_0 34/32, ...)."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kv_cache.upper()]]
+    return size / block
+
+
+def decode_bytes_per_token(gguf_path: Path, context_tokens: float, kv_cache: str = "f16") -> dict[str, float]:
     """Bytes one decode step must read: every weight tensor except the token embedding (a
-    single row of it is read), plus the K and V cache of ``context_tokens`` positions (f16)."""
+    single row of it is read), plus the K and V cache of ``context_tokens`` positions."""
     info = read_gguf(gguf_path)
     weights = embedding = 0
     for name, tensor in info.tensors.items():
@@ -149,7 +200,7 @@ def decode_bytes_per_token(gguf_path: Path, context_tokens: float) -> dict[str, 
     hidden = int(meta.get("llama.embedding_length", 0))
     heads = int(meta.get("llama.attention.head_count", 1))
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    kv = 2 * layers * context_tokens * (hidden // heads * kv_heads) * 2
+    kv = 2 * layers * context_tokens * (hidden // heads * kv_heads) * kv_bytes_per_value(kv_cache)
     return {
         "weights_bytes": weights,
         "token_embd_bytes": embedding,

@@ -86,6 +86,12 @@ def format_table(report: dict) -> str:
         f"settings: {s['threads']} threads, n_ctx {s['n_ctx']}, {s['max_new_tokens']} new tokens, "
         f"median/p90 of {s['repeat']} after {s['warmup']} warm-up; input {s['audio']['seconds']:.2f} s"
     )
+    if "llama_cpp_extra_cpu_buffers" in s:  # reports written before the per-machine decision lack it
+        buffers = s["llama_cpp_extra_cpu_buffers"]
+        lines.append(
+            f"llama.cpp: KV cache {s.get('kv_cache', 'f16')}; extra CPU buffers "
+            f"{'on' if buffers['enabled'] else 'off'} ({buffers['why']})"
+        )
     lines.append("")
     rows = [("stage", "median ms", "p90 ms", "rate")]
     for name, entry in report["stages"].items():

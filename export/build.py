@@ -24,6 +24,7 @@ from spiritlm_edge.quant.gguf_convert import convert_lm
 from spiritlm_edge.quant.llama_quantize import CONVERTER_TYPES, check_quant, quantize_gguf
 from spiritlm_edge.runtime.bundle import add_component, read_manifest
 from spiritlm_edge.runtime.gguf_file import FORMAT_VERSION as GGUF_FORMAT_VERSION
+from spiritlm_edge.runtime.vad import BUNDLE_COMPONENT, MODEL_FILE, packaged_model_path
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ def add_vad(bundle_dir: str | Path) -> bool:
     """Copy the Silero VAD ONNX model (MIT) of the installed ``silero-vad`` package into
     the bundle. Returns False, with a warning, where that package is not installed: the
     bundle then still works for files, and ``run --mic`` needs ``--vad-model``."""
-    from spiritlm_edge.runtime.vad import BUNDLE_COMPONENT, MODEL_FILE, packaged_model_path
-
     source = packaged_model_path()
     if source is None:
         log.warning("silero-vad is not installed: the bundle gets no VAD model (pip install --no-deps silero-vad)")

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from spiritlm_edge.export.checkpoints import (
@@ -46,9 +47,10 @@ from spiritlm_edge.export.checkpoints import (
     require_file,
 )
 from spiritlm_edge.export.fcpe import FCPE, find_fcpe_weights, load_fcpe
-from spiritlm_edge.runtime.audio import SAMPLE_RATE, chunks, load_audio
+from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, chunks, load_audio
 from spiritlm_edge.runtime.bundle import add_component, sha256_file
 from spiritlm_edge.runtime.errors import CheckpointError
+from spiritlm_edge.runtime.pitch import middle_code, neutral_f0_hz, neutral_features
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,17 @@ FCPE_ONNX = "fcpe.onnx"
 VQVAE_ONNX = "pitch_vqvae.onnx"
 
 _LEVEL_KEYS = {"input_emb_width", "output_emb_width", "levels", "downs_t", "strides_t"}
-_BLOCK_KEYS = {"width", "depth", "m_conv", "dilation_growth_rate", "dilation_cycle", "zero_out",
-               "res_scale", "reverse_decoder_dilation", "checkpoint_res"}
+_BLOCK_KEYS = {
+    "width",
+    "depth",
+    "m_conv",
+    "dilation_growth_rate",
+    "dilation_cycle",
+    "zero_out",
+    "res_scale",
+    "reverse_decoder_dilation",
+    "checkpoint_res",
+}
 _VQ_KEYS = {"l_bins", "emb_width", "mu", "levels"}
 
 
@@ -82,10 +93,12 @@ class ResidualUnit(nn.Module):
     def __init__(self, channels: int, hidden: int, dilation: int, scale: float):
         super().__init__()
         # Indices 1 and 3 of the reference's Sequential(ReLU, Conv, ReLU, Conv).
-        self.model = nn.ModuleDict({
-            "1": nn.Conv1d(channels, hidden, 3, 1, dilation, dilation),
-            "3": nn.Conv1d(hidden, channels, 1, 1, 0),
-        })
+        self.model = nn.ModuleDict(
+            {
+                "1": nn.Conv1d(channels, hidden, 3, 1, dilation, dilation),
+                "3": nn.Conv1d(hidden, channels, 1, 1, 0),
+            }
+        )
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +128,7 @@ def _downsampling_steps(down_t: Any, stride_t: Any) -> tuple[list[tuple[int, int
     the width -> emb conv)."""
     if isinstance(stride_t, (list, tuple)):
         steps = []
-        for s, d in zip(stride_t, down_t):
+        for s, d in zip(stride_t, down_t, strict=False):
             s, d = int(s), int(d)
             kernel, pad = (s * 2, s // 2) if s % 2 == 0 else (s * 2 + 1, s // 2 + 1)
             steps += [(s, kernel, pad)] * d
@@ -138,7 +151,8 @@ class EncoderLevel(nn.Module):
         width = int(p["width"])
         blocks: list[nn.Module] = []
         for i, (s, kernel, pad) in enumerate(steps):
-            blocks.append(nn.Sequential(nn.Conv1d(n_in if i == 0 else width, width, kernel, s, pad), DilatedStack(width, p)))
+            conv = nn.Conv1d(n_in if i == 0 else width, width, kernel, s, pad)
+            blocks.append(nn.Sequential(conv, DilatedStack(width, p)))
         if steps or list_form:
             blocks.append(nn.Conv1d(width, n_out, 3, 1, 1))
         self.model = nn.Sequential(*blocks)
@@ -153,20 +167,22 @@ class DecoderLevel(nn.Module):
         width, reverse = int(p["width"]), bool(p.get("reverse_decoder_dilation", False))
         blocks: list[nn.Module] = []
         if isinstance(stride_t, (list, tuple)):
-            stages = [(int(s), int(d)) for s, d in zip(stride_t, down_t)]
+            stages = [(int(s), int(d)) for s, d in zip(stride_t, down_t, strict=False)]
             blocks.append(nn.Conv1d(n_out, width, 3, 1, 1))
             for k, (s, d) in enumerate(stages):
                 kernel, pad = (s * 2, s // 2) if s % 2 == 0 else (s * 2 + 1, s // 2 + 1)
                 last_stage = k == len(stages) - 1
                 for i in range(d):
                     out = n_in if (i == d - 1 and last_stage) else width
-                    blocks.append(nn.Sequential(DilatedStack(width, p, reverse), nn.ConvTranspose1d(width, out, kernel, s, pad)))
+                    up = nn.ConvTranspose1d(width, out, kernel, s, pad)
+                    blocks.append(nn.Sequential(DilatedStack(width, p, reverse), up))
         elif int(down_t) > 0:
             s, d = int(stride_t), int(down_t)
             blocks.append(nn.Conv1d(n_out, width, 3, 1, 1))
             for i in range(d):
                 out = n_in if i == d - 1 else width
-                blocks.append(nn.Sequential(DilatedStack(width, p, reverse), nn.ConvTranspose1d(width, out, s * 2, s, s // 2)))
+                up = nn.ConvTranspose1d(width, out, s * 2, s, s // 2)
+                blocks.append(nn.Sequential(DilatedStack(width, p, reverse), up))
         self.model = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,10 +193,12 @@ class VQEncoder(nn.Module):
     def __init__(self, p: dict):
         super().__init__()
         emb_in, emb_out = int(p["input_emb_width"]), int(p["output_emb_width"])
-        self.level_blocks = nn.ModuleList([
-            EncoderLevel(emb_in if level == 0 else emb_out, emb_out, down_t, stride_t, p)
-            for level, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"])
-        ])
+        self.level_blocks = nn.ModuleList(
+            [
+                EncoderLevel(emb_in if level == 0 else emb_out, emb_out, down_t, stride_t, p)
+                for level, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"], strict=False)
+            ]
+        )
 
 
 class VQDecoder(nn.Module):
@@ -189,14 +207,18 @@ class VQDecoder(nn.Module):
     def __init__(self, p: dict):
         super().__init__()
         emb_in, emb_out = int(p["input_emb_width"]), int(p["output_emb_width"])
-        self.level_blocks = nn.ModuleList([
-            DecoderLevel(emb_out, emb_out, down_t, stride_t, p)
-            for _, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"])
-        ])
+        self.level_blocks = nn.ModuleList(
+            [
+                DecoderLevel(emb_out, emb_out, down_t, stride_t, p)
+                for _, down_t, stride_t in zip(range(int(p["levels"])), p["downs_t"], p["strides_t"], strict=False)
+            ]
+        )
         self.out = nn.Conv1d(emb_out, emb_in, 3, 1, 1)
 
 
 class Codebook(nn.Module):
+    k: torch.Tensor  # the codebook rows, a buffer (state-dict key "k", as in the release)
+
     def __init__(self, l_bins: int, emb_width: int):
         super().__init__()
         self.register_buffer("k", torch.zeros(l_bins, emb_width))
@@ -205,7 +227,8 @@ class Codebook(nn.Module):
 class VQBottleneck(nn.Module):
     def __init__(self, p: dict):
         super().__init__()
-        self.level_blocks = nn.ModuleList([Codebook(int(p["l_bins"]), int(p["emb_width"])) for _ in range(int(p["levels"]))])
+        levels = range(int(p["levels"]))
+        self.level_blocks = nn.ModuleList([Codebook(int(p["l_bins"]), int(p["emb_width"])) for _ in levels])
 
 
 class PitchVQVAE(nn.Module):
@@ -219,17 +242,24 @@ class PitchVQVAE(nn.Module):
         # The reference sums the two halves of a latent twice the codebook's width.
         self.sum_halves = int(config["encoder_params"]["output_emb_width"]) == 2 * int(config["vq_params"]["emb_width"])
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The level-0 codebook [bins, emb]."""
+        level = self.vq.level_blocks[0]
+        assert isinstance(level, Codebook)
+        return level.k
+
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         """Level-0 latents [B, T', emb] as the codebook sees them."""
         z = self.encoder.level_blocks[0](features).transpose(1, 2)
         if self.sum_halves:
-            width = self.vq.level_blocks[0].k.shape[1]
+            width = self.codebook.shape[1]
             z = z[..., :width] + z[..., width:]
         return z
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         z = self.encode(features)
-        k = self.vq.level_blocks[0].k
+        k = self.codebook
         # Squared distances, written as the reference writes them (same rounding on ties).
         distance = (z * z).sum(-1, keepdim=True) - 2.0 * torch.matmul(z, k.t()) + (k * k).sum(-1)
         return torch.argmin(distance, dim=-1)
@@ -288,8 +318,6 @@ def _check_params(block: Any, name: str, allowed: set, required: set, path: Path
 
 def read_vqvae_config(path: Path) -> dict:
     """The VQ-VAE's config.yaml, interpolations resolved and checked."""
-    import yaml
-
     require_file(path, "pitch VQ-VAE config")
     try:
         raw = yaml.safe_load(path.read_text())
@@ -308,8 +336,10 @@ def read_vqvae_config(path: Path) -> dict:
         if p.get("checkpoint_res"):
             raise CheckpointError(f"{what} {path}: {name}.checkpoint_res is set; the release's layout has it off.")
         if int(p["input_emb_width"]) != 2:
-            raise CheckpointError(f"{what} {path}: {name}.input_emb_width is {p['input_emb_width']}; "
-                                  "the pitch features are (f0, vuv), 2 channels.")
+            raise CheckpointError(
+                f"{what} {path}: {name}.input_emb_width is {p['input_emb_width']}; "
+                "the pitch features are (f0, vuv), 2 channels."
+            )
     vq = _check_params(get_key(config, "vq_params", path, what), "vq_params", _VQ_KEYS, _VQ_KEYS - {"mu"}, path)
     if int(vq["l_bins"]) != CODEBOOK_SIZE:
         raise CheckpointError(
@@ -410,8 +440,9 @@ def load_pitch_tokenizer(paths: CheckpointPaths, fcpe_weights: str | os.PathLike
 # -- ONNX ---------------------------------------------------------------------------------
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: Path, inputs: list, outputs: list,
-            dynamic_axes: dict, opset: int) -> None:
+def _export(
+    model: nn.Module, example: torch.Tensor, path: Path, inputs: list, outputs: list, dynamic_axes: dict, opset: int
+) -> None:
     tmp = path.with_suffix(".onnx.tmp")
     with torch.no_grad(), warnings.catch_warnings():
         # Known and harmless here: the TorchScript exporter's deprecation notice, shape
@@ -421,8 +452,15 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, inputs: list, o
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         torch.onnx.export(
-            model, (example,), str(tmp), input_names=inputs, output_names=outputs,
-            dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            model,
+            (example,),
+            str(tmp),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
         )
     os.replace(tmp, path)
 
@@ -444,23 +482,75 @@ def export_onnx(
     fcpe = load_fcpe(weights)
     vqvae, config = load_vqvae(paths)
 
-    _export(fcpe, torch.zeros(1, SAMPLE_RATE), bundle_dir / FCPE_ONNX, ["audio"], ["f0", "confidence"],
-            {"audio": {0: "batch", 1: "samples"}, "f0": {0: "batch", 1: "frames"},
-             "confidence": {0: "batch", 1: "frames"}}, opset)
+    _export(
+        fcpe,
+        torch.zeros(1, SAMPLE_RATE),
+        bundle_dir / FCPE_ONNX,
+        ["audio"],
+        ["f0", "confidence"],
+        {"audio": {0: "batch", 1: "samples"}, "f0": {0: "batch", 1: "frames"}, "confidence": {0: "batch", 1: "frames"}},
+        opset,
+    )
     step = frames_per_code(config["encoder_params"])
-    _export(vqvae, torch.zeros(1, 2, 8 * step), bundle_dir / VQVAE_ONNX, ["features"], ["codes"],
-            {"features": {0: "batch", 2: "frames"}, "codes": {0: "batch", 1: "codes"}}, opset)
+    _export(
+        vqvae,
+        torch.zeros(1, 2, 8 * step),
+        bundle_dir / VQVAE_ONNX,
+        ["features"],
+        ["codes"],
+        {"features": {0: "batch", 2: "frames"}, "codes": {0: "batch", 1: "codes"}},
+        opset,
+    )
 
-    add_component(bundle_dir, "fcpe", {
-        "file": FCPE_ONNX, "opset": opset, "inputs": ["audio"], "outputs": ["f0", "confidence"],
-        "sample_rate": fcpe.sample_rate, "model_hop": fcpe.hop, "frame_hop": F0_HOP,
-        "threshold": VOICING_THRESHOLD, "f0_min": F0_MIN, "f0_max": F0_MAX,
-        "interpolate_unvoiced": INTERPOLATE_UNVOICED,
-        "source": {"file": weights.name, "sha256": sha256_file(weights)},
-    }, variant=variant)
-    return add_component(bundle_dir, "pitch", {
-        "file": VQVAE_ONNX, "opset": opset, "inputs": ["features"], "outputs": ["codes"],
-        "features": config["features"], "normalize_f0": normalizes_f0(config),
-        "frame_hop": F0_HOP, "frames_per_code": step, "codebook_size": int(config["vq_params"]["l_bins"]),
-        "rate": fcpe.sample_rate / (F0_HOP * step),  # 12.5 Hz for the release
-    }, variant=variant)
+    neutral_code, neutral_f0 = neutral_pitch(PitchTokenizer(fcpe, vqvae, config), step)
+    add_component(
+        bundle_dir,
+        "fcpe",
+        {
+            "file": FCPE_ONNX,
+            "opset": opset,
+            "inputs": ["audio"],
+            "outputs": ["f0", "confidence"],
+            "sample_rate": fcpe.sample_rate,
+            "model_hop": fcpe.hop,
+            "frame_hop": F0_HOP,
+            "threshold": VOICING_THRESHOLD,
+            "f0_min": F0_MIN,
+            "f0_max": F0_MAX,
+            "interpolate_unvoiced": INTERPOLATE_UNVOICED,
+            "source": {"file": weights.name, "sha256": sha256_file(weights)},
+        },
+        variant=variant,
+    )
+    return add_component(
+        bundle_dir,
+        "pitch",
+        {
+            "file": VQVAE_ONNX,
+            "opset": opset,
+            "inputs": ["features"],
+            "outputs": ["codes"],
+            "features": config["features"],
+            "normalize_f0": normalizes_f0(config),
+            "frame_hop": F0_HOP,
+            "frames_per_code": step,
+            "codebook_size": int(config["vq_params"]["l_bins"]),
+            "rate": fcpe.sample_rate / (F0_HOP * step),  # 12.5 Hz for the release
+            "neutral_code": neutral_code,
+            "neutral_f0_hz": neutral_f0,
+        },
+        variant=variant,
+    )
+
+
+@torch.no_grad()
+def neutral_pitch(tokenizer: PitchTokenizer, step: int) -> tuple[int, float]:
+    """(neutral pitch code, its contour's F0 in Hz): the code the PyTorch VQ-VAE gives a flat,
+    voiced contour at the speaker-normalised mean (spec section 5). Recorded in bundle.json;
+    the runtime computes the same on ONNX for bundles that lack it."""
+    f0_hz = 0.0
+    if not tokenizer.normalize:
+        f0, vuv = tokenizer.f0_vuv(load_audio(BUNDLED_CLIP))
+        f0_hz = neutral_f0_hz(False, f0.numpy(), vuv.numpy() != 0)
+    codes = tokenizer.vqvae(torch.from_numpy(neutral_features(step, f0_hz)))
+    return middle_code(codes.numpy()), f0_hz

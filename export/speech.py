@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+from spiritlm_edge.export import hubert, pitch, style, vocoder
 from spiritlm_edge.export.checkpoints import CheckpointPaths, check_variant, resolve_checkpoint_root
 from spiritlm_edge.runtime.audio import SAMPLE_RATE
 from spiritlm_edge.runtime.bundle import update_manifest
@@ -34,8 +35,6 @@ def export_speech(
     ``vocoder_layout``: "blocked" (2-D convolutions arranged for ONNX Runtime's x86 CPU
     kernels, the fastest there) or "plain" (1-D, for GPU / TensorRT and ARM targets).
     """
-    from spiritlm_edge.export import hubert, vocoder
-
     check_variant(variant)
     paths = CheckpointPaths(resolve_checkpoint_root(checkpoints))
     out = Path(out)
@@ -44,13 +43,16 @@ def export_speech(
     update_manifest(out, variant=variant)
     steps = [("HuBERT + quantizer", lambda: hubert.export_onnx(paths, variant, out, opset=opset))]
     if variant == "expressive":
-        from spiritlm_edge.export import pitch, style
-
         steps += [
-            ("FCPE + pitch VQ-VAE", lambda: pitch.export_onnx(paths, variant, out, opset=opset, fcpe_weights=fcpe_weights)),
+            (
+                "FCPE + pitch VQ-VAE",
+                lambda: pitch.export_onnx(paths, variant, out, opset=opset, fcpe_weights=fcpe_weights),
+            ),
             ("style encoder", lambda: style.export_onnx(paths, variant, out, opset=opset)),
         ]
-    steps.append(("unit HiFi-GAN", lambda: vocoder.export_onnx(paths, variant, out, opset=opset, layout=vocoder_layout)))
+    steps.append(
+        ("unit HiFi-GAN", lambda: vocoder.export_onnx(paths, variant, out, opset=opset, layout=vocoder_layout))
+    )
     for label, step in steps:
         start = time.perf_counter()
         step()

@@ -24,11 +24,13 @@ from spiritlm_edge.runtime.lm import LanguageModel
 from spiritlm_edge.runtime.threads import default_threads
 
 
-def _raw_decode_speed(path: Path, prompt: list[int], n_tokens: int, n_threads: int, n_ctx: int) -> float:
+def _raw_decode_speed(
+    path: Path, prompt: list[int], n_tokens: int, n_threads: int, n_ctx: int, extra_bufts: bool
+) -> float:
     """Tokens/s of the plainest llama-cpp-python loop: decode one token, greedy-sample."""
     install_llama_logging()
     mparams = llama_cpp.llama_model_default_params()
-    mparams.use_extra_bufts = False  # same (stable) configuration as our engine
+    mparams.use_extra_bufts = extra_bufts  # the same setting as our engine's
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, 512, 512
@@ -70,13 +72,14 @@ def measure_decode_speed(
     n_threads: int | None = None,
     repeats: int = 3,
     n_ctx: int = 1024,
+    extra_cpu_buffers: str | bool | None = "auto",
 ) -> dict:
     """Decode tokens/s (best and median of ``repeats``): ``raw`` (bare llama-cpp-python),
     ``arbitrary``, ``text``, ``speech`` (our engine; the last two constrained), and the
     ratios (of the best runs) to ``raw`` and of constrained to unconstrained."""
     n_threads = n_threads or default_threads()
     path = Path(gguf_path)
-    lm = LanguageModel(path, n_threads=n_threads, n_ctx=n_ctx)
+    lm = LanguageModel(path, n_threads=n_threads, n_ctx=n_ctx, extra_cpu_buffers=extra_cpu_buffers)
     vocab = lm.vocab
     # a speech prompt: BOS, [Speech], then Hubert units (prefill is not timed)
     prompt = [lm.bos_id, vocab.speech_id] + [
@@ -84,7 +87,7 @@ def measure_decode_speed(
     ]
     results: dict[str, list[float]] = {"raw": [], "arbitrary": [], "text": [], "speech": []}
     for _ in range(repeats):
-        results["raw"].append(_raw_decode_speed(path, prompt, n_tokens, n_threads, n_ctx))
+        results["raw"].append(_raw_decode_speed(path, prompt, n_tokens, n_threads, n_ctx, lm.cpu_buffers.enabled))
         for modality in ("arbitrary", "text", "speech"):
             results[modality].append(_engine_decode_speed(lm, prompt, n_tokens, modality))
     lm.close()

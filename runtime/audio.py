@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
+import soundfile as sf
+import soxr
 
 from spiritlm_edge.runtime.errors import AudioError
 
@@ -20,15 +22,16 @@ SAMPLE_RATE = 16000
 MIN_SAMPLES = 1280
 MAX_CHUNK_SAMPLES = 100 * SAMPLE_RATE
 
-AudioInput = Union[str, os.PathLike, np.ndarray, "tuple[np.ndarray, int]"]
+# What the encoders accept as speech: a file path, an array at 16 kHz (or at the caller's
+# ``sample_rate``), or a (samples, rate) pair. Not to be confused with the microphone
+# classes of runtime/audio_io.py.
+AudioSource = Union[str, os.PathLike, np.ndarray, "tuple[np.ndarray, int]"]
 
 BUNDLED_CLIP = Path(__file__).parent / "data" / "librispeech-7143-88743-0029.flac"
 
 
 def read_audio_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """(samples as float32 [frames, channels] or [frames], sample rate) from a sound file."""
-    import soundfile as sf
-
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"Audio file {path} does not exist.")
@@ -59,12 +62,10 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
         return samples
     if rate <= 0:
         raise AudioError(f"Sample rate {rate} is not positive.")
-    import soxr
-
     return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32, copy=False)
 
 
-def load_audio(audio: AudioInput, sample_rate: int | None = None, what: str = "audio") -> np.ndarray:
+def load_audio(audio: AudioSource, sample_rate: int | None = None, what: str = "audio") -> np.ndarray:
     """Any audio input -> mono float32 samples at 16 kHz, checked for bad values.
 
     ``audio`` is a path, a ``(samples, rate)`` tuple, or an array; a bare array is taken
@@ -109,6 +110,4 @@ def chunks(samples: np.ndarray, max_samples: int = MAX_CHUNK_SAMPLES):
 
 
 def write_wav(path: str | os.PathLike, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
-    import soundfile as sf
-
     sf.write(str(path), np.asarray(samples, dtype=np.float32), rate, subtype="PCM_16")

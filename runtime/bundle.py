@@ -17,18 +17,23 @@ speaker and style lists, the LM quant type)::
     }
 
 Exporters add components with :func:`add_component`; the runtime opens a bundle with
-:class:`Bundle` and gets verified paths with :meth:`Bundle.path`.
+:class:`Bundle`, gets verified paths with :meth:`Bundle.path` and each speech engine's
+settings, read once and typed, with :meth:`Bundle.config` (the dataclasses below, as
+piper reads its voice config).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from spiritlm_edge import __version__
 from spiritlm_edge.runtime.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -75,9 +80,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
             "(or `spiritlm-edge demo` for a tiny random-weight bundle)."
         )
     if not manifest_path.is_file():
-        raise BundleError(
-            f"{bundle_dir} is not a bundle: it has no {MANIFEST}. Build one with `spiritlm-edge build`."
-        )
+        raise BundleError(f"{bundle_dir} is not a bundle: it has no {MANIFEST}. Build one with `spiritlm-edge build`.")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -93,8 +96,6 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _write_manifest(bundle_dir: Path, manifest: dict) -> None:
-    from spiritlm_edge import __version__
-
     manifest["created_by"] = f"spiritlm-edge {__version__}"
     # Sorted keys and a fixed layout: re-running an export gives the same bytes.
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -154,14 +155,170 @@ def add_variant(bundle_dir: str | os.PathLike, name: str, variant: str, entry: d
     return manifest
 
 
+# ----------------------------------------------------------------------------- component settings
+
+
+def _require(name: str, entry: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise BundleError(
+            f"bundle.json's {name!r} component lacks {', '.join(missing)}: it was made by another "
+            "spiritlm-edge version. Rebuild the bundle (spiritlm-edge build)."
+        )
+
+
+def _pair(name: str, entry: Mapping[str, Any], key: str, first: str, second: str) -> tuple[int, int]:
+    value = entry[key]
+    if not (isinstance(value, Mapping) and first in value and second in value):
+        raise BundleError(
+            f"bundle.json's {name!r} component has {key}={value!r}; expected "
+            f"{{{first!r}: n, {second!r}: n}}. Rebuild the bundle."
+        )
+    return int(value[first]), int(value[second])
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """An "audio -> unit ids" graph (``hubert``: 25 Hz units, ``style``: 1 Hz styles)."""
+
+    hop_samples: int  # audio samples per frame of the graph's feature extractor
+    rate_hz: float  # ids per second of audio
+    min_samples: int  # shortest chunk the graph encodes
+
+    @classmethod
+    def from_entry(cls, name: str, entry: Mapping[str, Any]) -> EncoderConfig:
+        _require(name, entry, ("hop_samples", "rate_hz", "min_samples"))
+        return cls(int(entry["hop_samples"]), float(entry["rate_hz"]), int(entry["min_samples"]))
+
+
+@dataclass(frozen=True)
+class F0Config:
+    """FCPE (``fcpe``): audio -> F0 and confidence, and the voicing rules applied after it."""
+
+    sample_rate: int
+    model_hop: int  # samples per FCPE frame
+    frame_hop: int  # samples per F0 frame the VQ-VAE reads
+    threshold: float  # confidence at or below which a frame is unvoiced
+    f0_min: float
+    f0_max: float
+    interpolate_unvoiced: bool
+
+    @classmethod
+    def from_entry(cls, name: str, entry: Mapping[str, Any]) -> F0Config:
+        keys = ("sample_rate", "model_hop", "frame_hop", "threshold", "f0_min", "f0_max", "interpolate_unvoiced")
+        _require(name, entry, keys)
+        return cls(
+            int(entry["sample_rate"]),
+            int(entry["model_hop"]),
+            int(entry["frame_hop"]),
+            float(entry["threshold"]),
+            float(entry["f0_min"]),
+            float(entry["f0_max"]),
+            bool(entry["interpolate_unvoiced"]),
+        )
+
+
+@dataclass(frozen=True)
+class PitchConfig:
+    """The pitch VQ-VAE (``pitch``): (F0, voicing) frames -> 12.5 Hz pitch codes."""
+
+    normalize_f0: bool  # subtract the utterance's mean voiced F0 first ("norm_" features)
+    frame_hop: int
+    frames_per_code: int
+    codebook_size: int
+    # what speech without pitch codes is spoken with (spec section 5); None in bundles
+    # exported before it was recorded: the engine computes it on load
+    neutral_code: int | None
+
+    @classmethod
+    def from_entry(cls, name: str, entry: Mapping[str, Any]) -> PitchConfig:
+        _require(name, entry, ("normalize_f0", "frame_hop", "frames_per_code", "codebook_size"))
+        neutral = entry.get("neutral_code")
+        return cls(
+            bool(entry["normalize_f0"]),
+            int(entry["frame_hop"]),
+            int(entry["frames_per_code"]),
+            int(entry["codebook_size"]),
+            None if neutral is None else int(neutral),
+        )
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    """The unit HiFi-GAN generator (``vocoder``): per-frame codes -> audio."""
+
+    inputs: tuple[str, ...]  # the graph's inputs: units, pitch, style_codes, speaker, style_id
+    sample_rate: int
+    hop_length: int  # audio samples per frame
+    num_units: int
+    num_pitch: int  # 0: no pitch input (Base)
+    num_style_codes: int  # 0: no per-frame style input (Base)
+    num_speakers: int
+    num_styles: int  # global styles (Base)
+    speakers: tuple[str, ...]
+    styles: tuple[str, ...]
+    default_style: int | None
+    pitch_upsample: int  # unit frames per pitch code at the streams' own rates
+    style_upsample: int
+    context_frames: tuple[int, int]  # (left, right) receptive field in frames
+    layout: str  # "blocked" (x86 CPU) or "plain"
+
+    @classmethod
+    def from_entry(cls, name: str, entry: Mapping[str, Any]) -> VocoderConfig:
+        _require(name, entry, ("inputs", "sample_rate", "hop_length", "num_units", "context_frames"))
+        default_style = entry.get("default_style")
+        return cls(
+            inputs=tuple(entry["inputs"]),
+            sample_rate=int(entry["sample_rate"]),
+            hop_length=int(entry["hop_length"]),
+            num_units=int(entry["num_units"]),
+            num_pitch=int(entry.get("num_pitch", 0)),
+            num_style_codes=int(entry.get("num_style_codes", 0)),
+            num_speakers=int(entry.get("num_speakers", 0)),
+            num_styles=int(entry.get("num_styles", 0)),
+            speakers=tuple(entry.get("speakers", ())),
+            styles=tuple(entry.get("styles", ())),
+            default_style=None if default_style is None else int(default_style),
+            pitch_upsample=int(entry.get("pitch_upsample", 0)),
+            style_upsample=int(entry.get("style_upsample", 0)),
+            context_frames=_pair(name, entry, "context_frames", "left", "right"),
+            layout=str(entry.get("layout", "plain")),
+        )
+
+
+@dataclass(frozen=True)
+class DurationConfig:
+    """The vocoder's duration predictor (``vocoder_duration``): units -> frames per unit."""
+
+    context_units: tuple[int, int]  # (left, right) receptive field in units
+
+    @classmethod
+    def from_entry(cls, name: str, entry: Mapping[str, Any]) -> DurationConfig:
+        _require(name, entry, ("context_units",))
+        return cls(_pair(name, entry, "context_units", "left", "right"))
+
+
+_Config = TypeVar("_Config", EncoderConfig, F0Config, PitchConfig, VocoderConfig, DurationConfig)
+# component name -> the settings its engine reads
+CONFIGS: dict[str, type] = {
+    "hubert": EncoderConfig,
+    "style": EncoderConfig,
+    "fcpe": F0Config,
+    "pitch": PitchConfig,
+    "vocoder": VocoderConfig,
+    "vocoder_duration": DurationConfig,
+}
+
+
 class Bundle:
-    """An opened bundle: its manifest, and verified paths to its files."""
+    """An opened bundle: its manifest, verified paths to its files, typed engine settings."""
 
     def __init__(self, bundle_dir: str | os.PathLike, verify: bool = True):
         self.dir = Path(bundle_dir)
         self.manifest = read_manifest(self.dir)
         self._verify = verify
         self._verified: set[str] = set()
+        self._configs: dict[str, Any] = {}
 
     @property
     def variant(self) -> str:
@@ -181,6 +338,15 @@ class Bundle:
                 f"{', '.join(self.components) or 'none'}). Rebuild it with `spiritlm-edge build`."
             )
         return self.components[name]
+
+    def config(self, name: str, kind: type[_Config]) -> _Config:
+        """The settings of component ``name`` as a ``kind`` (one of the dataclasses above),
+        read from bundle.json once; a missing or malformed key raises ``BundleError``."""
+        if CONFIGS.get(name) is not kind:
+            raise BundleError(f"component {name!r} has no {kind.__name__} settings")
+        if name not in self._configs:
+            self._configs[name] = kind.from_entry(name, self.component(name))
+        return self._configs[name]
 
     def path(self, name: str, full_hash: bool | None = None) -> Path:
         """Path of component ``name``'s file, checked against the manifest."""
@@ -215,8 +381,13 @@ class Bundle:
         entry = self.variants(name)[chosen]
         gate = entry.get("gate", {})
         if gate and not gate.get("passed", True) and f"{name}:{chosen}" not in self._verified:
-            log.warning("%s's %s variant failed its accuracy gate and was written with --force; "
-                        "set %s=fp32 to use the fp32 engine.", name, chosen, PRECISION_ENV)
+            log.warning(
+                "%s's %s variant failed its accuracy gate and was written with --force; "
+                "set %s=fp32 to use the fp32 engine.",
+                name,
+                chosen,
+                PRECISION_ENV,
+            )
         return self._checked_path(f"{name}:{chosen}", entry, f"{name} ({chosen})")
 
     def _checked_path(self, key: str, entry: dict[str, Any], name: str, full_hash: bool | None = None) -> Path:

@@ -10,15 +10,17 @@ one model, one context, one reusable batch and a llama.cpp sampler chain per cal
 
 * The modality constraint (spec section 2) is a logit-bias sampler (-inf on the banned
   ids) at the head of llama.cpp's sampler chain: no Python work per token.
+* The KV cache is q8_0 with flash attention on a CPU by default (half the memory of f16, logits
+  within 0.4% of f16's; f16 on a GPU); ``kv_cache="f16"`` keeps the exact cache.
 * The KV cache is kept between calls: a new prompt that extends the previous one (a
   conversation) only prefills the new tokens; a prompt that diverges rewinds the cache
   to the common prefix.
 * A GGUF is checked before llama.cpp sees it (:mod:`~spiritlm_edge.runtime.gguf_file`) so
   a truncated or foreign file is a clear error, never a crash inside llama.cpp.
-* llama.cpp's "extra" CPU buffer types (weight repacking for AMX/AVX-512 kernels) are off
-  by default: with them a 7B Q4_K_M model segfaulted inside ``llama_decode`` on a
-  Sapphire Rapids CPU (llama-cpp-python 0.3.36); without them it runs stably.
-  ``use_extra_bufts=True`` turns them back on for those who measured it is safe.
+* llama.cpp's "extra" CPU buffer types (weight repacking for AMX/AVX-512 kernels) are
+  decided per machine (:mod:`~spiritlm_edge.runtime.cpu_buffers`): on only where a cached
+  check found them safe and faster, off where unchecked; ``extra_cpu_buffers="on"/"off"``
+  overrides that.
 """
 
 from __future__ import annotations
@@ -34,16 +36,20 @@ import llama_cpp
 import numpy as np
 
 from spiritlm_edge.runtime.bundle import Bundle
+from spiritlm_edge.runtime.cpu_buffers import quant_type
+from spiritlm_edge.runtime.cpu_buffers import resolve as resolve_cpu_buffers
 from spiritlm_edge.runtime.errors import BundleError, ModelError
 from spiritlm_edge.runtime.gguf_file import Keys, read_spiritlm_gguf, vocab_from_metadata
-from spiritlm_edge.runtime.llama_log import install_llama_logging
-from spiritlm_edge.runtime.providers import lm_gpu_settings
+from spiritlm_edge.runtime.llama_log import install_llama_logging, log_listener
+from spiritlm_edge.runtime.providers import llama_gpu_available, lm_gpu_memory_error, lm_gpu_settings
 from spiritlm_edge.runtime.sampling import DEFAULT_SAMPLING, SamplingConfig
 from spiritlm_edge.runtime.threads import default_threads
 from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 from spiritlm_edge.runtime.units import OutputModality, forbidden_token_ids
 
 log = logging.getLogger(__name__)
+
+CPU_KV_CACHE = "q8_0"  # the default KV cache type on a CPU (with flash attention)
 
 
 class LanguageModel:
@@ -58,12 +64,19 @@ class LanguageModel:
         n_ctx: int = 2048,
         n_batch: int = 512,
         n_gpu_layers: int | None = None,
-        use_extra_bufts: bool = False,
+        extra_cpu_buffers: str | bool | None = "auto",
         flash_attn: bool | None = None,
-        kv_cache: str = "f16",
+        kv_cache: str | None = None,
     ):
+        if kv_cache is None:
+            # on a CPU, q8_0 + flash attention: half the f16 cache's memory for a small measured
+            # cost (docs/benchmarks.md, "KV cache"); a GPU keeps f16
+            on_cpu = (n_gpu_layers == 0 or not llama_gpu_available()) and flash_attn is not False
+            kv_cache = CPU_KV_CACHE if on_cpu else "f16"
+            flash_attn = True if on_cpu else flash_attn
         # n_gpu_layers None: every layer where llama.cpp has a GPU backend, else 0
         gpu = lm_gpu_settings(n_gpu_layers, kv_cache=kv_cache, flash_attn=flash_attn)
+        self.kv_cache = kv_cache
 
         self._llama = llama_cpp
         self.info = read_spiritlm_gguf(gguf_path)
@@ -82,10 +95,17 @@ class LanguageModel:
 
         self.model_params = llama_cpp.llama_model_default_params()
         self.model_params.n_gpu_layers = gpu["n_gpu_layers"]
-        # see module docstring: repacked (AMX) buffers crashed llama_decode on a 7B Q4_K_M
-        self.model_params.use_extra_bufts = bool(use_extra_bufts)
-        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
+        # repacked (AMX) buffers crashed llama_decode on a 7B Q4_K_M: on only where checked safe
+        self.cpu_buffers = resolve_cpu_buffers(extra_cpu_buffers, quant_type(meta))
+        self.model_params.use_extra_bufts = self.cpu_buffers.enabled
+        loading: list[str] = []  # llama.cpp only logs why a load failed: kept to explain it
+        with log_listener(loading.append):
+            model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), self.model_params)
         if not model:
+            # on a GPU, most often memory: say so, and how much, rather than blame the file
+            oom = lm_gpu_memory_error(loading, "loading the weights", gpu["n_gpu_layers"])
+            if oom is not None:
+                raise oom
             raise BundleError(
                 f"llama.cpp could not load {self.path} (see the spiritlm_edge.llama_cpp log, -v). "
                 "Rebuild the GGUF with `spiritlm-edge export lm`."
@@ -102,10 +122,17 @@ class LanguageModel:
         self.context_params.flash_attn_type = gpu["flash_attn_type"]
         self.context_params.type_k = gpu["type_k"]
         self.context_params.type_v = gpu["type_v"]
-        ctx = llama_cpp.llama_init_from_model(model, self.context_params)
+        creating: list[str] = []
+        with log_listener(creating.append):
+            ctx = llama_cpp.llama_init_from_model(model, self.context_params)
         if not ctx:
             llama_cpp.llama_model_free(model)
             self._model = None
+            oom = lm_gpu_memory_error(
+                creating, f"creating its context (n_ctx={n_ctx}, {kv_cache} KV cache)", gpu["n_gpu_layers"]
+            )
+            if oom is not None:
+                raise oom
             raise ModelError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch} "
                 "(out of memory?). Try a smaller n_ctx."
@@ -186,7 +213,7 @@ class LanguageModel:
         llama_cpp, batch = self._llama, self._batch
         rows: list[np.ndarray] = []
         for chunk_start in range(0, len(ids), self.n_batch):
-            chunk = ids[chunk_start:chunk_start + self.n_batch]
+            chunk = ids[chunk_start : chunk_start + self.n_batch]
             last_chunk = chunk_start + self.n_batch >= len(ids)
             batch.n_tokens = len(chunk)
             for j, token in enumerate(chunk):
@@ -292,8 +319,8 @@ class LanguageModel:
         if sampling.repetition_penalty != 1.0:
             # HF semantics: every token of the prompt and of the output counts
             llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_penalties(
-                    self.n_vocab, self.n_ctx, sampling.repetition_penalty, 0.0, 0.0)
+                chain,
+                llama_cpp.llama_sampler_init_penalties(self.n_vocab, self.n_ctx, sampling.repetition_penalty, 0.0, 0.0),
             )
             for token in history:
                 llama_cpp.llama_sampler_accept(chain, token)

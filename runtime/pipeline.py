@@ -220,7 +220,9 @@ class SpiritLM:
         ids = self.tokenizer.encode(prompt)
         new_ids = list(self.lm.generate(ids, sampling=sampling, output_modality=constraint))
         generated = self.tokenizer.decode(new_ids)
-        outputs = self._decode_generated(modality, generated, prompt, speaker_id, sampling.seed)
+        # one per turn: speech without pitch codes continues the prompt's pitch (spec section 5)
+        fallback = self.speech_tokenizer.pitch_fallback(prompt)
+        outputs = self._decode_generated(modality, generated, prompt, speaker_id, sampling.seed, fallback)
         return (outputs, prompt) if return_prompt else outputs
 
     @staticmethod
@@ -233,7 +235,9 @@ class SpiritLM:
             options["seed"] = seed
         return SamplingConfig.from_generation_config(generation_config, **options)
 
-    def _decode_generated(self, modality, generated: str, prompt: str, speaker_id: int, seed) -> list[GenerationOutput]:
+    def _decode_generated(
+        self, modality, generated: str, prompt: str, speaker_id: int, seed, fallback=None
+    ) -> list[GenerationOutput]:
         """Spec section 7: the generated string -> text and speech outputs."""
         generated = generated.strip()
         if modality is OutputModality.TEXT:
@@ -242,7 +246,7 @@ class SpiritLM:
             # Only unit tokens can be spoken; text appears here only when the constraint
             # was turned off (force_tokens_to_output_modality=False), and is left out.
             spoken = "".join(c for c, kind in split_speech_and_text(generated) if kind == "s")
-            return [GenerationOutput(self._speech(spoken, speaker_id, seed), ContentType.SPEECH)]
+            return [GenerationOutput(self._speech(spoken, speaker_id, seed, fallback), ContentType.SPEECH)]
         continues_prompt = does_end_with_speech_token(prompt) and does_start_with_speech_token(generated)
         prompt_units = 0
         if continues_prompt:
@@ -260,19 +264,19 @@ class SpiritLM:
             if index == 0 and continues_prompt:
                 if units - prompt_units < MIN_SPEECH_UNITS:
                     continue
-                audio = self._speech(content, speaker_id, seed)
+                audio = self._speech(content, speaker_id, seed, fallback)
                 audio = audio[math.ceil(audio.size * prompt_units / units) :]
             elif units < MIN_SPEECH_UNITS:
                 continue
             else:
-                audio = self._speech(content, speaker_id, seed)
+                audio = self._speech(content, speaker_id, seed, fallback)
             outputs.append(GenerationOutput(audio, ContentType.SPEECH))
         return outputs
 
-    def _speech(self, units: str, speaker_id: int, seed) -> np.ndarray:
+    def _speech(self, units: str, speaker_id: int, seed, fallback=None) -> np.ndarray:
         if count_hubert_units(units) == 0:
             return np.zeros(0, np.float32)
-        return self.speech_tokenizer.decode(units, speaker_id=speaker_id, seed=seed)
+        return self.speech_tokenizer.decode(units, speaker_id=speaker_id, seed=seed, pitch_fallback=fallback)
 
     # -- streaming ------------------------------------------------------------------------
 
@@ -314,6 +318,7 @@ class SpiritLM:
         # prompt's speech; SPEECH speaks every unit it gets.
         prime = _speech_context(prompt) if arbitrary and does_end_with_speech_token(prompt) else ""
         audio_parts: list[np.ndarray] = []
+        fallback = self.speech_tokenizer.pitch_fallback(prompt)  # one per turn, as in generate()
         first = True
         for kind, value in pieces:
             if kind == "unit" and modality is OutputModality.TEXT:
@@ -331,7 +336,7 @@ class SpiritLM:
                     first = False
                     continue  # too short to speak (spec section 7)
             run_prime, first = (prime if first else ""), False
-            for chunk in self._stream_run(run_prime, run, pieces, speaker_id, seed, chunk_frames, turn):
+            for chunk in self._stream_run(run_prime, run, pieces, speaker_id, seed, chunk_frames, turn, fallback):
                 audio_parts.append(chunk)
                 yield AudioChunk(chunk)
         turn.mark("end")
@@ -341,16 +346,22 @@ class SpiritLM:
         audio = np.concatenate(audio_parts) if audio_parts else None
         yield TurnEnd(timings=turn.report(audio), text=text, audio=audio, generated=generated)
 
-    def _stream_run(self, prime, run, pieces, speaker_id, seed, chunk_frames, turn) -> Iterator[np.ndarray]:
+    def _stream_run(
+        self, prime, run, pieces, speaker_id, seed, chunk_frames, turn, fallback=None
+    ) -> Iterator[np.ndarray]:
         """Stream one speech run through the vocoder; ``prime`` (the prompt's trailing
         speech) gives the vocoder its context, and its audio is skipped."""
         skip_samples = 0
         if prime:
-            prime_audio = self.speech_tokenizer.decode(prime, speaker_id=speaker_id, seed=seed)
+            prime_audio = self.speech_tokenizer.decode(prime, speaker_id=speaker_id, seed=seed, pitch_fallback=fallback)
             skip_samples = prime_audio.size
         tokens = iter([prime] if prime else [])
         stream = self.speech_tokenizer.decode_stream(
-            _chain(tokens, run, pieces.iter_units()), speaker_id=speaker_id, seed=seed, chunk_frames=chunk_frames
+            _chain(tokens, run, pieces.iter_units()),
+            speaker_id=speaker_id,
+            seed=seed,
+            chunk_frames=chunk_frames,
+            pitch_fallback=fallback,
         )
         for chunk in turn.time_vocoder(stream):
             if skip_samples >= chunk.size:

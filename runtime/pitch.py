@@ -14,29 +14,46 @@ Audio goes through in chunks of at most 100 s, like the reference::
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from spiritlm_edge.runtime.audio import SAMPLE_RATE, AudioInput, chunks, load_audio
-from spiritlm_edge.runtime.bundle import Bundle
+from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, AudioSource, chunks, load_audio
+from spiritlm_edge.runtime.bundle import Bundle, F0Config, PitchConfig
 from spiritlm_edge.runtime.errors import BundleError
 from spiritlm_edge.runtime.onnx_session import create_session
 
-_FCPE_KEYS = ("sample_rate", "model_hop", "frame_hop", "threshold", "f0_min", "f0_max", "interpolate_unvoiced")
-_PITCH_KEYS = ("normalize_f0", "frame_hop", "frames_per_code", "codebook_size")
+log = logging.getLogger(__name__)
+
+# Codes in the flat contour the neutral pitch code is read from: its middle code must see
+# only the contour, not the zero padding at its ends (with the full-size encoder, the
+# padding reaches about 56 codes in from each end).
+NEUTRAL_CONTOUR_CODES = 256
 
 
-def _settings(bundle: Bundle, name: str, keys: Sequence[str]) -> dict[str, Any]:
-    entry = bundle.component(name)
-    missing = [k for k in keys if k not in entry]
-    if missing:
-        raise BundleError(
-            f"Bundle {bundle.dir}: component {name!r} lacks {', '.join(missing)} in bundle.json; "
-            "it was made by another spiritlm-edge version. Rebuild the bundle."
-        )
-    return entry
+def neutral_features(frames_per_code: int, f0_hz: float) -> np.ndarray:
+    """The VQ-VAE input [1, 2, frames] of a flat, voiced contour at ``f0_hz``: 0 for
+    speaker-normalised features (a contour at the speaker's mean F0 normalises to 0)."""
+    frames = NEUTRAL_CONTOUR_CODES * frames_per_code
+    return np.stack([np.full(frames, f0_hz, np.float32), np.ones(frames, np.float32)])[None]
+
+
+def neutral_f0_hz(normalize: bool, f0: np.ndarray, voiced: np.ndarray) -> float:
+    """F0 of the neutral contour: the speaker-normalised mean (0) for normalised features;
+    otherwise the mean voiced F0 of ``f0`` (the bundled LibriSpeech clip's, measured with
+    the bundle's own F0 model)."""
+    if normalize or not voiced.any():
+        return 0.0
+    return float(f0[voiced].mean(dtype=np.float64))
+
+
+def middle_code(codes) -> int:
+    """The neutral pitch code: the middle code of a flat contour's codes."""
+    flat = np.asarray(codes).reshape(-1)
+    return int(flat[flat.size // 2])
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
@@ -55,21 +72,41 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 class PitchEngine:
     """Audio (mono float32, 16 kHz) -> pitch codes, with ``fcpe`` and ``pitch`` components."""
 
-    def __init__(self, fcpe_session, vqvae_session, fcpe: dict[str, Any], pitch: dict[str, Any]):
+    def __init__(self, fcpe_session: Any, vqvae_session: Any, fcpe: F0Config, pitch: PitchConfig):
         self.fcpe_session, self.vqvae_session = fcpe_session, vqvae_session
-        if int(fcpe["sample_rate"]) != SAMPLE_RATE:
-            raise BundleError(f"The bundle's FCPE runs at {fcpe['sample_rate']} Hz; expected {SAMPLE_RATE}.")
-        if int(pitch["frame_hop"]) != int(fcpe["frame_hop"]):
+        if fcpe.sample_rate != SAMPLE_RATE:
+            raise BundleError(f"The bundle's FCPE runs at {fcpe.sample_rate} Hz; expected {SAMPLE_RATE}.")
+        if pitch.frame_hop != fcpe.frame_hop:
             raise BundleError("The bundle's FCPE and pitch VQ-VAE disagree on the F0 frame hop; rebuild it.")
-        self.model_hop = int(fcpe["model_hop"])
-        self.frame_hop = int(fcpe["frame_hop"])
-        self.threshold = float(fcpe["threshold"])
-        self.f0_min, self.f0_max = float(fcpe["f0_min"]), float(fcpe["f0_max"])
-        self.interpolate = bool(fcpe["interpolate_unvoiced"])
-        self.normalize = bool(pitch["normalize_f0"])
-        self.frames_per_code = int(pitch["frames_per_code"])
-        self.codebook_size = int(pitch["codebook_size"])
+        self.model_hop = fcpe.model_hop
+        self.frame_hop = fcpe.frame_hop
+        self.threshold = fcpe.threshold
+        self.f0_min, self.f0_max = fcpe.f0_min, fcpe.f0_max
+        self.interpolate = fcpe.interpolate_unvoiced
+        self.normalize = pitch.normalize_f0
+        self.frames_per_code = pitch.frames_per_code
+        self.codebook_size = pitch.codebook_size
         self.rate = SAMPLE_RATE / (self.frame_hop * self.frames_per_code)
+        recorded = pitch.neutral_code
+        if recorded is None:
+            # bundles exported before spiritlm-edge recorded it: the same computation, on ONNX
+            log.info("bundle.json has no neutral pitch code (older export): computing it from the pitch VQ-VAE")
+            recorded = self.compute_neutral_code()
+        if not (isinstance(recorded, int) and 0 <= recorded < self.codebook_size):
+            raise BundleError(
+                f"bundle.json's neutral pitch code {recorded!r} is not one of the "
+                f"{self.codebook_size} pitch codes; re-export the bundle (spiritlm-edge build)."
+            )
+        self.neutral_code: int = recorded
+
+    def compute_neutral_code(self) -> int:
+        """The code the bundle's VQ-VAE gives a flat, voiced contour at the speaker-normalised
+        mean F0 (spec section 5): what Expressive speech without pitch codes is spoken with."""
+        f0_hz = 0.0
+        if not self.normalize:
+            f0_hz = neutral_f0_hz(False, *self.f0(BUNDLED_CLIP))
+        features = neutral_features(self.frames_per_code, f0_hz)
+        return middle_code(self.vqvae_session.run(None, {"features": features})[0])
 
     @classmethod
     def from_bundle(
@@ -77,10 +114,10 @@ class PitchEngine:
         bundle: Bundle | str | os.PathLike,
         providers: Sequence[str] | None = None,
         n_threads: int | None = None,
-    ) -> "PitchEngine":
+    ) -> PitchEngine:
         bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        fcpe = _settings(bundle, "fcpe", _FCPE_KEYS)
-        pitch = _settings(bundle, "pitch", _PITCH_KEYS)
+        fcpe = bundle.config("fcpe", F0Config)
+        pitch = bundle.config("pitch", PitchConfig)
         return cls(
             create_session(bundle.engine_path("fcpe"), providers, n_threads),
             create_session(bundle.engine_path("pitch"), providers, n_threads),
@@ -104,7 +141,7 @@ class PitchEngine:
         source = nearest_indices(f0.shape[0], chunk.shape[0] // self.frame_hop + 1)
         return f0[source], ~unvoiced[source]
 
-    def f0(self, audio: AudioInput, sample_rate: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def f0(self, audio: AudioSource, sample_rate: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """F0 in Hz (unvoiced frames interpolated, as the VQ-VAE sees it) and the voiced
         mask, per 80-sample frame (``len//80 + 1`` frames per chunk, chunks concatenated)."""
         samples = load_audio(audio, sample_rate)
@@ -121,10 +158,8 @@ class PitchEngine:
             f0 = np.where(f0 != 0, f0 - mean, f0)
         return np.stack([f0, voiced.astype(np.float32)])[None].astype(np.float32)
 
-    def __call__(self, audio: AudioInput, sample_rate: int | None = None) -> np.ndarray:
+    def __call__(self, audio: AudioSource, sample_rate: int | None = None) -> np.ndarray:
         """Pitch codes (int64, 0..63) of ``audio``, 12.5 per second."""
         samples = load_audio(audio, sample_rate)
-        codes = [
-            self.vqvae_session.run(None, {"features": self.features(chunk)})[0][0] for chunk in chunks(samples)
-        ]
+        codes = [self.vqvae_session.run(None, {"features": self.features(chunk)})[0][0] for chunk in chunks(samples)]
         return np.concatenate(codes).astype(np.int64)

@@ -18,25 +18,34 @@ cuda, cpu; ONNX Runtime's ``(name, options)`` tuples also work).
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
+import json
 import logging
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-import numpy as np
+import llama_cpp
+import onnxruntime as ort
+from platformdirs import user_cache_dir
 
 from spiritlm_edge.runtime.errors import ModelError, SpiritLMEdgeError
 from spiritlm_edge.runtime.trt_engine import (
     ENGINE_PROVIDER,
+    FallbackRouter,
     NoEngine,
     component_of,
     cuda_device_info,
     engine_dir,
+    import_tensorrt,
     load_engine,
     onnx_io,
+    outside_profile,
     profile_shapes,
 )
 
@@ -49,15 +58,20 @@ PREFERENCE = (ENGINE_PROVIDER, TRT_EP, CUDA_EP, CPU_EP)
 GPU_PROVIDERS = (ENGINE_PROVIDER, TRT_EP, CUDA_EP)
 
 ALIASES = {
-    "tensorrt": ENGINE_PROVIDER, "engine": ENGINE_PROVIDER, "trt-engine": ENGINE_PROVIDER,
-    "trt": TRT_EP, "tensorrt-ep": TRT_EP, "trt-ep": TRT_EP,
-    "cuda": CUDA_EP, "gpu": CUDA_EP,
+    "tensorrt": ENGINE_PROVIDER,
+    "engine": ENGINE_PROVIDER,
+    "trt-engine": ENGINE_PROVIDER,
+    "trt": TRT_EP,
+    "tensorrt-ep": TRT_EP,
+    "trt-ep": TRT_EP,
+    "cuda": CUDA_EP,
+    "gpu": CUDA_EP,
     "cpu": CPU_EP,
 }
 
 _INSTALL_HINT = {
     ENGINE_PROVIDER: "needs the tensorrt module and a CUDA GPU (pip install 'spiritlm-edge[gpu]'; on Jetson "
-                     "JetPack's python3-libnvinfer)",
+    "JetPack's python3-libnvinfer)",
     TRT_EP: "this onnxruntime has no TensorRT EP (install onnxruntime-gpu; on Jetson the Jetson AI Lab wheel)",
     CUDA_EP: "this onnxruntime has no CUDA EP (install onnxruntime-gpu; on Jetson the Jetson AI Lab wheel)",
 }
@@ -91,8 +105,6 @@ def tensorrt_engine_available(device_id: int = 0) -> bool:
 
 def available_providers(device_id: int = 0) -> list[str]:
     """What this machine offers, in ONNX Runtime's names plus ``TensorRTEngine``."""
-    import onnxruntime as ort
-
     offered = list(ort.get_available_providers())
     return ([ENGINE_PROVIDER] if tensorrt_engine_available(device_id) else []) + offered
 
@@ -119,16 +131,15 @@ def provider_chain(providers: str | Sequence[ProviderSpec] | None = None, device
 def cuda_provider_options(
     device_id: int = 0,
     conv_algo_search: str = "HEURISTIC",
-    cuda_graph: bool = False,
     gpu_mem_limit: int | None = None,
 ) -> dict[str, str]:
     """Options of ONNX Runtime's CUDA EP.
 
     ``HEURISTIC`` convolution algorithm search because audio lengths vary: ``EXHAUSTIVE``
     (ORT's default) benchmarks cuDNN algorithms again for every new input shape.
-    CUDA graphs replay a captured run and only apply to runs with the same shapes and
-    bound input/output addresses (see :func:`run_with_io_binding`), so they are off by
-    default. ``kSameAsRequested`` keeps the arena small, which matters on an 8 GB Jetson.
+    ``kSameAsRequested`` keeps the arena small, which matters on an 8 GB Jetson. No CUDA
+    graphs: they replay one captured run and need every run's shapes and I/O addresses fixed
+    (I/O binding), while our inputs change length from one run to the next.
     """
     if conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
         raise SpiritLMEdgeError(f"conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT, not {conv_algo_search!r}.")
@@ -137,7 +148,6 @@ def cuda_provider_options(
         "cudnn_conv_algo_search": conv_algo_search,
         "arena_extend_strategy": "kSameAsRequested",
         "do_copy_in_default_stream": "1",
-        "enable_cuda_graph": "1" if cuda_graph else "0",
     }
     if gpu_mem_limit:
         options["gpu_mem_limit"] = str(int(gpu_mem_limit))
@@ -154,7 +164,6 @@ def tensorrt_provider_options(
     device_id: int = 0,
     profile: Mapping[str, Mapping[str, list]] | None = None,
     workspace_bytes: int | None = None,
-    cuda_graph: bool = False,
 ) -> dict[str, str]:
     """Options of ONNX Runtime's TensorRT EP: fp16, engine and timing caches in
     ``cache_dir`` (engines are built on first use, then loaded), and explicit optimization
@@ -168,7 +177,6 @@ def tensorrt_provider_options(
         "trt_engine_cache_path": cache_dir,
         "trt_timing_cache_enable": "1",
         "trt_timing_cache_path": cache_dir,
-        "trt_cuda_graph_enable": "1" if cuda_graph else "0",
     }
     if workspace_bytes:
         options["trt_max_workspace_size"] = str(int(workspace_bytes))
@@ -187,14 +195,35 @@ def _writable_cache_dir(path: Path) -> Path:
             return preferred
     except OSError:
         pass
-    import hashlib
-
-    from platformdirs import user_cache_dir
-
     key = hashlib.sha1(str(path.parent.resolve()).encode()).hexdigest()[:12]
     fallback = Path(user_cache_dir("spiritlm-edge")) / "trt-ep" / key
     fallback.mkdir(parents=True, exist_ok=True)
     return fallback
+
+
+def tensorrt_ep_profile(path: str | os.PathLike, cache_dir: Path) -> dict[str, dict[str, list[int]]] | None:
+    """The TensorRT EP's optimization profile for a bundle's model (None outside a bundle).
+
+    It needs the model's input dimensions, which only loading the model tells; they are read
+    once per model file (keyed by its sha256 in bundle.json) and kept beside the EP's engine
+    cache, so later sessions do not load the model a second time on the CPU.
+    """
+    path = Path(path)
+    found = component_of(path)
+    if found is None:
+        return None
+    component, entry = found
+    record = cache_dir / f"{path.stem}.inputs.json"
+    shapes = None
+    if record.is_file():
+        with contextlib.suppress(ValueError, OSError, KeyError):
+            saved = json.loads(record.read_text())
+            shapes = saved["inputs"] if saved.get("sha256") == entry.get("sha256") else None
+    if shapes is None:
+        shapes = onnx_io(path)[0]
+        with contextlib.suppress(OSError):
+            record.write_text(json.dumps({"sha256": entry.get("sha256"), "inputs": shapes}))
+    return profile_shapes(entry, shapes, component)
 
 
 def default_provider_options(name: str, path: str | os.PathLike, device_id: int = 0) -> dict[str, str]:
@@ -203,16 +232,57 @@ def default_provider_options(name: str, path: str | os.PathLike, device_id: int 
         return cuda_provider_options(device_id)
     if name == TRT_EP:
         path = Path(path)
-        profile = None
-        found = component_of(path)
-        if found is not None:
-            profile = profile_shapes(found[1], onnx_io(path)[0], found[0])
         cache_dir = _writable_cache_dir(path)
         if not any(cache_dir.glob("*.engine")):
-            log.info("%s: the TensorRT EP builds its engines on first use (minutes for the large models; cached "
-                     "in %s)", path.name, cache_dir)
+            log.info(
+                "%s: the TensorRT EP builds its engines on first use (minutes for the large models; cached in %s)",
+                path.name,
+                cache_dir,
+            )
+        profile = tensorrt_ep_profile(path, cache_dir)
         return tensorrt_provider_options(cache_dir, fp16=True, device_id=device_id, profile=profile)
     return {}
+
+
+class ProfiledSession:
+    """An ONNX Runtime session on the TensorRT EP, made to behave like our engine runner.
+
+    The EP builds its engine for the profile it was given, on the first run: inputs outside
+    that profile (longer than 30 s, see :mod:`~spiritlm_edge.runtime.limits`) run on the next
+    provider of the chain, and a failed run (the engine build ran out of memory beside the
+    LM, TensorRT refused the graph) hands this model to the next provider for good, with the
+    reason logged, instead of escaping the fallback chain on the first turn.
+    """
+
+    def __init__(self, session, path: Path, profile: Mapping[str, Mapping[str, list]], fallback: Callable[[], Any]):
+        self.session = session
+        self.profile = profile
+        self.router = FallbackRouter(path.name, fallback)
+
+    def _current(self):
+        return self.router.fallback() if self.router.failed else self.session
+
+    def get_providers(self) -> list[str]:
+        return self._current().get_providers()
+
+    def get_inputs(self):
+        return self._current().get_inputs()
+
+    def get_outputs(self):
+        return self._current().get_outputs()
+
+    def run(self, output_names, feeds, run_options=None):
+        if self.router.failed:
+            return self.router.fallback().run(output_names, feeds, run_options)
+        why = outside_profile(self.profile, {name: tuple(getattr(v, "shape", ())) for name, v in feeds.items()})
+        if why:
+            return self.router.run_elsewhere(output_names, feeds, why, run_options)
+        try:
+            return self.session.run(output_names, feeds, run_options)
+        except Exception as exc:  # ORT raises its own types (Fail, RuntimeException, EPFail)
+            self.router.give_up(_one_line(exc))
+            self.session = None  # release its GPU memory
+            return self.router.fallback().run(output_names, feeds, run_options)
 
 
 # ----------------------------------------------------------------------------- opening a model
@@ -261,8 +331,6 @@ def open_session(
     """The first session of the chain that starts for the model at ``path`` (a TensorRT
     engine runner or an ``onnxruntime.InferenceSession``). Failures are logged with their
     reason and the next provider is tried; CPU's own failure is raised."""
-    import onnxruntime as ort
-
     path = Path(path)
     chain = provider_chain(providers, device_id)
     offered = set(ort.get_available_providers())
@@ -270,15 +338,18 @@ def open_session(
     skipped: list[str] = []
 
     def warn_fallback(name: str, reason: str, index: int) -> None:
-        following = next((n for n, _ in chain[index + 1:]), CPU_EP)
+        following = next((n for n, _ in chain[index + 1 :]), CPU_EP)
         log.warning("%s: %s failed to start (%s); falling back to %s", path.name, name, reason, following)
 
     for index, (name, options) in enumerate(chain):
-        rest = chain[index + 1:]
+        rest = chain[index + 1 :]
         if name == ENGINE_PROVIDER:
             try:
+                # What the engine cannot run exceeds its profile, which the TensorRT EP shares: skip it.
+                beyond = [(n, o) for n, o in rest if n != TRT_EP]
                 session = load_engine(
-                    path, fallback=lambda rest=rest: open_session(path, rest, sess_options, device_id),
+                    path,
+                    fallback=functools.partial(open_session, path, beyond, sess_options, device_id),
                     device_id=device_id,
                 )
             except NoEngine as exc:
@@ -291,23 +362,34 @@ def open_session(
                 skipped.append("TensorRT engine failed")
                 continue
             record = session.record
-            log.info("%s runs on TensorRT engine %s (%s, %s, TensorRT %s)%s", path.name, record["file"],
-                     record.get("precision"), record.get("gpu"), record.get("tensorrt"), _notes(skipped))
+            log.info(
+                "%s runs on TensorRT engine %s (%s, %s, TensorRT %s)%s",
+                path.name,
+                record["file"],
+                record.get("precision"),
+                record.get("gpu"),
+                record.get("tensorrt"),
+                _notes(skipped),
+            )
             return session
         if name not in offered:
             if explicit:
-                log.warning("%s: %s is not available (%s); falling back", path.name, name,
-                            _INSTALL_HINT.get(name, f"onnxruntime offers {sorted(offered)}"))
+                log.warning(
+                    "%s: %s is not available (%s); falling back",
+                    path.name,
+                    name,
+                    _INSTALL_HINT.get(name, f"onnxruntime offers {sorted(offered)}"),
+                )
             skipped.append(f"{name} not available")
             continue
         ort_chain = [(n, o) for n, o in [(name, options), *rest] if n in offered]
         if name in GPU_PROVIDERS:
             _preload_cuda_libraries(ort)
+        if name == TRT_EP:
+            import_tensorrt()  # puts pip's libnvinfer in the process; see trt_engine.import_tensorrt
         printed = io.StringIO()
         try:
-            providers_with_options = [
-                (n, {**default_provider_options(n, path, device_id), **o}) for n, o in ort_chain
-            ]
+            providers_with_options = [(n, {**default_provider_options(n, path, device_id), **o}) for n, o in ort_chain]
             # ONNX Runtime may fall back to CPU by itself, printing (not raising) the error.
             with contextlib.redirect_stdout(printed):
                 session = ort.InferenceSession(str(path), sess_options=sess_options, providers=providers_with_options)
@@ -329,6 +411,16 @@ def open_session(
         if running == CPU_EP and sess_options is not None:
             detail = f", {sess_options.intra_op_num_threads} threads"
         log.info("%s runs on %s%s%s", path.name, running, detail, _notes(skipped))
+        trt_options = dict(providers_with_options).get(TRT_EP, {})
+        if running == TRT_EP and "trt_profile_max_shapes" in trt_options:
+            profile = tensorrt_ep_profile(path, Path(trt_options["trt_engine_cache_path"])) or {}
+            after_trt = [(n, o) for n, o in rest if n != TRT_EP]
+            return ProfiledSession(
+                session,
+                path,
+                profile,
+                fallback=functools.partial(open_session, path, after_trt, sess_options, device_id),
+            )
         return session
     raise SpiritLMEdgeError(f"No execution provider could open {path}.")  # unreachable: CPU is last
 
@@ -344,66 +436,29 @@ def session_device(session) -> str:
     return "cuda" if providers and providers[0] in (TRT_EP, CUDA_EP) else "cpu"
 
 
-# ----------------------------------------------------------------------------- I/O binding
-
-
-def run_with_io_binding(
-    session,
-    feeds: Mapping[str, Any],
-    output_names: Sequence[str] | None = None,
-    device: str = "cuda",
-    device_id: int = 0,
-    keep_on_device: bool = False,
-) -> list:
-    """``session.run`` with inputs and outputs bound on ``device``.
-
-    Feeds are NumPy arrays (copied to the device once) or ``onnxruntime.OrtValue``s already
-    there, e.g. outputs of a previous stage run with ``keep_on_device=True``: that is how
-    features go from one engine to the next without a round trip through host memory.
-    Returns NumPy arrays, or the device-side ``OrtValue``s with ``keep_on_device``.
-    """
-    import onnxruntime as ort
-
-    binding = session.io_binding()
-    keep_alive = []  # host arrays bound by pointer must outlive the run
-    for name, value in feeds.items():
-        if isinstance(value, ort.OrtValue):
-            binding.bind_ortvalue_input(name, value)
-            continue
-        array = np.ascontiguousarray(value)
-        keep_alive.append(array)
-        if device == "cpu":
-            binding.bind_cpu_input(name, array)
-        else:
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, device, device_id))
-    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
-    for name in names:
-        binding.bind_output(name, device, device_id)
-    session.run_with_iobinding(binding)
-    values = binding.get_outputs()
-    return list(values) if keep_on_device else [value.numpy() for value in values]
-
-
 # ----------------------------------------------------------------------------- the LM on GPU
 
 # llama-cpp-python's high-level API uses the same value for "every layer": llama.cpp
 # clamps it to the model's layer count (+1 for the output layer).
 ALL_LAYERS = 0x7FFFFFFF
 
-# ggml_type ids (stable in ggml's ABI) of the KV-cache types worth using.
-KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+# The KV-cache types llama.cpp takes (its --cache-type-k/v choices that llama-cpp-python
+# names), as ggml type ids. The quantized ones need flash attention for the V cache.
+KV_CACHE_TYPES = {
+    "f32": llama_cpp.GGML_TYPE_F32,
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q5_1": llama_cpp.GGML_TYPE_Q5_1,
+    "q5_0": llama_cpp.GGML_TYPE_Q5_0,
+    "q4_1": llama_cpp.GGML_TYPE_Q4_1,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+_UNQUANTIZED_KV = (llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16)
 
 
 def llama_gpu_available() -> bool:
     """Whether the installed llama-cpp-python was built with a GPU backend (CUDA, Metal, ...)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return False
-    try:
-        return bool(llama_cpp.llama_supports_gpu_offload())
-    except (AttributeError, OSError):
-        return False
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def default_n_gpu_layers() -> int:
@@ -435,11 +490,48 @@ def lm_gpu_settings(
     elif n_gpu_layers < 0:
         n_gpu_layers = ALL_LAYERS
     elif n_gpu_layers > 0 and not llama_gpu_available():
-        log.warning("n_gpu_layers=%d asked, but this llama-cpp-python has no GPU backend: the LM runs on the "
-                    "CPU (reinstall it with CMAKE_ARGS=-DGGML_CUDA=on, see the README)", n_gpu_layers)
+        log.warning(
+            "n_gpu_layers=%d asked, but this llama-cpp-python has no GPU backend: the LM runs on the "
+            "CPU (reinstall it with CMAKE_ARGS=-DGGML_CUDA=on, see the README)",
+            n_gpu_layers,
+        )
     type_kv = kv_cache_type(kv_cache)
-    if type_kv not in (KV_CACHE_TYPES["f32"], KV_CACHE_TYPES["f16"], KV_CACHE_TYPES["bf16"]) and flash_attn is False:
-        raise ModelError(f"A {kv_cache} KV cache needs flash attention in llama.cpp: drop flash_attn=False "
-                         "or use kv_cache='f16'.")
-    flash = -1 if flash_attn is None else int(bool(flash_attn))  # LLAMA_FLASH_ATTN_TYPE_AUTO / DISABLED / ENABLED
+    if type_kv not in _UNQUANTIZED_KV and flash_attn is False:
+        raise ModelError(
+            f"A {kv_cache} KV cache needs flash attention in llama.cpp: drop flash_attn=False or use kv_cache='f16'."
+        )
+    flash = {
+        None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    }[None if flash_attn is None else bool(flash_attn)]
     return {"n_gpu_layers": int(n_gpu_layers), "type_k": type_kv, "type_v": type_kv, "flash_attn_type": flash}
+
+
+# What llama.cpp logs when a GPU allocation fails (ggml-cuda, ggml-alloc, llama-model):
+#   ggml_backend_cuda_buffer_type_alloc_buffer: allocating 3648.00 MiB on device 0: cudaMalloc failed: out of memory
+#   alloc_tensor_range: failed to allocate CUDA0 buffer of size 3825205248
+_CUDA_ALLOC = re.compile(r"allocating ([\d.]+) MiB on device (\d+): cudaMalloc failed: ([^\n]+)")
+_BUFFER_ALLOC = re.compile(r"failed to allocate (\w+) buffer of size (\d+)")
+
+
+def lm_gpu_memory_error(log_lines: Sequence[str], stage: str, n_gpu_layers: int) -> ModelError | None:
+    """A :class:`ModelError` saying that llama.cpp ran out of GPU memory while ``stage``
+    (loading the weights, creating the context), how much it asked for and what to try; None
+    if ``log_lines`` (llama.cpp's log of that stage) show no failed GPU allocation."""
+    text = "".join(log_lines)
+    cuda = _CUDA_ALLOC.search(text)
+    buffer = next((m for m in _BUFFER_ALLOC.finditer(text) if not m.group(1).upper().startswith("CPU")), None)
+    if cuda is None and buffer is None:
+        return None
+    asked = ""
+    if cuda is not None:
+        asked = f"{float(cuda.group(1)):.0f} MiB on CUDA device {cuda.group(2)} ({cuda.group(3).strip()})"
+    elif buffer is not None:
+        asked = f"{int(buffer.group(2)) / 2**20:.0f} MiB for its {buffer.group(1)} buffer"
+    layers = "every layer" if n_gpu_layers >= ALL_LAYERS else f"{n_gpu_layers} layers"
+    return ModelError(
+        f"The GPU ran out of memory while llama.cpp was {stage} with {layers} offloaded: it asked for {asked}. "
+        "Put fewer layers on the GPU (--n-gpu-layers, e.g. 20), quantize the KV cache (--kv-cache q8_0), "
+        "shorten the context (--n-ctx 1024), or free the GPU (other processes, TensorRT engines)."
+    )

@@ -14,30 +14,29 @@ so code written against Spirit LM's speech tokenizer runs unchanged::
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from spiritlm_edge.runtime.audio import AudioInput, load_audio
+from spiritlm_edge.runtime.audio import AudioSource, load_audio
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import UnitsError
-from spiritlm_edge.runtime.units import iter_unit_frames, string_to_units, units_to_string
-
+from spiritlm_edge.runtime.hubert import HubertEngine
+from spiritlm_edge.runtime.pitch import PitchEngine
+from spiritlm_edge.runtime.style import StyleEngine
+from spiritlm_edge.runtime.units import (
+    PitchFallback,
+    common_style,
+    iter_unit_frames,
+    string_to_units,
+    unit_ids,
+    units_to_string,
+)
+from spiritlm_edge.runtime.vocoder import Vocoder
 
 # 8 frames (320 ms of audio) for the first streamed chunk: with the generator's context on
 # both sides that is about half the compute of a default 25-frame chunk.
 FIRST_CHUNK_FRAMES = 8
-
-
-def _ids(stream: str | Sequence[int] | np.ndarray | None) -> list[int] | None:
-    if stream is None:
-        return None
-    if isinstance(stream, str):
-        try:
-            return [int(x) for x in stream.split()]
-        except ValueError:
-            raise UnitsError(f"Unit stream {stream[:60]!r} is not space-separated integers.") from None
-    return [int(x) for x in stream]
 
 
 class SpeechTokenizer:
@@ -50,23 +49,17 @@ class SpeechTokenizer:
         providers: Sequence[str] | None = None,
         n_threads: int | None = None,
     ):
-        from spiritlm_edge.runtime.hubert import HubertEngine
-        from spiritlm_edge.runtime.vocoder import Vocoder
-
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.variant = self.bundle.variant
         self.hubert = HubertEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
         self.pitch = self.style = None
         if self.variant == "expressive":
-            from spiritlm_edge.runtime.pitch import PitchEngine
-            from spiritlm_edge.runtime.style import StyleEngine
-
             self.pitch = PitchEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
             self.style = StyleEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
         self.vocoder = Vocoder.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
 
     @classmethod
-    def from_bundle(cls, bundle, providers=None, n_threads=None) -> "SpeechTokenizer":
+    def from_bundle(cls, bundle, providers=None, n_threads=None) -> SpeechTokenizer:
         return cls(bundle, providers=providers, n_threads=n_threads)
 
     @property
@@ -77,9 +70,18 @@ class SpeechTokenizer:
     def has_style(self) -> bool:
         return self.style is not None
 
+    def pitch_fallback(self, prompt: str | None = None) -> PitchFallback | None:
+        """What Expressive speech without any pitch code is spoken with (spec section 5):
+        the last pitch code of ``prompt`` if it has one, else the bundle's neutral pitch
+        code. None for Base. Pass one object per turn to :meth:`decode` and
+        :meth:`decode_stream`: it warns once, the first time it is used."""
+        if self.pitch is None:
+            return None
+        return PitchFallback.for_prompt(prompt, self.pitch.neutral_code)
+
     # -- encoding -------------------------------------------------------------------------
 
-    def encode_units(self, audio: AudioInput, sample_rate: int | None = None) -> dict[str, str]:
+    def encode_units(self, audio: AudioSource, sample_rate: int | None = None) -> dict[str, str]:
         """Unit streams of ``audio`` as space-separated ids, like the reference:
         ``{"hubert": ...}`` and, for Expressive, ``"pitch"`` and ``"style"``."""
         samples = load_audio(audio, sample_rate)
@@ -90,7 +92,7 @@ class SpeechTokenizer:
             units["style"] = " ".join(map(str, self.style(samples)))
         return units
 
-    def encode_string(self, audio: AudioInput, sample_rate: int | None = None) -> str:
+    def encode_string(self, audio: AudioSource, sample_rate: int | None = None) -> str:
         """The LM's view of ``audio``: ``[St..][Pi..][Hu..]...`` (spec section 5)."""
         units = self.encode_units(audio, sample_rate)
         return units_to_string(units, has_pitch=self.has_pitch, has_style=self.has_style)
@@ -105,26 +107,34 @@ class SpeechTokenizer:
         speaker_id: int = 2,
         dur_pred: bool = True,
         seed: int | None = None,
+        pitch_fallback: PitchFallback | None = None,
     ) -> np.ndarray:
         """Speech (float32, 16 kHz) from a unit string or a units dict.
 
         ``seed`` fixes the choice of a common style when the units have pitch but no
-        style (spec section 5).
+        style (spec section 5). Expressive units without any pitch code are spoken with
+        ``pitch_fallback`` (default: :meth:`pitch_fallback` without a prompt, the bundle's
+        neutral pitch code), with a warning.
         """
+        if self.has_pitch and pitch_fallback is None:
+            pitch_fallback = self.pitch_fallback()
         if isinstance(units, str):
-            units = string_to_units(units, rng=seed)
+            units = string_to_units(units, rng=seed, pitch_fallback=pitch_fallback)
         if not isinstance(units, dict) or "hubert" not in units:
             raise UnitsError("decode() takes a unit string or a dict with a 'hubert' stream.")
-        hubert = _ids(units["hubert"])
-        if not hubert:
+        hubert = unit_ids(units["hubert"], "units['hubert']")
+        if not hubert.size:
             raise UnitsError("There are no [Hu*] units to synthesise.")
-        return self.vocoder.decode(
-            hubert,
-            pitch=_ids(units.get("pitch")) if self.has_pitch else None,
-            style=_ids(units.get("style")) if self.has_style else None,
-            speaker_id=speaker_id,
-            dur_pred=dur_pred,
-        )
+        pitch = style = None
+        if pitch_fallback is not None:  # Expressive
+            # a dict without pitch (or style) follows the same rules as a string without them
+            pitch = unit_ids(units.get("pitch", ()), "units['pitch']")
+            if not pitch.size:
+                pitch = np.full(hubert.size, pitch_fallback.take(hubert.size))
+            style = unit_ids(units.get("style", ()), "units['style']")
+            if not style.size:
+                style = np.full(pitch.size, common_style(seed))
+        return self.vocoder.decode(hubert, pitch=pitch, style=style, speaker_id=speaker_id, dur_pred=dur_pred)
 
     def decode_stream(
         self,
@@ -134,13 +144,17 @@ class SpeechTokenizer:
         chunk_frames: int | None = None,
         seed: int | None = None,
         first_chunk_frames: int | None = FIRST_CHUNK_FRAMES,
+        pitch_fallback: PitchFallback | None = None,
     ) -> Iterator[np.ndarray]:
         """Audio chunks as unit tokens (``"[Hu12]"``, ``"[Pi3]"``, ...) arrive, e.g. from
-        the LM's token stream. The concatenated chunks equal ``decode`` of the same units.
-        The first chunk is short (``first_chunk_frames``, 40 ms each) so playback starts
-        early; later ones are ``chunk_frames`` long (the vocoder's default when None)."""
+        the LM's token stream. The concatenated chunks equal ``decode`` of the same units
+        (``seed`` and ``pitch_fallback`` as there). The first chunk is short
+        (``first_chunk_frames``, 40 ms each) so playback starts early; later ones are
+        ``chunk_frames`` long (the vocoder's default when None)."""
+        if self.has_pitch and pitch_fallback is None:
+            pitch_fallback = self.pitch_fallback()
         # the variant tells the frame assembler not to wait for pitch and style that Base never has
-        frames = iter_unit_frames(unit_tokens, rng=seed, variant=self.variant)
+        frames = iter_unit_frames(unit_tokens, rng=seed, variant=self.variant, pitch_fallback=pitch_fallback)
         if not self.has_pitch:
             frames = ((hubert, None, None) for hubert, _, _ in frames)
         kwargs = {} if chunk_frames is None else {"chunk_frames": chunk_frames}

@@ -7,10 +7,10 @@ so each 100 s chunk is normalised on its own, like the reference.
 
 from __future__ import annotations
 
-from spiritlm_edge.runtime.hubert import HubertEngine
+from spiritlm_edge.runtime.encoder import UnitEncoder
 
 
-class StyleEngine(HubertEngine):
+class StyleEngine(UnitEncoder):
     """``engine(audio) -> styles``: 16 kHz mono speech to style units (int64, one per second)."""
 
     component = "style"

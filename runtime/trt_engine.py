@@ -17,7 +17,7 @@ what each was built for and :func:`engine_mismatch` refuses anything else.
 
 The runner talks to the GPU through the CUDA driver library (``libcuda``, part of every
 NVIDIA driver, JetPack included) with ctypes, so it needs no pycuda / cuda-python.
-``tensorrt`` is imported only when an engine is loaded. Never torch.
+``tensorrt`` is imported only where it is used (:func:`import_tensorrt`). Never torch.
 """
 
 from __future__ import annotations
@@ -27,14 +27,19 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
+from spiritlm_edge.runtime.audio import MIN_SAMPLES
+from spiritlm_edge.runtime.bundle import MANIFEST
 from spiritlm_edge.runtime.errors import BundleError
+from spiritlm_edge.runtime.limits import GPU_MAX_SAMPLES, GPU_OPT_SAMPLES, MAX_WINDOW_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +49,6 @@ RECORD_FORMAT = "spiritlm-edge-tensorrt"
 RECORD_VERSION = 1
 # What a TensorRT engine is called in provider lists, beside ONNX Runtime's provider names.
 ENGINE_PROVIDER = "TensorRTEngine"
-
-# Default ranges of the dynamic dimensions the runtime uses, by ONNX dimension name.
-# A component's bundle.json entry overrides them (see :func:`profile_shapes`).
-DEFAULT_OPT_SAMPLES = 160_000  # 10 s: a typical spoken turn
-# 30 s, not the 100 s chunks the runtime may feed: an engine reserves activation memory for
-# its largest shapes (HuBERT at 100 s needs over 1 GB, too much beside a 7B LM on an 8 GB
-# Jetson). Longer inputs run on the next provider of the chain.
-DEFAULT_MAX_SAMPLES = 480_000
 
 
 _ORT_TO_NUMPY = {"float": "float32", "double": "float64"}
@@ -87,7 +84,12 @@ class CudaDriver:
         if lib is None:
             raise EngineUnavailable("no CUDA driver (libcuda.so.1) on this machine")
         c_int, c_uint, c_void_p, c_size_t, c_uint64 = (
-            ctypes.c_int, ctypes.c_uint, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64)
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint64,
+        )
         signatures = {
             "cuInit": [c_uint],
             "cuDeviceGetCount": [ctypes.POINTER(c_int)],
@@ -153,13 +155,17 @@ class CudaDriver:
 
     def to_device(self, pointer: int, array: np.ndarray) -> None:
         if array.nbytes:
-            self._check(self.lib.cuMemcpyHtoDAsync_v2(pointer, array.ctypes.data, array.nbytes, self.stream),
-                        "cuMemcpyHtoDAsync")
+            self._check(
+                self.lib.cuMemcpyHtoDAsync_v2(pointer, array.ctypes.data, array.nbytes, self.stream),
+                "cuMemcpyHtoDAsync",
+            )
 
     def to_host(self, array: np.ndarray, pointer: int) -> None:
         if array.nbytes:
-            self._check(self.lib.cuMemcpyDtoHAsync_v2(array.ctypes.data, pointer, array.nbytes, self.stream),
-                        "cuMemcpyDtoHAsync")
+            self._check(
+                self.lib.cuMemcpyDtoHAsync_v2(array.ctypes.data, pointer, array.nbytes, self.stream),
+                "cuMemcpyDtoHAsync",
+            )
 
     def synchronize(self) -> None:
         self._check(self.lib.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
@@ -174,7 +180,7 @@ class DeviceInfo:
     device_id: int = 0
 
 
-@lru_cache(maxsize=None)
+@cache
 def cuda_device_info(device_id: int = 0) -> DeviceInfo | None:
     """The GPU ``device_id`` as the CUDA driver reports it, or None without a driver / GPU."""
     try:
@@ -185,13 +191,26 @@ def cuda_device_info(device_id: int = 0) -> DeviceInfo | None:
         return None
 
 
+def import_tensorrt():
+    """The ``tensorrt`` module, or None where it cannot be imported.
+
+    Importing it also loads pip's TensorRT libraries (the ``tensorrt_libs`` package) into the
+    process, which ONNX Runtime's TensorRT EP needs before its session opens: its
+    ``preload_dlls`` covers CUDA and cuDNN only, so without this the EP fails with
+    "libnvinfer.so.10: cannot open shared object file".
+    """
+    try:
+        import tensorrt  # optional heavy dependency (the gpu extra, or JetPack's python3-libnvinfer)
+    except (ImportError, OSError) as exc:  # OSError: the module is there, its libraries are not
+        log.debug("tensorrt cannot be imported: %s", exc)
+        return None
+    return tensorrt
+
+
 def tensorrt_version() -> str | None:
     """The installed TensorRT's version, or None if the ``tensorrt`` module is absent."""
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    return str(tensorrt.__version__)
+    trt = import_tensorrt()
+    return None if trt is None else str(trt.__version__)
 
 
 # ----------------------------------------------------------------------------- records
@@ -209,11 +228,15 @@ def read_engine_records(bundle_dir: str | os.PathLike) -> dict[str, dict[str, An
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}); delete it and rebuild the engines with "
-                          f"`spiritlm-edge export tensorrt --bundle {bundle_dir}`.") from None
+        raise BundleError(
+            f"{path} is not valid JSON ({exc}); delete it and rebuild the engines with "
+            f"`spiritlm-edge export tensorrt --bundle {bundle_dir}`."
+        ) from None
     if data.get("format") != RECORD_FORMAT or data.get("format_version", 0) > RECORD_VERSION:
-        raise BundleError(f"{path} is not an engine record this spiritlm-edge reads; delete it and rebuild "
-                          f"the engines with `spiritlm-edge export tensorrt --bundle {bundle_dir}`.")
+        raise BundleError(
+            f"{path} is not an engine record this spiritlm-edge reads; delete it and rebuild "
+            f"the engines with `spiritlm-edge export tensorrt --bundle {bundle_dir}`."
+        )
     return dict(data.get("engines", {}))
 
 
@@ -239,8 +262,10 @@ def engine_mismatch(
     if device is None:
         reasons.append("there is no CUDA GPU here")
     elif (record.get("gpu"), record.get("compute_capability")) != (device.name, device.compute_capability):
-        reasons.append(f"it was built for {record.get('gpu')} (compute {record.get('compute_capability')}), "
-                       f"this is {device.name} (compute {device.compute_capability})")
+        reasons.append(
+            f"it was built for {record.get('gpu')} (compute {record.get('compute_capability')}), "
+            f"this is {device.name} (compute {device.compute_capability})"
+        )
     if trt_version is None:
         reasons.append("TensorRT is not installed")
     elif record.get("tensorrt") != trt_version:
@@ -252,15 +277,15 @@ def engine_mismatch(
         if not path.is_file():
             reasons.append(f"{record.get('file')} is missing")
         elif path.stat().st_size != record.get("bytes"):
-            reasons.append(f"{record.get('file')} has {path.stat().st_size} bytes, the record says {record.get('bytes')}")
+            reasons.append(
+                f"{record.get('file')} has {path.stat().st_size} bytes, the record says {record.get('bytes')}"
+            )
     return "; ".join(reasons) or None
 
 
 def component_of(onnx_path: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
     """(component name, bundle.json entry) of a bundle's ONNX file, or None if ``onnx_path``
     is not listed in the ``bundle.json`` beside it (e.g. the VAD model)."""
-    from spiritlm_edge.runtime.bundle import MANIFEST
-
     onnx_path = Path(onnx_path)
     manifest = onnx_path.parent / MANIFEST
     if not manifest.is_file():
@@ -281,15 +306,13 @@ def component_of(onnx_path: str | os.PathLike) -> tuple[str, dict[str, Any]] | N
 def onnx_io(onnx_path: str | os.PathLike) -> tuple[dict[str, list], dict[str, str], dict[str, str]]:
     """(input name -> dims, input name -> dtype, output name -> dtype) of an ONNX model, read
     with ONNX Runtime on the CPU. Dims are ints, or dimension names for dynamic axes."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
 
     def dtype(arg) -> str:  # "tensor(float)" -> "float32"
-        name = arg.type[len("tensor("):-1]
+        name = arg.type[len("tensor(") : -1]
         return _ORT_TO_NUMPY.get(name, name)
 
     shapes = {arg.name: list(arg.shape) for arg in session.get_inputs()}
@@ -298,26 +321,22 @@ def onnx_io(onnx_path: str | os.PathLike) -> tuple[dict[str, list], dict[str, st
 
 def _default_range(entry: Mapping[str, Any], dim: str) -> tuple[int, int, int] | None:
     """Built-in range of a dynamic dimension named ``dim`` in a component like ``entry``,
-    matching what the runtime feeds it."""
-    from spiritlm_edge.runtime.audio import MIN_SAMPLES
-
+    matching what the runtime feeds it, up to the GPU maximum (:mod:`~spiritlm_edge.runtime.limits`)."""
     if dim == "batch":
         return 1, 1, 1
-    if dim == "samples":  # audio in: chunks of MIN_SAMPLES .. 100 s (audio.chunks)
+    if dim == "samples":  # audio in: chunks of MIN_SAMPLES .. 100 s (audio.chunks); longer than 30 s falls back
         low = int(entry.get("min_samples", MIN_SAMPLES))
-        high = max(low, int(entry.get("max_samples", DEFAULT_MAX_SAMPLES)))
-        return low, min(max(low, DEFAULT_OPT_SAMPLES), high), high
+        high = max(low, int(entry.get("max_samples", GPU_MAX_SAMPLES)))
+        return low, min(max(low, GPU_OPT_SAMPLES), high), high
     if dim == "frames":
         if "hop_length" in entry and "context_frames" in entry:  # vocoder generator: windows + context
-            from spiritlm_edge.runtime.vocoder import MAX_WINDOW_FRAMES
-
             context = entry["context_frames"]
             return 1, 250, MAX_WINDOW_FRAMES + int(context["left"]) + int(context["right"])
         if "context_units" in entry:  # vocoder duration predictor: the 25 Hz units of one decode
             return 1, 250, 1500
         if "frame_hop" in entry and "frames_per_code" in entry:  # pitch VQ-VAE: F0 frames of a chunk
             hop = int(entry["frame_hop"])
-            return MIN_SAMPLES // hop + 1, DEFAULT_OPT_SAMPLES // hop + 1, DEFAULT_MAX_SAMPLES // hop + 1
+            return MIN_SAMPLES // hop + 1, GPU_OPT_SAMPLES // hop + 1, GPU_MAX_SAMPLES // hop + 1
     return None
 
 
@@ -338,10 +357,13 @@ def profile_shapes(
     explicit = entry.get("dynamic_axes") or {}
     profile = {}
     for name, dims in input_shapes.items():
-        low, opt, high = [], [], []
+        low: list[int] = []
+        opt: list[int] = []
+        high: list[int] = []
         for axis, dim in enumerate(dims):
             if isinstance(dim, int) and dim > 0:
-                low.append(dim), opt.append(dim), high.append(dim)
+                for bound in (low, opt, high):
+                    bound.append(dim)
                 continue
             given = (explicit.get(name) or {}).get(str(axis))
             if given is None:
@@ -351,19 +373,25 @@ def profile_shapes(
                 if default is None and not all(k in entry for k in keys):
                     raise BundleError(
                         f"Component {component!r}: input {name!r} axis {axis} (dimension {dim!r}) is dynamic and "
-                        f"bundle.json gives no range for it. Add \"dynamic_axes\": {{\"{name}\": {{\"{axis}\": "
+                        f'bundle.json gives no range for it. Add "dynamic_axes": {{"{name}": {{"{axis}": '
                         "[min, opt, max]}} to the component's entry (the exporter should write it)."
                     )
                 given = [entry.get(k, default[i] if default else None) for i, k in enumerate(keys)]
             try:
                 a, b, c = (int(v) for v in given)
             except (TypeError, ValueError):
-                raise BundleError(f"Component {component!r}: the range of input {name!r} axis {axis} is {given!r}; "
-                                  "expected three integers [min, opt, max].") from None
+                raise BundleError(
+                    f"Component {component!r}: the range of input {name!r} axis {axis} is {given!r}; "
+                    "expected three integers [min, opt, max]."
+                ) from None
             if not 0 < a <= b <= c:
-                raise BundleError(f"Component {component!r}: the range of input {name!r} axis {axis} is "
-                                  f"[{a}, {b}, {c}]; expected 0 < min <= opt <= max.")
-            low.append(a), opt.append(b), high.append(c)
+                raise BundleError(
+                    f"Component {component!r}: the range of input {name!r} axis {axis} is "
+                    f"[{a}, {b}, {c}]; expected 0 < min <= opt <= max."
+                )
+            low.append(a)
+            opt.append(b)
+            high.append(c)
         profile[name] = {"min": low, "opt": opt, "max": high}
     return profile
 
@@ -375,7 +403,7 @@ def outside_profile(profile: Mapping[str, Mapping[str, list]], shapes: Mapping[s
         if bounds is None:
             continue
         if len(shape) != len(bounds["min"]) or any(
-            not lo <= s <= hi for s, lo, hi in zip(shape, bounds["min"], bounds["max"])
+            not lo <= s <= hi for s, lo, hi in zip(shape, bounds["min"], bounds["max"], strict=True)
         ):
             return f"input {name!r} has shape {list(shape)}, the engine takes {bounds['min']} .. {bounds['max']}"
     return None
@@ -393,6 +421,49 @@ class IOArg:
     type: str
 
 
+class FallbackRouter:
+    """What a GPU session does with work it cannot do: hand it to ``fallback()``, a session on
+    the next provider of the chain, made on first need.
+
+    * Inputs outside the optimization profile (:meth:`run_elsewhere`): that run only, one
+      warning for the first.
+    * A failure of the GPU session itself (:meth:`give_up`: an engine the TensorRT EP could not
+      build on its first run, out of GPU memory): this run and every later one, with the reason.
+    """
+
+    def __init__(self, name: str, fallback: Callable[[], Any] | None):
+        self.name = name
+        self._fallback_factory = fallback
+        self._fallback = None
+        self._warned = False
+        self.failed: str | None = None
+
+    def fallback(self):
+        if self._fallback_factory is None:
+            raise EngineUnavailable(
+                f"{self.name}: {self.failed or 'the GPU session cannot run it'}, and there is no fallback session"
+            )
+        if self._fallback is None:
+            self._fallback = self._fallback_factory()
+        return self._fallback
+
+    def run_elsewhere(self, output_names, feeds, why: str, run_options=None):
+        if self._fallback_factory is None:
+            raise EngineUnavailable(f"{self.name}: {why}, and there is no fallback session")
+        session = self.fallback()
+        if not self._warned:
+            log.warning("%s: %s; running such inputs on %s", self.name, why, session.get_providers()[0])
+            self._warned = True
+        return session.run(output_names, feeds, run_options)
+
+    def give_up(self, reason: str) -> None:
+        self.failed = reason
+        following = self.fallback().get_providers()[0]
+        log.warning(
+            "%s: the GPU session failed (%s); running this model on %s from now on", self.name, reason, following
+        )
+
+
 class TensorRTSession:
     """A serialized TensorRT engine behind ONNX Runtime's ``run(output_names, feeds)``.
 
@@ -401,14 +472,19 @@ class TensorRTSession:
     need, with one warning.
     """
 
-    def __init__(self, engine_path: str | os.PathLike, record: Mapping[str, Any],
-                 fallback: Callable[[], Any] | None = None, device_id: int = 0):
-        import tensorrt as trt
-
+    def __init__(
+        self,
+        engine_path: str | os.PathLike,
+        record: Mapping[str, Any],
+        fallback: Callable[[], Any] | None = None,
+        device_id: int = 0,
+    ):
+        trt = import_tensorrt()
+        if trt is None:
+            raise EngineUnavailable("the tensorrt module cannot be imported (pip install 'spiritlm-edge[gpu]')")
         self.path = Path(engine_path)
         self.record = dict(record)
-        self._fallback_factory = fallback
-        self._fallback = None
+        self.router = FallbackRouter(self.path.name, fallback)
         self._trt = trt
         self._cuda = CudaDriver(device_id)
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -418,20 +494,24 @@ class TensorRTSession:
             raise EngineUnavailable(f"TensorRT could not deserialize {self.path} (see its log above)")
         self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise EngineUnavailable(f"TensorRT could not create an execution context for {self.path} (out of GPU memory?)")
+            raise EngineUnavailable(
+                f"TensorRT could not create an execution context for {self.path} (out of GPU memory?)"
+            )
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        # Shape tensors (and outputs computed from shapes only) may live in host memory: they
+        # are bound to NumPy arrays, not device buffers.
+        self._on_host = {n for n in names if self.engine.get_tensor_location(n) == trt.TensorLocation.HOST}
         # What callers get back: the ONNX model's dtypes (TensorRT 8 turns int64 into int32).
         self._onnx_dtypes = {**record.get("inputs", {}), **record.get("outputs", {})}
         self.profile = {
-            n: dict(zip(("min", "opt", "max"), (list(s) for s in self.engine.get_tensor_profile_shape(n, 0))))
+            n: dict(zip(("min", "opt", "max"), map(list, self.engine.get_tensor_profile_shape(n, 0)), strict=True))
             for n in self.input_names
         }
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity)
-        self._warned = False
         # One execution context and one set of buffers: runs from several threads take turns
         # (ONNX Runtime sessions allow concurrent runs, and callers may rely on it).
         self._lock = threading.Lock()
@@ -459,28 +539,24 @@ class TensorRTSession:
             self._buffers[name] = (pointer, capacity)
         return pointer
 
-    def _run_fallback(self, output_names, feeds, why: str):
-        if self._fallback_factory is None:
-            raise EngineUnavailable(f"{self.path.name}: {why}, and there is no fallback session")
-        if self._fallback is None:
-            self._fallback = self._fallback_factory()
-        if not self._warned:
-            log.warning("%s: %s; running such inputs on %s", self.path.name, why, self._fallback.get_providers()[0])
-            self._warned = True
-        return self._fallback.run(output_names, feeds)
-
     def run(self, output_names, feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+        if self.router.failed:
+            return self.router.fallback().run(output_names, feeds, run_options)
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise BundleError(f"{self.path.name} needs inputs {missing}; got {sorted(feeds)}.")
         arrays = {n: np.ascontiguousarray(np.asarray(feeds[n]), dtype=self._dtypes[n]) for n in self.input_names}
         why = outside_profile(self.profile, {n: a.shape for n, a in arrays.items()})
         if why:
-            return self._run_fallback(output_names, feeds, why)
-        with self._lock:
-            results = self._execute(arrays)
+            return self.router.run_elsewhere(output_names, feeds, why, run_options)
+        try:
+            with self._lock:
+                results = self._execute(arrays)
+        except (AttributeError, TypeError, RuntimeError) as exc:  # a TensorRT whose API moved, or refused
+            self.router.give_up(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            return self.router.fallback().run(output_names, feeds, run_options)
         if isinstance(results, str):
-            return self._run_fallback(output_names, feeds, results)
+            return self.router.run_elsewhere(output_names, feeds, results, run_options)
         wanted = output_names or self.output_names
         return [results[n].astype(self._onnx_dtypes.get(n, results[n].dtype), copy=False) for n in wanted]
 
@@ -493,18 +569,24 @@ class TensorRTSession:
         if any(d < 0 for shape in shapes.values() for d in shape):
             return "an output's shape depends on the data"
         for name, array in arrays.items():
+            if name in self._on_host:
+                self.context.set_tensor_address(name, array.ctypes.data)
+                continue
             pointer = self._buffer(name, array.nbytes)
             self._cuda.to_device(pointer, array)
             self.context.set_tensor_address(name, pointer)
         results = {}
         for name, shape in shapes.items():
             results[name] = np.empty(shape, dtype=self._dtypes[name])
-            self.context.set_tensor_address(name, self._buffer(name, results[name].nbytes))
+            on_host = name in self._on_host
+            pointer = results[name].ctypes.data if on_host else self._buffer(name, results[name].nbytes)
+            self.context.set_tensor_address(name, pointer)
         if not self.context.execute_async_v3(self._cuda.stream.value or 0):
             self._cuda.synchronize()
             return "TensorRT failed to run it (see its log above)"
         for name, array in results.items():
-            self._cuda.to_host(array, self._buffers[name][0])
+            if name not in self._on_host:
+                self._cuda.to_host(array, self._buffers[name][0])
         self._cuda.synchronize()
         return results
 

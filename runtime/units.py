@@ -11,13 +11,16 @@ the Spirit LM reference (``units_to_string``, ``string_to_units``, ``split_speec
 from __future__ import annotations
 
 import enum
+import logging
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from spiritlm_edge.runtime.errors import ModelError, UnitsError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HUBERT_RATE",
@@ -27,16 +30,20 @@ __all__ = [
     "TEXT_PREFIX",
     "SPEECH_PREFIX",
     "OutputModality",
+    "PitchFallback",
     "SpeechVocab",
+    "unit_ids",
     "units_to_string",
     "string_to_units",
     "iter_unit_frames",
+    "last_pitch_code",
     "split_speech_and_text",
     "count_hubert_units",
     "does_start_with_speech_token",
     "does_end_with_speech_token",
     "find_prompt_last_speech_start_position",
     "build_prompt",
+    "common_style",
     "forbidden_token_ids",
     "allowed_token_ids",
 ]
@@ -47,7 +54,13 @@ __all__ = [
 HUBERT_RATE = 24.99
 PITCH_RATE = 12.5
 STYLE_RATE = 1.0
-# Styles picked (at random) for decoding when pitch tokens exist but no style token does.
+# The "pitch but no style" rule. The reference (spiritlm/speech_tokenizer/spiritlm_tokenizer.py,
+# string_to_units) draws one of these three styles uniformly at random, once per decoded string,
+# when a string has [Pi] tokens but no [St] token, so that its Expressive vocoder, which needs a
+# style code per frame, can still speak. We match it because the vocoder was trained on what
+# those styles sound like and a user of the reference expects the same variety; the one
+# difference is that our draw takes a seedable generator (``rng``), so that a seeded generate()
+# is reproducible. This module is the only place the rule lives (see _FrameAssembler.finish).
 MOST_COMMON_STYLES = (71, 68, 98)
 
 TEXT_PREFIX = "[Text]"
@@ -74,7 +87,7 @@ class OutputModality(enum.Enum):
     ARBITRARY = "ARBITRARY"
 
     @classmethod
-    def parse(cls, value: "OutputModality | str") -> "OutputModality":
+    def parse(cls, value: OutputModality | str) -> OutputModality:
         """The member for ``value``: a member or its name in any case ("text", "Speech")."""
         if isinstance(value, cls):
             return value
@@ -109,7 +122,7 @@ class SpeechVocab:
     size: int
 
     @classmethod
-    def from_pieces(cls, piece_to_id: Mapping[str, int], size: int) -> "SpeechVocab":
+    def from_pieces(cls, piece_to_id: Mapping[str, int], size: int) -> SpeechVocab:
         """Find the special pieces in a tokenizer's piece -> id map and check their layout.
 
         ``size`` is the number of embedding rows. Raises ``UnitsError`` naming the piece or
@@ -161,8 +174,18 @@ class SpeechVocab:
             pitch_count = contiguous("pitch", "Pi", pitch_start)
             style_start = pitch_start + pitch_count
             style_count = contiguous("style", "St", style_start)
-        vocab = cls(text_id, text_id, speech_id, hubert_start, hubert_count, pitch_start,
-                    pitch_count, style_start, style_count, int(size))
+        vocab = cls(
+            text_id,
+            text_id,
+            speech_id,
+            hubert_start,
+            hubert_count,
+            pitch_start,
+            pitch_count,
+            style_start,
+            style_count,
+            int(size),
+        )
         if vocab.size < vocab.n_real:
             raise UnitsError(
                 f"the embedding has {vocab.size} rows but the tokenizer needs {vocab.n_real} "
@@ -184,7 +207,7 @@ class SpeechVocab:
 
     @property
     def variant(self) -> str:
-        """"expressive" when pitch and style pieces exist, else "base"."""
+        """ "expressive" when pitch and style pieces exist, else "base"."""
         return "expressive" if self.pitch_count else "base"
 
     @property
@@ -244,25 +267,48 @@ def _kind(kind: str) -> str:
 # Units -> string
 
 
-def _as_units(value, key: str) -> np.ndarray:
-    """A unit stream as an int64 array: from "1 2 3", [1, 2, 3] or an integer array."""
+def unit_ids(value: object, what: str = "units", size: int | None = None) -> np.ndarray:
+    """One stream of unit ids as a 1-D int64 array: the one parser of unit ids.
+
+    ``value`` is a space-separated string ("78 42 81"), a sequence of integers or of
+    decimal strings, or a 1-D integer array (numpy, or anything ``np.asarray`` takes, a
+    torch tensor included). With ``size``, every id must lie in ``0..size-1``. Anything
+    else raises ``UnitsError`` naming ``what`` and the offending value.
+    """
     if isinstance(value, str):
-        parts = value.split()
-        bad = next((p for p in parts if not p.isdecimal()), None)
-        if bad is not None:
-            raise UnitsError(f"units[{key!r}] must hold non-negative integers separated by spaces, found {bad!r}")
-        return np.array([int(p) for p in parts], dtype=np.int64)
-    arr = np.asarray(value)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        value = value.split()
+    if isinstance(value, (list, tuple)):
+        parsed = []
+        for position, item in enumerate(value):
+            if isinstance(item, str) and item.isdecimal():
+                item = int(item)
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                raise UnitsError(f"{what} must hold non-negative integer ids, found {item!r} at position {position}")
+            parsed.append(int(item))
+        ids = np.array(parsed, dtype=np.int64)
+    else:
+        try:
+            ids = np.asarray(value)
+        except (TypeError, ValueError):
+            ids = np.asarray(None)
+        if ids.size == 0 and ids.ndim == 1:
+            ids = ids.astype(np.int64)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise UnitsError(
+                f"{what} must be a space-separated string or a 1-D sequence of integer ids, "
+                f"got {type(value).__name__} of {ids.dtype} with shape {ids.shape}"
+            )
+        ids = ids.astype(np.int64)
+    if ids.size and ids.min() < 0:
+        position = int(np.argmax(ids < 0))
+        raise UnitsError(f"{what} holds a negative id ({int(ids[position])}) at position {position}")
+    if size is not None and ids.size and ids.max() >= size:
+        position = int(np.argmax(ids >= size))
         raise UnitsError(
-            f"units[{key!r}] must be a space-separated string or a 1-D sequence of integers, "
-            f"got {arr.dtype} with shape {arr.shape}"
+            f"{what} id {int(ids[position])} at position {position} is outside the table: valid ids are "
+            f"0..{size - 1}. Were these units made for another model?"
         )
-    if arr.min() < 0:
-        raise UnitsError(f"units[{key!r}] holds a negative unit ({int(arr.min())})")
-    return arr.astype(np.int64)
+    return ids
 
 
 def units_to_string(
@@ -279,14 +325,15 @@ def units_to_string(
     outside the model's vocabulary raise ``UnitsError``.
     """
     wanted = {"hubert": True, "pitch": has_pitch, "style": has_style}
-    times, tokens = [], []
+    times: list[np.ndarray] = []
+    tokens: list[str] = []
     for key, prefix in _STREAMS:
         if not wanted[key]:
             continue
         if key not in units:
             why = "" if key == "hubert" else f", but has_{key}=True"
             raise UnitsError(f"units has no {key!r} stream (has {sorted(units)}){why}")
-        values = _as_units(units[key], key)
+        values = unit_ids(units[key], f"units[{key!r}]")
         if vocab is not None and values.size:
             vocab.check_unit(key, int(values.max()))
         index = np.arange(values.size)
@@ -315,6 +362,62 @@ def _make_rng(rng) -> np.random.Generator:
     raise UnitsError(f"rng must be None, an int seed or a numpy Generator, got {type(rng).__name__}")
 
 
+def common_style(rng=None) -> int:
+    """One of MOST_COMMON_STYLES, drawn uniformly from ``rng`` (None, an int seed or a numpy
+    Generator): the style of speech that has pitch codes but no style code."""
+    return int(MOST_COMMON_STYLES[int(_make_rng(rng).integers(len(MOST_COMMON_STYLES)))])
+
+
+def last_pitch_code(prompt: str | None) -> int | None:
+    """The last ``[PiN]`` code in ``prompt`` (None if it has none): the pitch an Expressive
+    answer without pitch codes continues with (spec section 5)."""
+    last = None
+    for m in _UNIT_RE.finditer(prompt or ""):
+        if m.group(1) == "Pi":
+            last = m
+    return None if last is None else int(last.group(2))
+
+
+class PitchFallback:
+    """The pitch code for Expressive speech that has Hubert units but no pitch code at all.
+
+    The reference fails there (a KeyError in its vocoder); spec section 5 defines ours: the
+    last pitch code of the prompt's speech, else the bundle's neutral pitch code (what its
+    pitch VQ-VAE gives a flat voiced contour). One object serves one turn: it logs a warning
+    the first time it is used and stays quiet after that, however many chunks the turn has.
+    """
+
+    def __init__(self, code: int, source: str):
+        if not (isinstance(code, (int, np.integer)) and code >= 0):
+            raise UnitsError(f"a fallback pitch code must be a non-negative integer, got {code!r}")
+        self.code = int(code)
+        self.source = source
+        self.used = False
+
+    @classmethod
+    def for_prompt(cls, prompt: str | None, neutral_code: int) -> PitchFallback:
+        """The prompt's last pitch code if it has one, else ``neutral_code``."""
+        code = last_pitch_code(prompt)
+        if code is None:
+            return cls(neutral_code, "the bundle's neutral pitch code")
+        return cls(code, "the prompt's last pitch code")
+
+    def take(self, hubert_units: int) -> int:
+        """The code, warning once per object that it stands in for missing pitch codes."""
+        if not self.used:
+            log.warning(
+                "Expressive speech with %d Hubert units has no pitch code ([Pi*] token): speaking it with %s, [Pi%d]",
+                hubert_units,
+                self.source,
+                self.code,
+            )
+        self.used = True
+        return self.code
+
+    def __repr__(self) -> str:
+        return f"PitchFallback(code={self.code}, source={self.source!r})"
+
+
 def _resolve_variant(variant: str | None, vocab: SpeechVocab | None) -> str | None:
     if variant is not None:
         variant = str(variant).lower()
@@ -330,14 +433,20 @@ class _FrameAssembler:
     """Turns unit tokens into (hubert, pitch, style) frames, emitting each once it is final.
 
     Rules (spec section 5): every [HuN] is a frame with the latest pitch/style seen so far;
-    frames before the first pitch (style) take the first pitch (style) seen; if pitch
+    frames before the first pitch (style) take the first pitch (style) seen; Expressive
+    speech that never has a pitch code takes ``pitch_fallback``'s (when given); if pitch
     exists but style never appears, one of MOST_COMMON_STYLES is drawn once, at the end.
     """
 
-    def __init__(self, rng, vocab: SpeechVocab | None, variant: str | None):
+    def __init__(
+        self, rng, vocab: SpeechVocab | None, variant: str | None, pitch_fallback: PitchFallback | None = None
+    ):
         self.rng = rng
         self.vocab = vocab
+        self.pitch_fallback = pitch_fallback
         self.hubert_only = _resolve_variant(variant, vocab) == "base"
+        if self.hubert_only and pitch_fallback is not None:
+            raise ModelError("pitch_fallback is for Expressive speech; Base has Hubert units only")
         self.pitch: int | None = None  # latest seen
         self.style: int | None = None
         self.first_pitch: int | None = None
@@ -353,7 +462,8 @@ class _FrameAssembler:
         if not isinstance(text, str):
             raise UnitsError(f"unit tokens must be strings like '[Hu12]', got {type(text).__name__}")
         buf = self.carry + text
-        pos, out = 0, []
+        pos = 0
+        out: list[tuple] = []
         while pos < len(buf):
             m = _UNIT_RE.match(buf, pos)
             if m is None:
@@ -364,7 +474,7 @@ class _FrameAssembler:
                 partial = _PARTIAL_UNIT_RE.match(buf, pos)
                 if partial is not None and partial.end() == len(buf):
                     break  # a token cut in two: wait for the rest
-                bad = buf[pos:pos + 20]
+                bad = buf[pos : pos + 20]
                 raise UnitsError(
                     f"not a speech unit token at character {self.consumed + pos}: {bad!r}; "
                     "expected [HuN], [PiN] or [StN] (split text from speech with split_speech_and_text)"
@@ -407,14 +517,15 @@ class _FrameAssembler:
     def finish(self) -> list[tuple]:
         if self.carry:
             raise UnitsError(f"the unit stream ends inside a token: {self.carry!r}")
+        if self.first_pitch is None and self.pending and self.pitch_fallback is not None:
+            self.first_pitch = self.pitch_fallback.take(len(self.pending))
         if self.first_pitch is not None and self.first_style is None:
-            rng = _make_rng(self.rng)
-            self.first_style = int(MOST_COMMON_STYLES[int(rng.integers(len(MOST_COMMON_STYLES)))])
+            self.first_style = common_style(self.rng)
         out = []
         for hubert, pitch, style in self.pending:
-            out.append((hubert,
-                        self.first_pitch if pitch is None else pitch,
-                        self.first_style if style is None else style))
+            out.append(
+                (hubert, self.first_pitch if pitch is None else pitch, self.first_style if style is None else style)
+            )
         self.pending.clear()
         return out
 
@@ -425,6 +536,7 @@ def iter_unit_frames(
     *,
     vocab: SpeechVocab | None = None,
     variant: str | None = None,
+    pitch_fallback: PitchFallback | None = None,
 ) -> Iterator[tuple[int, int | None, int | None]]:
     """Yield ``(hubert, pitch, style)`` frames from unit tokens as they arrive.
 
@@ -440,10 +552,11 @@ def iter_unit_frames(
       until the end of ``tokens``. A stream that never has a style is therefore held to
       the end, where the "pitch but no style" rule draws one of MOST_COMMON_STYLES from
       ``rng`` (a numpy Generator or an int seed). In practice Spirit LM writes [St] and
-      [Pi] first, so nothing is held.
+      [Pi] first, so nothing is held. Expressive speech without any pitch code is held to
+      the end too, where it takes ``pitch_fallback``'s code (or stays None without one).
     Collecting every frame gives exactly what ``string_to_units`` returns.
     """
-    assembler = _FrameAssembler(rng, vocab, variant)
+    assembler = _FrameAssembler(rng, vocab, variant, pitch_fallback)
     for item in tokens:
         yield from assembler.feed(item)
     yield from assembler.finish()
@@ -455,14 +568,16 @@ def string_to_units(
     *,
     vocab: SpeechVocab | None = None,
     variant: str | None = None,
+    pitch_fallback: PitchFallback | None = None,
 ) -> dict[str, str]:
     """Unit string -> per-frame streams for the vocoder (spec section 5), as the reference.
 
     Returns ``{"hubert": "78 42 ...", "pitch": "...", "style": "..."}`` (space-separated
-    strings, one entry per [HuN]); "pitch" only if a pitch token occurs, "style" if a style
-    token occurs or pitch does (then a common style drawn from ``rng``).
+    strings, one entry per [HuN]); "pitch" if a pitch token occurs (or, for Hubert units
+    without one, ``pitch_fallback`` is given), "style" if a style token occurs or pitch
+    does (then a common style drawn from ``rng``).
     """
-    assembler = _FrameAssembler(rng, vocab, variant)
+    assembler = _FrameAssembler(rng, vocab, variant, pitch_fallback)
     frames = assembler.feed(s) + assembler.finish()
     units = {"hubert": " ".join(str(f[0]) for f in frames)}
     if assembler.first_pitch is not None:
@@ -496,7 +611,7 @@ def split_speech_and_text(generated: str) -> list[tuple[str, str]]:
 
     pos = 0
     for m in _MARKER_OR_UNIT_RE.finditer(generated):
-        add(generated[pos:m.start()], "t")
+        add(generated[pos : m.start()], "t")
         if m.group(0) not in (TEXT_PREFIX, SPEECH_PREFIX):
             add(m.group(0), "s")
         pos = m.end()
@@ -511,12 +626,12 @@ def count_hubert_units(s: str) -> int:
 
 def does_start_with_speech_token(s: str | None) -> bool:
     """True if ``s`` starts with a ``[HuN]``, ``[PiN]`` or ``[StN]`` token."""
-    return bool(s) and _UNIT_RE.match(s) is not None
+    return s is not None and _UNIT_RE.match(s) is not None
 
 
 def does_end_with_speech_token(s: str | None) -> bool:
     """True if ``s`` ends with a ``[HuN]``, ``[PiN]`` or ``[StN]`` token."""
-    return bool(s) and re.search(r"\[(?:Hu|Pi|St)\d+\]\Z", s) is not None
+    return s is not None and re.search(r"\[(?:Hu|Pi|St)\d+\]\Z", s) is not None
 
 
 def find_prompt_last_speech_start_position(s: str) -> int | None:

@@ -15,112 +15,83 @@ have arrived.
 
 from __future__ import annotations
 
-import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator, Sequence
+from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
-from spiritlm_edge.runtime.bundle import Bundle
-from spiritlm_edge.runtime.errors import BundleError, ModelError, UnitsError
+from spiritlm_edge.runtime.bundle import Bundle, DurationConfig, VocoderConfig
+from spiritlm_edge.runtime.errors import ModelError, UnitsError
+from spiritlm_edge.runtime.limits import MAX_WINDOW_FRAMES
 from spiritlm_edge.runtime.onnx_session import create_session, default_threads
-
-log = logging.getLogger(__name__)
+from spiritlm_edge.runtime.units import unit_ids
 
 DEFAULT_SPEAKER = 2
-# The reference picks one of these when pitch codes come without any style code.
-MOST_COMMON_STYLES = (71, 68, 98)
-# Longer spans are synthesized in exact windows to bound memory.
-MAX_WINDOW_FRAMES = 750  # 30 s
 # Parallel windows are at least this long, and at least as long as their context.
 MIN_SEGMENT_FRAMES = 8
 
-_REQUIRED = ("inputs", "hop_length", "num_units", "context_frames", "sample_rate")
-
-
-def _as_ids(values, what: str) -> np.ndarray:
-    """An int64 array from ints, numeric strings, or one space-separated string."""
-    if isinstance(values, str):
-        values = values.split()
-    try:
-        ids = np.asarray(list(values) if not isinstance(values, np.ndarray) else values)
-        if ids.dtype.kind in "UO":
-            ids = ids.astype(np.int64)
-        if ids.dtype.kind == "f" and not np.all(ids == np.round(ids)):
-            raise ValueError("non-integer value")
-        ids = ids.astype(np.int64).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise UnitsError(f"{what} must be a sequence of integer ids ({exc}).") from None
-    return ids
-
-
-def _check_range(ids: np.ndarray, size: int, what: str) -> None:
-    if ids.size and (ids.min() < 0 or ids.max() >= size):
-        bad = int(np.flatnonzero((ids < 0) | (ids >= size))[0])
-        raise UnitsError(
-            f"{what} id {int(ids[bad])} at position {bad} is outside this vocoder's table: valid ids are "
-            f"0..{size - 1}. Were these units made for another model?"
-        )
+Frame = tuple[int, int | None, int | None]
 
 
 class Vocoder:
     """The unit HiFi-GAN of a bundle."""
 
-    def __init__(self, generator, duration, entry: dict, duration_entry: dict | None, workers: int = 1):
-        missing = [k for k in _REQUIRED if k not in entry]
-        if missing:
-            raise BundleError(f"bundle.json's 'vocoder' entry lacks {', '.join(missing)}; rebuild the bundle.")
+    def __init__(
+        self,
+        generator: Any,
+        duration: Any,
+        config: VocoderConfig,
+        duration_config: DurationConfig | None = None,
+        workers: int = 1,
+    ):
         self._generator = generator
         self._duration = duration
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
-        self._entry = entry
-        self._inputs = list(entry["inputs"])
-        self.sample_rate = int(entry["sample_rate"])
-        self.hop_length = int(entry["hop_length"])
-        self.num_units = int(entry["num_units"])
-        self.num_pitch = int(entry.get("num_pitch", 0))
-        self.num_style_codes = int(entry.get("num_style_codes", 0))
-        self.num_speakers = int(entry.get("num_speakers", 0))
-        self.num_styles = int(entry.get("num_styles", 0))
-        self.pitch_upsample = int(entry.get("pitch_upsample", 0))
-        self.style_upsample = int(entry.get("style_upsample", 0))
-        self.default_style = entry.get("default_style")
-        context = entry["context_frames"]
-        self.context_frames: tuple[int, int] = (int(context["left"]), int(context["right"]))
-        units = (duration_entry or {}).get("context_units", {"left": 0, "right": 0})
-        self.duration_context: tuple[int, int] = (int(units["left"]), int(units["right"]))
+        self.config = config
+        self.sample_rate = config.sample_rate
+        self.hop_length = config.hop_length
+        self.num_units = config.num_units
+        self.num_pitch = config.num_pitch
+        self.num_style_codes = config.num_style_codes
+        self.context_frames: tuple[int, int] = config.context_frames
+        self.duration_context: tuple[int, int] = duration_config.context_units if duration_config else (0, 0)
 
     @classmethod
-    def from_bundle(cls, bundle, providers: Sequence | None = None, n_threads: int | None = None) -> "Vocoder":
+    def from_bundle(
+        cls, bundle: Bundle | str | os.PathLike, providers: Sequence | None = None, n_threads: int | None = None
+    ) -> Vocoder:
         """Open the vocoder of ``bundle`` (a :class:`Bundle` or its directory)."""
         if not isinstance(bundle, Bundle):
             bundle = Bundle(bundle)
-        entry = bundle.component("vocoder")
+        config = bundle.config("vocoder", VocoderConfig)
         threads = n_threads or default_threads()
         names = [p[0] if isinstance(p, tuple) else p for p in providers or ["CPUExecutionProvider"]]
         # ORT's blocked (NCHWc) convolutions split work over channel blocks, of which the
         # 16-64-channel layers have 1-4: a second intra-op thread gains little. Windows of
         # the sequence run side by side on one thread each scale instead (see _render).
-        workers = threads if entry.get("layout") == "blocked" and names == ["CPUExecutionProvider"] else 1
+        workers = threads if config.layout == "blocked" and names == ["CPUExecutionProvider"] else 1
         generator = create_session(bundle.engine_path("vocoder"), providers, 1 if workers > 1 else threads)
-        duration, duration_entry = None, None
+        duration, duration_config = None, None
         if bundle.has("vocoder_duration"):
-            duration_entry = bundle.component("vocoder_duration")
+            duration_config = bundle.config("vocoder_duration", DurationConfig)
             duration = create_session(bundle.path("vocoder_duration"), providers, 1)
-        return cls(generator, duration, entry, duration_entry, workers=workers)
+        return cls(generator, duration, config, duration_config, workers=workers)
 
     # ------------------------------------------------------------------ properties
 
     @property
     def speakers(self) -> list[str]:
         """Speaker names (speakers.txt); ``speaker_id`` indexes this list."""
-        return list(self._entry.get("speakers", []))
+        return list(self.config.speakers)
 
     @property
     def styles(self) -> list[str]:
         """Global style names (Base: styles.txt); ``style_id`` indexes this list."""
-        return list(self._entry.get("styles", []))
+        return list(self.config.styles)
 
     @property
     def has_pitch(self) -> bool:
@@ -145,20 +116,23 @@ class Vocoder:
 
     def _global_inputs(self, speaker_id: int, style_id: int | None) -> dict[str, np.ndarray]:
         feeds = {}
-        if "speaker" in self._inputs:
-            if not (isinstance(speaker_id, (int, np.integer)) and 0 <= speaker_id < self.num_speakers):
+        num_speakers, num_styles = self.config.num_speakers, self.config.num_styles
+        if "speaker" in self.config.inputs:
+            if not (isinstance(speaker_id, (int, np.integer)) and 0 <= speaker_id < num_speakers):
                 names = self.speakers
                 listing = f" ({', '.join(f'{i}={n}' for i, n in enumerate(names))})" if names else ""
                 raise ModelError(
                     f"speaker_id {speaker_id!r} is out of range: this vocoder has speakers "
-                    f"0..{self.num_speakers - 1}{listing}."
+                    f"0..{num_speakers - 1}{listing}."
                 )
             feeds["speaker"] = np.array([speaker_id], dtype=np.int64)
-        if "style_id" in self._inputs:
-            style_id = self.default_style if style_id is None else style_id
-            if not (isinstance(style_id, (int, np.integer)) and 0 <= style_id < self.num_styles):
-                raise ModelError(f"style_id {style_id!r} is out of range: this vocoder has styles "
-                                 f"0..{self.num_styles - 1} ({', '.join(self.styles[:12])}...).")
+        if "style_id" in self.config.inputs:
+            style_id = self.config.default_style if style_id is None else style_id
+            if not (isinstance(style_id, (int, np.integer)) and 0 <= style_id < num_styles):
+                raise ModelError(
+                    f"style_id {style_id!r} is out of range: this vocoder has styles "
+                    f"0..{num_styles - 1} ({', '.join(self.styles[:12])}...)."
+                )
             feeds["style_id"] = np.array([style_id], dtype=np.int64)
         elif style_id is not None:
             raise ModelError("style_id is only for vocoders with global styles (Base); this one has none.")
@@ -173,12 +147,14 @@ class Vocoder:
 
     def durations(self, hubert) -> np.ndarray:
         """Frames per unit predicted by the duration predictor (at least 1 each)."""
-        units = _as_ids(hubert, "hubert")
-        _check_range(units, self.num_units, "hubert")
+        units = unit_ids(hubert, "hubert", self.num_units)
         self._use_duration(True)
         if units.size == 0:
             return np.zeros(0, dtype=np.int64)
-        return self._duration.run(None, {"units": units})[0].astype(np.int64)
+        return self._predict_durations(units)
+
+    def _predict_durations(self, units: np.ndarray) -> np.ndarray:
+        return self._duration.run(None, {"units": np.ascontiguousarray(units, dtype=np.int64)})[0].astype(np.int64)
 
     def _generate(self, frames: dict[str, np.ndarray | None], globals_: dict) -> np.ndarray:
         feeds = {"units": np.ascontiguousarray(frames["units"], dtype=np.int64)}
@@ -197,7 +173,9 @@ class Vocoder:
         after ``end``. The range is cut into segments, each synthesized from its own
         context window (exact), to bound memory and to run in parallel (``workers``).
         """
-        total = len(frames["units"])
+        units = frames["units"]
+        assert units is not None  # every window has units; only pitch or style may be absent
+        total = len(units)
         left, right = self.context_frames
         count = end - start
         # A segment shorter than its context would cost more than it saves.
@@ -211,9 +189,9 @@ class Vocoder:
             audio = self._generate({k: None if v is None else v[lo:hi] for k, v in frames.items()}, globals_)
             # Keep the samples past the last frame only at the sequence's end.
             last = (stop - lo) * self.hop_length if stop < total else len(audio)
-            return audio[(first - lo) * self.hop_length:last]
+            return audio[(first - lo) * self.hop_length : last]
 
-        spans = list(zip(bounds, bounds[1:]))
+        spans = list(pairwise(bounds))
         if len(spans) > 1 and self._workers > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="vocoder")
@@ -222,8 +200,15 @@ class Vocoder:
 
     # ------------------------------------------------------------------ offline
 
-    def decode(self, hubert, pitch=None, style=None, speaker_id: int = DEFAULT_SPEAKER,
-               dur_pred: bool = True, style_id: int | None = None) -> np.ndarray:
+    def decode(
+        self,
+        hubert,
+        pitch=None,
+        style=None,
+        speaker_id: int = DEFAULT_SPEAKER,
+        dur_pred: bool = True,
+        style_id: int | None = None,
+    ) -> np.ndarray:
         """Audio (float32, 16 kHz) for units, following the reference's decode rule.
 
         ``hubert``, ``pitch``, ``style``: one id per unit, as ``string_to_units`` gives them
@@ -234,147 +219,182 @@ class Vocoder:
         lasts the predicted number of frames. Base ignores pitch/style; ``style_id`` picks
         Base's global style (default 8, conversational).
         """
-        units = _as_ids(hubert, "hubert")
+        units = unit_ids(hubert, "hubert", self.num_units)
         if units.size == 0:
             raise UnitsError("No hubert units to decode.")
-        _check_range(units, self.num_units, "hubert")
         globals_ = self._global_inputs(speaker_id, style_id)
         frames = len(units)
-        if self.has_pitch and pitch is not None and len(_as_ids(pitch, "pitch")) != frames:
+        if self.has_pitch and pitch is not None and len(unit_ids(pitch, "pitch")) != frames:
             dur_pred = False
         use_dur = self._use_duration(dur_pred)
         streams = {}
-        for name, codes, size, ratio in (("pitch", pitch, self.num_pitch, self.pitch_upsample),
-                                         ("style", style, self.num_style_codes, self.style_upsample)):
+        for name, codes, size, ratio in (
+            ("pitch", pitch, self.num_pitch, self.config.pitch_upsample),
+            ("style", style, self.num_style_codes, self.config.style_upsample),
+        ):
             if not size:
                 continue
             if codes is None:
                 raise UnitsError(f"This vocoder (Expressive) needs {name} codes along with the hubert units.")
-            codes = _as_ids(codes, name)
-            _check_range(codes, size, name)
+            codes = unit_ids(codes, name, size)
             if len(codes) != frames:
                 if use_dur:
-                    raise UnitsError(f"{len(codes)} {name} codes for {frames} hubert units: with duration "
-                                     "prediction every unit needs its own code.")
+                    raise UnitsError(
+                        f"{len(codes)} {name} codes for {frames} hubert units: with duration "
+                        "prediction every unit needs its own code."
+                    )
                 codes = _upsample(codes, frames, ratio, name)
             streams[name] = codes
         if use_dur:
             reps = self.durations(units)
             units = np.repeat(units, reps)
             streams = {k: np.repeat(v, reps) for k, v in streams.items()}
-        frames = {"units": units, "pitch": streams.get("pitch"), "style": streams.get("style")}
-        return self._render(frames, 0, len(units), globals_)
+        per_frame = {"units": units, "pitch": streams.get("pitch"), "style": streams.get("style")}
+        return self._render(per_frame, 0, len(units), globals_)
 
     # ------------------------------------------------------------------ streaming
 
-    def stream(self, frames: Iterable, speaker_id: int = DEFAULT_SPEAKER, dur_pred: bool = True,
-               chunk_frames: int = 25, style_id: int | None = None,
-               first_chunk_frames: int | None = None) -> Iterator[np.ndarray]:
+    def stream(
+        self,
+        frames: Iterable[Frame | int],
+        speaker_id: int = DEFAULT_SPEAKER,
+        dur_pred: bool = True,
+        chunk_frames: int = 25,
+        style_id: int | None = None,
+        first_chunk_frames: int | None = None,
+    ) -> Iterator[np.ndarray]:
         """Yield audio chunks while ``(hubert, pitch, style)`` frames arrive.
 
-        Each frame is one unit with the pitch and style codes in force (``None`` until the
-        first one is seen: such frames wait and take the first code, as in the reference;
-        Base ignores them; a bare int is a hubert-only frame). Chunks hold ``chunk_frames``
-        vocoder frames (40 ms each) and are exactly the offline :meth:`decode` of the same
-        frames, cut in pieces. A chunk is yielded as soon as its right context exists:
-        ``context_frames[1]`` frames after it and, with ``dur_pred``, the durations of its
-        units, which need ``duration_context[1]`` units after them. ``first_chunk_frames``
-        (default ``chunk_frames``) sizes the first chunk alone: a small one starts playback
-        sooner, larger later ones cost less context recomputation per second of audio.
+        Each frame is one unit with its pitch and style codes (``None`` where the vocoder
+        takes none: Base; a bare int is a hubert-only frame). Frames come complete from
+        :func:`~spiritlm_edge.runtime.units.iter_unit_frames`, which applies the rules of
+        spec section 5 (codes in force, first codes, missing pitch or style). Chunks hold
+        ``chunk_frames`` vocoder frames (40 ms each) and are exactly the offline
+        :meth:`decode` of the same frames, cut in pieces; see :class:`StreamingSynthesizer`
+        for when each one is ready. ``first_chunk_frames`` (default ``chunk_frames``) sizes
+        the first chunk alone: a small one starts playback sooner, larger later ones cost
+        less context recomputation per second of audio.
         """
+        synthesizer = StreamingSynthesizer(self, speaker_id, dur_pred, chunk_frames, style_id, first_chunk_frames)
+        for index, frame in enumerate(frames):
+            yield from synthesizer.push(frame, index)
+        yield from synthesizer.finish()
+
+
+class StreamingSynthesizer:
+    """The state of one streamed decode: frames in with :meth:`push`, audio chunks out.
+
+    Units arrive one frame each; once the duration predictor's right context (``d_right``
+    units) follows a unit, its duration is final and it is expanded to vocoder frames;
+    once the generator's right context (``g_right`` frames) follows a chunk, the chunk is
+    synthesized from a window with its full left and right context, so the concatenated
+    chunks equal :meth:`Vocoder.decode`. :meth:`finish` times and synthesizes the rest.
+    """
+
+    def __init__(
+        self,
+        vocoder: Vocoder,
+        speaker_id: int = DEFAULT_SPEAKER,
+        dur_pred: bool = True,
+        chunk_frames: int = 25,
+        style_id: int | None = None,
+        first_chunk_frames: int | None = None,
+    ):
         first_chunk_frames = chunk_frames if first_chunk_frames is None else first_chunk_frames
         for name, value in (("chunk_frames", chunk_frames), ("first_chunk_frames", first_chunk_frames)):
             if not (isinstance(value, int) and value >= 1):
                 raise ModelError(f"{name} must be a positive integer, not {value!r}.")
-        globals_ = self._global_inputs(speaker_id, style_id)
-        use_dur = self._use_duration(dur_pred)
-        g_left, g_right = self.context_frames
-        d_left, d_right = self.duration_context
-        units: list[int] = []           # per unit, codes filled in
-        codes: dict[str, list[int]] = {"pitch": [], "style": []}
-        waiting: list[tuple] = []       # frames before the first pitch/style code
-        first = {"pitch": None, "style": None}
-        expanded = {"units": [], "pitch": [], "style": []}  # per vocoder frame
-        state = {"timed": 0, "emitted": 0}  # units with durations, vocoder frames yielded
-        needs = [name for name, size in (("pitch", self.num_pitch), ("style", self.num_style_codes)) if size]
+        self.vocoder = vocoder
+        self.chunk_frames, self.first_chunk_frames = chunk_frames, first_chunk_frames
+        self.globals = vocoder._global_inputs(speaker_id, style_id)
+        self.use_duration = vocoder._use_duration(dur_pred)
+        # the per-frame code streams this vocoder takes, besides the units
+        self.streams = [
+            name for name, size in (("pitch", vocoder.num_pitch), ("style", vocoder.num_style_codes)) if size
+        ]
+        self.units: dict[str, list[int]] = {"units": [], **{name: [] for name in self.streams}}  # per unit
+        self.frames: dict[str, list[int]] = {"units": [], **{name: [] for name in self.streams}}  # per vocoder frame
+        self.timed = 0  # units whose durations are final and whose frames are in self.frames
+        self.emitted = 0  # vocoder frames already synthesized and yielded
 
-        def release():
-            # A missing code repeats the previous one; frames before the first code take it.
-            for hu, pi, st in waiting:
-                units.append(hu)
-                for name, value in (("pitch", pi), ("style", st)):
-                    if name in needs:
-                        previous = codes[name][-1] if codes[name] else first[name]
-                        codes[name].append(previous if value is None else value)
-            waiting.clear()
+    def push(self, frame: Frame | int, index: int | None = None) -> Iterator[np.ndarray]:
+        """Add one frame; yield the chunks it completes."""
+        hubert, pitch, style = self._check(frame, len(self.units["units"]) if index is None else index)
+        self.units["units"].append(hubert)
+        for name, code in (("pitch", pitch), ("style", style)):
+            if name in self.streams and code is not None:  # _check refuses a missing code it needs
+                self.units[name].append(code)
+        yield from self._emit(final=False)
 
-        def emit(final: bool) -> Iterator[np.ndarray]:
-            count = len(units)
-            target = count if final else max(0, count - d_right) if use_dur else count
-            timed = state["timed"]
-            if target > timed:
-                new = slice(timed, target)
-                if use_dur:
-                    lo, hi = max(0, timed - d_left), min(count, target + d_right)
-                    reps = self._duration.run(None, {"units": np.asarray(units[lo:hi], dtype=np.int64)})[0]
-                    reps = reps[timed - lo:target - lo].astype(np.int64)
-                else:
-                    reps = np.ones(target - timed, dtype=np.int64)
-                expanded["units"].extend(np.repeat(units[new], reps).tolist())
-                for name in needs:
-                    expanded[name].extend(np.repeat(codes[name][new], reps).tolist())
-                state["timed"] = target
-            total = len(expanded["units"])
-            while state["emitted"] < total:
-                start = state["emitted"]
-                end = start + (first_chunk_frames if start == 0 else chunk_frames)
-                if not final and end + g_right > total:
-                    return
-                end = min(end, total)
-                lo, hi = max(0, start - g_left), min(total, end + g_right)
-                window = {k: np.asarray(v[lo:hi], dtype=np.int64) if v else None for k, v in expanded.items()}
-                state["emitted"] = end
-                yield self._render(window, start - lo, end - lo, globals_)
+    def finish(self) -> Iterator[np.ndarray]:
+        """The stream ended: yield the remaining audio."""
+        yield from self._emit(final=True)
 
-        for index, frame in enumerate(frames):
-            hu, pi, st = self._check_frame(frame, index, needs)
-            if first["pitch"] is None:
-                first["pitch"] = pi
-            if first["style"] is None:
-                first["style"] = st
-            waiting.append((hu, pi, st))
-            if all(first[name] is not None for name in needs):
-                # The first code seen also stands for the frames that came before it.
-                release()
-                yield from emit(final=False)
-        if waiting:
-            if "pitch" in needs and first["pitch"] is None:
-                raise UnitsError("The stream ended without any pitch code: this vocoder (Expressive) needs "
-                                 "pitch codes ([Pi*] tokens) with the hubert units.")
-            if "style" in needs and first["style"] is None:
-                first["style"] = MOST_COMMON_STYLES[0]
-                log.info("no style code in the stream; using style %d", first["style"])
-            release()
-        yield from emit(final=True)
+    def _time_units(self, final: bool) -> None:
+        count = len(self.units["units"])
+        d_left, d_right = self.vocoder.duration_context
+        target = count if final or not self.use_duration else max(0, count - d_right)
+        if target <= self.timed:
+            return
+        if self.use_duration:
+            lo, hi = max(0, self.timed - d_left), min(count, target + d_right)
+            reps = self.vocoder._predict_durations(np.asarray(self.units["units"][lo:hi]))
+            reps = reps[self.timed - lo : target - lo]
+        else:
+            reps = np.ones(target - self.timed, dtype=np.int64)
+        for name, values in self.units.items():
+            self.frames[name].extend(np.repeat(values[self.timed : target], reps).tolist())
+        self.timed = target
 
-    def _check_frame(self, frame, index: int, needs: list[str]) -> tuple[int, int | None, int | None]:
+    def _emit(self, final: bool) -> Iterator[np.ndarray]:
+        self._time_units(final)
+        g_left, g_right = self.vocoder.context_frames
+        total = len(self.frames["units"])
+        while self.emitted < total:
+            start = self.emitted
+            end = start + (self.first_chunk_frames if start == 0 else self.chunk_frames)
+            if not final and end + g_right > total:
+                return
+            end = min(end, total)
+            lo, hi = max(0, start - g_left), min(total, end + g_right)
+            window = {name: np.asarray(values[lo:hi], dtype=np.int64) for name, values in self.frames.items()}
+            self.emitted = end
+            yield self.vocoder._render(
+                {"units": window["units"], "pitch": window.get("pitch"), "style": window.get("style")},
+                start - lo,
+                end - lo,
+                self.globals,
+            )
+
+    def _check(self, frame: Frame | int, index: int) -> tuple[int, int | None, int | None]:
         if isinstance(frame, (int, np.integer)):
-            frame = (frame,)
+            frame = (int(frame), None, None)
         try:
             values = list(frame) + [None] * (3 - len(frame))
             if len(values) != 3:
                 raise ValueError
-            hu, pi, st = (None if v is None else int(v) for v in values)
+            hubert, pitch, style = (None if v is None else int(v) for v in values)
         except (TypeError, ValueError):
             raise UnitsError(f"Frame {index} is {frame!r}: expected (hubert, pitch or None, style or None).") from None
-        if hu is None:
+        if hubert is None:
             raise UnitsError(f"Frame {index} has no hubert unit.")
-        for name, value, size in (("hubert", hu, self.num_units), ("pitch", pi, self.num_pitch),
-                                  ("style", st, self.num_style_codes)):
-            if value is not None and (name == "hubert" or name in needs) and not 0 <= value < size:
-                raise UnitsError(f"Frame {index}: {name} id {value} is outside this vocoder's table: "
-                                 f"valid ids are 0..{size - 1}.")
-        return hu, pi, st
+        for name, value, size, needed in (
+            ("hubert", hubert, self.vocoder.num_units, True),
+            ("pitch", pitch, self.vocoder.num_pitch, "pitch" in self.streams),
+            ("style", style, self.vocoder.num_style_codes, "style" in self.streams),
+        ):
+            if not needed:
+                continue
+            if value is None:
+                raise UnitsError(
+                    f"Frame {index} has no {name} code, which this vocoder (Expressive) needs with every unit: "
+                    "make frames with units.iter_unit_frames, which fills codes in by the rules of spec section 5."
+                )
+            if not 0 <= value < size:
+                raise UnitsError(
+                    f"Frame {index}: {name} id {value} is outside this vocoder's table: valid ids are 0..{size - 1}."
+                )
+        return hubert, pitch, style
 
 
 def _upsample(codes: np.ndarray, frames: int, ratio: int, what: str) -> np.ndarray:

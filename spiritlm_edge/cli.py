@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -32,7 +31,9 @@ app.add_typer(export_app, name="export", help="Export the speech engines or the 
 log = logging.getLogger("spiritlm_edge")
 
 CheckpointsOption = typer.Option(
-    None, "--checkpoints", envvar="SPIRITLM_CHECKPOINTS_DIR",
+    None,
+    "--checkpoints",
+    envvar="SPIRITLM_CHECKPOINTS_DIR",
     help="Checkpoint root (holds speech_tokenizer/ and spiritlm_model/); default $SPIRITLM_CHECKPOINTS_DIR.",
 )
 VariantOption = typer.Option("base", "--variant", help="base or expressive.")
@@ -89,8 +90,10 @@ def _check_engine(engine: str) -> None:
     if engine not in ("onnx", "tensorrt"):
         fail(f"--engine {engine!r}: expected onnx or tensorrt.")
     if engine == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
-        fail("--engine tensorrt needs the tensorrt module: pip install 'spiritlm-edge[gpu]' on a desktop, "
-             "or `sudo apt install python3-libnvinfer` (JetPack) on a Jetson; or build with --engine onnx.")
+        fail(
+            "--engine tensorrt needs the tensorrt module: pip install 'spiritlm-edge[gpu]' on a desktop, "
+            "or `sudo apt install python3-libnvinfer` (JetPack) on a Jetson; or build with --engine onnx."
+        )
 
 
 def _vocoder_layout(engine: str) -> str:
@@ -111,10 +114,12 @@ def _maybe_tensorrt(engine: str, bundle: Path) -> None:
 @export_app.command("speech")
 def export_speech_cmd(
     out: Path = typer.Option(..., "--out", help="Bundle directory to write (created if needed)."),
-    checkpoints: Optional[Path] = CheckpointsOption,
+    checkpoints: Path | None = CheckpointsOption,
     variant: str = VariantOption,
-    fcpe_weights: Optional[Path] = typer.Option(
-        None, "--fcpe-weights", envvar="SPIRITLM_FCPE_WEIGHTS",
+    fcpe_weights: Path | None = typer.Option(
+        None,
+        "--fcpe-weights",
+        envvar="SPIRITLM_FCPE_WEIGHTS",
         help="FCPE weights (fcpe_c_v001.pt); default: the copy inside the torchfcpe package.",
     ),
     opset: int = typer.Option(17, help="ONNX opset."),
@@ -124,25 +129,24 @@ def export_speech_cmd(
     from spiritlm_edge.export.speech import export_speech
 
     _check_engine(engine)
-    manifest = export_speech(checkpoints, variant, out, fcpe_weights=fcpe_weights, opset=opset,
-                             vocoder_layout=_vocoder_layout(engine))
+    manifest = export_speech(
+        checkpoints, variant, out, fcpe_weights=fcpe_weights, opset=opset, vocoder_layout=_vocoder_layout(engine)
+    )
     _maybe_tensorrt(engine, out)
     typer.echo(f"wrote {', '.join(sorted(manifest['components']))} to {out}")
 
 
 @export_app.command("lm")
 def export_lm_cmd(
-    checkpoints: Optional[Path] = CheckpointsOption,
+    checkpoints: Path | None = CheckpointsOption,
     variant: str = VariantOption,
     out: Path = typer.Option(..., "--out", help="Bundle directory to write lm-<quant>.gguf into."),
-    quant: str = typer.Option(
-        "Q4_K_M", "--quant", help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M or Q4_0."
-    ),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads (default: physical cores)."),
+    quant: str = typer.Option("Q4_K_M", "--quant", help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M or Q4_0."),
+    threads: int | None = typer.Option(None, "--threads", help="Quantizer threads (default: physical cores)."),
 ) -> None:
     """Convert the language model to GGUF (streamed) and quantize it with llama.cpp."""
-    from spiritlm_edge.export.checkpoints import CheckpointPaths, resolve_checkpoint_root
     from spiritlm_edge.export.build import export_lm
+    from spiritlm_edge.export.checkpoints import CheckpointPaths, resolve_checkpoint_root
     from spiritlm_edge.quant.llama_quantize import check_quant
 
     check_quant(quant)  # before any work
@@ -154,11 +158,11 @@ def export_lm_cmd(
 @app.command("build")
 def build_cmd(
     out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
-    checkpoints: Optional[Path] = CheckpointsOption,
+    checkpoints: Path | None = CheckpointsOption,
     variant: str = VariantOption,
     quant: str = typer.Option("Q4_K_M", "--quant", help="LM quantization: F16, Q8_0, Q5_K_M, Q4_K_M, Q4_0, ..."),
-    fcpe_weights: Optional[Path] = typer.Option(None, "--fcpe-weights", envvar="SPIRITLM_FCPE_WEIGHTS"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads."),
+    fcpe_weights: Path | None = typer.Option(None, "--fcpe-weights", envvar="SPIRITLM_FCPE_WEIGHTS"),
+    threads: int | None = typer.Option(None, "--threads", help="Quantizer threads."),
     engine: str = typer.Option("onnx", "--engine", help="onnx, or tensorrt to also build TensorRT engines (GPU)."),
     int8: bool = typer.Option(False, "--int8", help="Also write int8 speech engines that pass the accuracy gate."),
 ) -> None:
@@ -166,8 +170,15 @@ def build_cmd(
     from spiritlm_edge.export.build import build_bundle
 
     _check_engine(engine)
-    manifest = build_bundle(checkpoints, variant, out, quant=quant, fcpe_weights=fcpe_weights, n_threads=threads,
-                            vocoder_layout=_vocoder_layout(engine))
+    manifest = build_bundle(
+        checkpoints,
+        variant,
+        out,
+        quant=quant,
+        fcpe_weights=fcpe_weights,
+        n_threads=threads,
+        vocoder_layout=_vocoder_layout(engine),
+    )
     if int8:
         from spiritlm_edge.quant.onnx_int8 import quantize_bundle
 
@@ -180,8 +191,13 @@ def build_cmd(
 def info_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     verify: bool = typer.Option(False, "--verify", help="Hash every file, the LM included."),
+    check_cpu_buffers: bool = typer.Option(
+        False,
+        "--check-cpu-buffers",
+        help="Decide (and cache) whether llama.cpp's extra CPU buffers are safe and faster here: loads the LM twice.",
+    ),
 ) -> None:
-    """Show what a bundle holds and which accelerators this machine offers."""
+    """Show what a bundle holds, which accelerators this machine offers and the LM's CPU buffer decision."""
     import onnxruntime
 
     from spiritlm_edge.runtime.bundle import Bundle
@@ -211,6 +227,29 @@ def info_cmd(
         typer.echo(f"llama.cpp GPU offload: {'yes' if offload else 'no (CPU build)'}")
     except ImportError:
         typer.echo("llama.cpp: llama-cpp-python is not installed")
+        return
+    if "lm" in opened.components:
+        _show_cpu_buffers(opened.path("lm"), check_cpu_buffers)
+
+
+def _show_cpu_buffers(gguf: Path, check: bool) -> None:
+    from spiritlm_edge.runtime import cpu_buffers
+    from spiritlm_edge.runtime.gguf_file import read_gguf
+
+    quant = cpu_buffers.quant_type(read_gguf(gguf).metadata)
+    if check:
+        typer.echo(f"checking llama.cpp's extra CPU buffers ({quant}, each setting in a child process) ...")
+        entry = cpu_buffers.check(gguf, quant)
+        for name in ("off", "on"):
+            run = entry[name]
+            if run["survived"]:
+                prefill, decode = run["prefill_tokens_per_s"], run["decode_tokens_per_s"]
+                figures = f"prefill {prefill:8.1f} tok/s   decode {decode:6.2f} tok/s"
+            else:
+                figures = f"CRASHED  {run['error']}"
+            typer.echo(f"  extra buffers {name:<3}  {figures}")
+        typer.echo(f"  cached in {cpu_buffers.cache_path()}")
+    typer.echo(f"llama.cpp extra CPU buffers: {cpu_buffers.resolve('auto', quant)}")
 
 
 @app.command("quantize")
@@ -218,12 +257,12 @@ def quantize_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory (its fp32 engines stay; variants are added)."),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Write int8 variants (CPU)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write fp16 variants (GPU execution providers)."),
-    calibration: Optional[list[Path]] = typer.Option(
+    calibration: list[Path] | None = typer.Option(
         None, "--calibration", help="Speech files to calibrate and gate on (repeatable; default: bundled clip)."
     ),
     components: str = typer.Option("hubert,style,vocoder", "--components", help="Comma-separated engines."),
     force: bool = typer.Option(False, "--force", help="Write variants that fail the accuracy gate."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for calibration and the gate."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for calibration and the gate."),
 ) -> None:
     """Add gated int8 / fp16 variants of the speech engines; the runtime then prefers int8
     (SPIRITLM_EDGE_PRECISION=fp32|int8|fp16 overrides)."""
@@ -233,8 +272,9 @@ def quantize_cmd(
     if names == QUANTIZABLE:
         names = QUANTIZABLE  # the default: only the ones the bundle has
     try:
-        report = quantize_bundle(bundle, int8=int8, fp16=fp16, calibration=calibration, force=force,
-                                 components=names, n_threads=threads)
+        report = quantize_bundle(
+            bundle, int8=int8, fp16=fp16, calibration=calibration, force=force, components=names, n_threads=threads
+        )
         refused = None
     except GateRefused as exc:
         report, refused = exc.report, exc
@@ -243,7 +283,9 @@ def quantize_cmd(
             for item in result if isinstance(result, list) else [result]:
                 verdict = "written" if item["written"] else "refused"
                 figures = ", ".join(f"{k} {v}" for k, v in item["figures"].items())
-                typer.echo(f"{name:<8} {precision.replace('_tried', ''):<5} {item['recipe']:<17} {verdict:<8} {figures}")
+                typer.echo(
+                    f"{name:<8} {precision.replace('_tried', ''):<5} {item['recipe']:<17} {verdict:<8} {figures}"
+                )
     if refused is not None:
         fail(str(refused))
 
@@ -253,24 +295,46 @@ ProvidersOption = typer.Option(
 )
 ThreadsOption = typer.Option(None, "--threads", help="CPU threads for every engine (default: cores).")
 GpuLayersOption = typer.Option(None, "--n-gpu-layers", help="LM layers on the GPU (default: all if CUDA, else 0).")
+CpuBuffersOption = typer.Option(
+    "auto",
+    "--cpu-buffers",
+    help="llama.cpp's extra CPU buffers: auto (this machine's cached check, else off), on or off.",
+)
 
 
-def _providers(value: Optional[str]):
+def _providers(value: str | None):
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
 
-def _open_spirit_lm(bundle: Path, providers: Optional[str], threads: Optional[int], n_gpu_layers: Optional[int],
-                    **lm_options):
+def _open_spirit_lm(
+    bundle: Path,
+    providers: str | None,
+    threads: int | None,
+    n_gpu_layers: int | None,
+    cpu_buffers: str = "auto",
+    **lm_options,
+):
     from spiritlm_edge.runtime.pipeline import SpiritLM
 
-    return SpiritLM(bundle, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers,
-                    **lm_options)
+    return SpiritLM(
+        bundle,
+        providers=_providers(providers),
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        extra_cpu_buffers=cpu_buffers,
+        **lm_options,
+    )
 
 
 def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed) -> SamplingConfig:
     return CLI_SAMPLING.updated(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, seed=seed,
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
     )
 
 
@@ -278,9 +342,9 @@ def _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, gre
 def run_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="Bundle directory."),
     mic: bool = typer.Option(False, "--mic", help="Live: talk through the microphone and speaker."),
-    input: Optional[Path] = typer.Option(None, "--input", help="Audio file with the user's turn."),
-    text: Optional[str] = typer.Option(None, "--text", help="Text for the user's turn (after --input if both)."),
-    output: Optional[Path] = typer.Option(None, "--output", help="WAV file for the spoken answer."),
+    input: Path | None = typer.Option(None, "--input", help="Audio file with the user's turn."),
+    text: str | None = typer.Option(None, "--text", help="Text for the user's turn (after --input if both)."),
+    output: Path | None = typer.Option(None, "--output", help="WAV file for the spoken answer."),
     mode: str = typer.Option("speech", "--mode", help="Answer modality: speech, text or arbitrary."),
     speaker: int = typer.Option(2, "--speaker", help="Vocoder speaker id."),
     # the CLI samples by default (runtime/sampling.py's CLI_SAMPLING); the Python API is greedy
@@ -290,14 +354,14 @@ def run_cmd(
     top_k: int = typer.Option(CLI_SAMPLING.top_k, "--top-k", help="0: off."),
     repetition_penalty: float = typer.Option(CLI_SAMPLING.repetition_penalty, "--repetition-penalty"),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
-    input_device: Optional[str] = typer.Option(None, "--input-device", help="Microphone: index or name."),
-    output_device: Optional[str] = typer.Option(None, "--output-device", help="Speaker: index or name."),
+    seed: int | None = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    input_device: str | None = typer.Option(None, "--input-device", help="Microphone: index or name."),
+    output_device: str | None = typer.Option(None, "--output-device", help="Speaker: index or name."),
     list_devices: bool = typer.Option(False, "--list-devices", help="List audio devices and exit."),
-    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="End the live session after N s."),
-    vad_model: Optional[Path] = typer.Option(None, "--vad-model", help="silero_vad.onnx (default: the bundle's)."),
+    max_seconds: float | None = typer.Option(None, "--max-seconds", help="End the live session after N s."),
+    vad_model: Path | None = typer.Option(None, "--vad-model", help="silero_vad.onnx (default: the bundle's)."),
     end_silence_ms: float = typer.Option(700.0, "--end-silence-ms", help="Silence that ends the user's turn."),
-    aec: Optional[str] = typer.Option(
+    aec: str | None = typer.Option(
         None, "--aec", help="on|off: cancel the speaker's echo before the VAD (default: on with barge-in)."
     ),
     no_barge_in: bool = typer.Option(
@@ -306,12 +370,17 @@ def run_cmd(
     barge_in_min_ms: float = typer.Option(
         300.0, "--barge-in-min-ms", help="Speech that cuts the answer; shorter speech (an 'mm-hmm') does not."
     ),
-    providers: Optional[str] = ProvidersOption,
-    threads: Optional[int] = ThreadsOption,
-    n_gpu_layers: Optional[int] = GpuLayersOption,
+    providers: str | None = ProvidersOption,
+    threads: int | None = ThreadsOption,
+    n_gpu_layers: int | None = GpuLayersOption,
+    cpu_buffers: str = CpuBuffersOption,
     n_ctx: int = typer.Option(2048, "--n-ctx", help="LM context length (the conversation's memory)."),
-    kv_cache: str = typer.Option("f16", "--kv-cache", help="LM KV-cache type: f16, q8_0 (half the memory), ..."),
-    flash_attn: Optional[bool] = typer.Option(None, "--flash-attn/--no-flash-attn", help="Default: llama.cpp decides."),
+    kv_cache: str | None = typer.Option(
+        None, "--kv-cache", help="KV-cache type: f16 or q8_0 (half the memory). Default: q8_0 on a CPU, f16 on a GPU."
+    ),
+    flash_attn: bool | None = typer.Option(
+        None, "--flash-attn/--no-flash-attn", help="Default: on with a q8_0 cache, else llama.cpp decides."
+    ),
 ) -> None:
     """Speech-to-speech: one turn from files, or a live microphone loop (--mic)."""
     from spiritlm_edge.runtime.audio import write_wav
@@ -319,7 +388,8 @@ def run_cmd(
     from spiritlm_edge.runtime.pipeline import Conversation
 
     if list_devices:
-        from spiritlm_edge.runtime.audio_io import format_devices, list_devices as list_audio_devices
+        from spiritlm_edge.runtime.audio_io import format_devices
+        from spiritlm_edge.runtime.audio_io import list_devices as list_audio_devices
 
         typer.echo(format_devices(list_audio_devices()))
         return
@@ -333,28 +403,36 @@ def run_cmd(
 
         check_available()  # before loading the model: a missing library is said at once
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)  # fail fast
-    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers,
-                                n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn)
+    spirit_lm = _open_spirit_lm(
+        bundle, providers, threads, n_gpu_layers, cpu_buffers, n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn
+    )
     conversation = Conversation(spirit_lm, output_modality=mode, speaker_id=speaker, sampling=sampling)
     if mic:
         from spiritlm_edge.runtime.live import run_mic_session
 
         summary = run_mic_session(
-            conversation.respond, aec=echo_cancellation, input_device=_device(input_device),
+            conversation.respond,
+            aec=echo_cancellation,
+            input_device=_device(input_device),
             output_device=_device(output_device),
-            max_seconds=max_seconds, vad_model=vad_model, bundle=spirit_lm.bundle, barge_in=not no_barge_in,
-            end_silence_ms=end_silence_ms, barge_in_min_ms=barge_in_min_ms,
+            max_seconds=max_seconds,
+            vad_model=vad_model,
+            bundle=spirit_lm.bundle,
+            barge_in=not no_barge_in,
+            end_silence_ms=end_silence_ms,
+            barge_in_min_ms=barge_in_min_ms,
         )
         typer.echo(f"session ended: {summary}", err=True)
         return
     inputs = ([("SPEECH", str(input))] if input else []) + ([("TEXT", text)] if text else [])
-    end = None
+    end: TurnEnd | None = None
     for event in conversation.stream(inputs):
         if isinstance(event, TextDelta):
             typer.echo(event.text, nl=False)
         elif isinstance(event, TurnEnd):
             end = event
     typer.echo("")
+    assert end is not None, "a turn's stream always ends with its TurnEnd"
     if end.audio is not None and output is not None:
         write_wav(output, end.audio)
         typer.echo(f"wrote {output} ({end.audio.size / 16000:.2f} s)", err=True)
@@ -362,7 +440,7 @@ def run_cmd(
         typer.echo("the answer has speech: give --output FILE.wav to keep it", err=True)
 
 
-def _device(value: Optional[str]):
+def _device(value: str | None):
     return int(value) if value is not None and value.isdigit() else value
 
 
@@ -371,48 +449,65 @@ def serve_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="Bundle directory."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token."),
     port: int = typer.Option(8765, "--port"),
-    token: Optional[str] = typer.Option(
+    token: str | None = typer.Option(
         None, "--token", envvar="SPIRITLM_TOKEN", help="Clients must send 'Authorization: Bearer TOKEN'."
     ),
-    allow_origin: Optional[list[str]] = typer.Option(
+    allow_origin: list[str] | None = typer.Option(
         None, "--allow-origin", help="Another browser Origin allowed to connect (repeatable)."
     ),
-    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS and WSS."),
-    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS and WSS."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     max_connections: int = typer.Option(8, "--max-connections"),
     max_queued_turns: int = typer.Option(4, "--max-queued-turns", help="Turns waiting for the model before 'busy'."),
     idle_timeout_s: float = typer.Option(300.0, "--idle-timeout", help="Close a connection silent this long (s)."),
-    providers: Optional[str] = ProvidersOption,
-    threads: Optional[int] = ThreadsOption,
-    n_gpu_layers: Optional[int] = GpuLayersOption,
+    providers: str | None = ProvidersOption,
+    threads: int | None = ThreadsOption,
+    n_gpu_layers: int | None = GpuLayersOption,
     n_ctx: int = typer.Option(2048, "--n-ctx", help="LM context length (a connection's memory)."),
+    cpu_buffers: str = CpuBuffersOption,
 ) -> None:
     """Serve the OpenAI Realtime protocol (WebSocket /v1/realtime) and the kiosk page (/)."""
     from spiritlm_edge.server.app import ServerConfig, serve
     from spiritlm_edge.server.realtime import Limits
 
     limits = Limits(max_connections=max_connections, max_queued_turns=max_queued_turns, idle_timeout_s=idle_timeout_s)
-    config = ServerConfig(host=host, port=port, token=token, allow_origins=list(allow_origin or []),
-                          tls_cert=tls_cert, tls_key=tls_key, limits=limits)
-    serve(bundle, config, providers=_providers(providers), n_threads=threads, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx)
+    config = ServerConfig(
+        host=host,
+        port=port,
+        token=token,
+        allow_origins=list(allow_origin or []),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        limits=limits,
+    )
+    serve(
+        bundle,
+        config,
+        providers=_providers(providers),
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        n_ctx=n_ctx,
+        extra_cpu_buffers=cpu_buffers,
+    )
 
 
 @app.command("asr")
 def asr_cmd(
     audio: Path = typer.Argument(..., help="Speech to transcribe."),
     bundle: Path = typer.Option(..., "--bundle"),
-    examples: Optional[Path] = typer.Option(
+    examples: Path | None = typer.Option(
         None, "--examples", help="TSV of few-shot examples: audio<TAB>transcript (default: zero-shot)."
     ),
     max_new_tokens: int = typer.Option(100, "--max-new-tokens"),
-    providers: Optional[str] = ProvidersOption,
-    threads: Optional[int] = ThreadsOption,
-    n_gpu_layers: Optional[int] = GpuLayersOption,
+    providers: str | None = ProvidersOption,
+    threads: int | None = ThreadsOption,
+    n_gpu_layers: int | None = GpuLayersOption,
+    cpu_buffers: str = CpuBuffersOption,
 ) -> None:
     """Few-shot speech recognition: [Speech]units[Text]transcript prompts."""
     from spiritlm_edge.runtime.tasks import asr_prompt, read_examples
 
-    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers)
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers, cpu_buffers)
     pairs = read_examples(examples) if examples else []
     prompt = asr_prompt(spirit_lm.speech_tokenizer, audio, pairs)
     outputs = spirit_lm.generate(prompt=prompt, output_modality="TEXT", max_new_tokens=max_new_tokens)
@@ -425,26 +520,31 @@ def tts_cmd(
     text: str = typer.Argument(..., help="Text to speak."),
     output: Path = typer.Option(..., "--output", "-o", help="WAV file to write."),
     bundle: Path = typer.Option(..., "--bundle"),
-    examples: Optional[Path] = typer.Option(
+    examples: Path | None = typer.Option(
         None, "--examples", help="TSV of few-shot examples: audio<TAB>text (default: zero-shot)."
     ),
     speaker: int = typer.Option(2, "--speaker"),
     max_new_tokens: int = typer.Option(300, "--max-new-tokens"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    providers: Optional[str] = ProvidersOption,
-    threads: Optional[int] = ThreadsOption,
-    n_gpu_layers: Optional[int] = GpuLayersOption,
+    seed: int | None = typer.Option(None, "--seed"),
+    providers: str | None = ProvidersOption,
+    threads: int | None = ThreadsOption,
+    n_gpu_layers: int | None = GpuLayersOption,
+    cpu_buffers: str = CpuBuffersOption,
 ) -> None:
     """Few-shot text-to-speech: [Text]text[Speech]units prompts."""
     from spiritlm_edge.runtime.audio import write_wav
     from spiritlm_edge.runtime.tasks import read_examples, tts_prompt
 
-    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers)
+    spirit_lm = _open_spirit_lm(bundle, providers, threads, n_gpu_layers, cpu_buffers)
     pairs = read_examples(examples) if examples else []
     prompt = tts_prompt(spirit_lm.speech_tokenizer, text, pairs)
     outputs = spirit_lm.generate(
-        prompt=prompt, output_modality="SPEECH", speaker_id=speaker, max_new_tokens=max_new_tokens,
-        do_sample=seed is not None, seed=seed,
+        prompt=prompt,
+        output_modality="SPEECH",
+        speaker_id=speaker,
+        max_new_tokens=max_new_tokens,
+        do_sample=seed is not None,
+        seed=seed,
     )
     write_wav(output, outputs[0].content)
     typer.echo(f"wrote {output} ({outputs[0].content.size / 16000:.2f} s)")
@@ -463,7 +563,7 @@ def demo_cmd(
     out: Path = typer.Option(Path("spiritlm-demo-answer.wav"), "--out", help="Where to write the answer."),
     variant: str = VariantOption,
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the cached tiny bundle."),
-    threads: Optional[int] = ThreadsOption,
+    threads: int | None = ThreadsOption,
 ) -> None:
     """Speech-to-speech on a LibriSpeech clip with a tiny random-weight bundle (built once)."""
     from spiritlm_edge.demo import run_demo
@@ -489,11 +589,11 @@ def bench_cmd(ctx: typer.Context) -> None:
 def export_tensorrt_cmd(
     bundle: Path = typer.Option(..., "--bundle", help="Bundle directory whose ONNX models to compile."),
     fp32: bool = typer.Option(False, "--fp32", help="Build fp32 engines (default fp16)."),
-    components: Optional[str] = typer.Option(
+    components: str | None = typer.Option(
         None, "--components", help="Comma-separated components (default: every ONNX model of the bundle)."
     ),
     force: bool = typer.Option(False, "--force", help="Rebuild engines that are up to date too."),
-    workspace_mb: Optional[int] = typer.Option(None, "--workspace-mb", help="TensorRT builder workspace limit."),
+    workspace_mb: int | None = typer.Option(None, "--workspace-mb", help="TensorRT builder workspace limit."),
     device: int = typer.Option(0, "--device", help="CUDA device index."),
 ) -> None:
     """Compile the bundle's ONNX models into TensorRT engines for this GPU (run it on the device)."""
@@ -501,8 +601,12 @@ def export_tensorrt_cmd(
 
     names = [c.strip() for c in components.split(",") if c.strip()] if components else None
     records = build_tensorrt_engines(
-        bundle, precision="fp32" if fp32 else "fp16", components=names, force=force,
-        workspace_bytes=workspace_mb * 2**20 if workspace_mb else None, device_id=device,
+        bundle,
+        precision="fp32" if fp32 else "fp16",
+        components=names,
+        force=force,
+        workspace_bytes=workspace_mb * 2**20 if workspace_mb else None,
+        device_id=device,
     )
     for name, record in records.items():
         typer.echo(f"{name}: {record['file']} ({record['precision']}, {record['gpu']}, TensorRT {record['tensorrt']})")
@@ -520,7 +624,8 @@ def main() -> None:
             typer.secho(
                 f"error: this command needs the export extra ({exc.name} is missing): "
                 "pip install 'spiritlm-edge[export]'",
-                fg=typer.colors.RED, err=True,
+                fg=typer.colors.RED,
+                err=True,
             )
             sys.exit(2)
         raise

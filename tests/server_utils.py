@@ -91,8 +91,12 @@ class Client:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.ws.close()
-        await self.http.close()
+        try:
+            await self.ws.close()
+        except ConnectionError:
+            pass  # the server already closed (or the kernel reset) this connection
+        finally:
+            await self.http.close()
 
     async def send(self, event: dict | str) -> None:
         await self.ws.send_str(event if isinstance(event, str) else json.dumps(event))

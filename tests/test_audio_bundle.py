@@ -7,7 +7,14 @@ import pytest
 import soundfile as sf
 
 from spiritlm_edge.runtime.audio import MIN_SAMPLES, chunks, load_audio
-from spiritlm_edge.runtime.bundle import Bundle, add_component, read_manifest, update_manifest
+from spiritlm_edge.runtime.bundle import (
+    Bundle,
+    EncoderConfig,
+    VocoderConfig,
+    add_component,
+    read_manifest,
+    update_manifest,
+)
 from spiritlm_edge.runtime.errors import AudioError, BundleError
 
 
@@ -111,3 +118,35 @@ def test_manifest_is_deterministic(tmp_path):
     first = (tmp_path / "bundle.json").read_bytes()
     add_component(tmp_path, "hubert", {"file": "a.onnx"}, variant="base")
     assert (tmp_path / "bundle.json").read_bytes() == first
+
+
+def test_component_settings_are_typed_and_checked(tmp_path):
+    (tmp_path / "vocoder.onnx").write_bytes(b"x")
+    (tmp_path / "hubert.onnx").write_bytes(b"x")
+    vocoder = {
+        "file": "vocoder.onnx",
+        "inputs": ["units", "speaker"],
+        "sample_rate": 16000,
+        "hop_length": 640,
+        "num_units": 500,
+        "num_speakers": 4,
+        "context_frames": {"left": 14, "right": 20},
+    }
+    add_component(tmp_path, "vocoder", vocoder, variant="base")
+    add_component(tmp_path, "hubert", {"file": "hubert.onnx", "hop_samples": 640, "rate_hz": 25})
+    bundle = Bundle(tmp_path)
+    config = bundle.config("vocoder", VocoderConfig)
+    assert (config.inputs, config.context_frames, config.num_pitch, config.default_style) == (
+        ("units", "speaker"),
+        (14, 20),
+        0,
+        None,
+    )
+    assert bundle.config("vocoder", VocoderConfig) is config  # read once
+    with pytest.raises(BundleError, match="'hubert' component lacks min_samples.*Rebuild"):
+        bundle.config("hubert", EncoderConfig)
+    with pytest.raises(BundleError, match="no EncoderConfig"):
+        bundle.config("vocoder", EncoderConfig)
+    add_component(tmp_path, "vocoder", {**vocoder, "context_frames": [14, 20]})
+    with pytest.raises(BundleError, match="context_frames"):
+        Bundle(tmp_path).config("vocoder", VocoderConfig)

@@ -28,9 +28,25 @@ def tiny_bundle(tmp_path_factory):
 def bench_run(tiny_bundle, tmp_path_factory):
     bundle, root = tiny_bundle
     out = tmp_path_factory.mktemp("bench-out")
-    argv = ["--bundle", str(bundle), "--checkpoints", str(root), "--repeat", "1", "--warmup", "0",
-            "--max-new-tokens", "20", "--bandwidth-mb", "16", "--json", str(out / "bench.json"),
-            "--plot", str(out / "bench.png"), "--reference-lm"]
+    argv = [
+        "--bundle",
+        str(bundle),
+        "--checkpoints",
+        str(root),
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "20",
+        "--bandwidth-mb",
+        "16",
+        "--json",
+        str(out / "bench.json"),
+        "--plot",
+        str(out / "bench.png"),
+        "--reference-lm",
+    ]
     report = latency.main(argv)
     return report, out
 
@@ -54,8 +70,10 @@ def test_summarize_median_and_p90():
 
 
 def test_goals_compare_in_the_right_direction():
-    report = {"stages": {"hubert": {"rtf": {"median": 0.04}}, "vocoder_offline": {"rtf": {"median": 0.06}}},
-              "engine_overhead": {"engine_vs_raw": 0.97}}
+    report = {
+        "stages": {"hubert": {"rtf": {"median": 0.04}}, "vocoder_offline": {"rtf": {"median": 0.06}}},
+        "engine_overhead": {"engine_vs_raw": 0.97},
+    }
     goals = {g["figure"]: g for g in bench_report.evaluate_goals(report)}
     assert goals["stages.hubert.rtf.median"]["met"] is True
     assert goals["stages.vocoder_offline.rtf.median"]["met"] is False
@@ -67,13 +85,32 @@ def test_report_has_every_figure_with_sane_values(bench_run):
     report, out = bench_run
     saved = json.loads((out / "bench.json").read_text())
     assert saved["schema"] == bench_report.SCHEMA_VERSION
-    for key in ("machine", "bundle", "settings", "stages", "turn", "memory", "engine_overhead", "bandwidth",
-                "reference", "goals"):
+    for key in (
+        "machine",
+        "bundle",
+        "settings",
+        "stages",
+        "turn",
+        "memory",
+        "engine_overhead",
+        "bandwidth",
+        "reference",
+        "goals",
+    ):
         assert key in saved, key
     machine = saved["machine"]
     assert machine["cpu"] and machine["usable_cores"] >= 1 and machine["versions"]["numpy"]
-    assert set(saved["stages"]) >= {"audio_load", "audio_resample", "hubert", "prompt_build", "lm_prefill",
-                                    "lm_decode", "vocoder_offline", "vocoder_streaming", "vocoder_first_chunk"}
+    assert set(saved["stages"]) >= {
+        "audio_load",
+        "audio_resample",
+        "hubert",
+        "prompt_build",
+        "lm_prefill",
+        "lm_decode",
+        "vocoder_offline",
+        "vocoder_streaming",
+        "vocoder_first_chunk",
+    }
     summaries = dict(_walk_summaries(saved))
     for stage in saved["stages"]:
         assert f"stages.{stage}.seconds" in summaries, stage
@@ -107,8 +144,17 @@ def test_report_has_every_figure_with_sane_values(bench_run):
 def test_table_prints_and_plot_is_a_png(bench_run, capsys):
     report, out = bench_run
     table = bench_report.format_table(report)
-    for needle in ("hubert", "lm_decode", "vocoder_first_chunk", "time to first audio", "peak RSS",
-                   "engine overhead", "ceiling", "speed-up over the reference", "goals"):
+    for needle in (
+        "hubert",
+        "lm_decode",
+        "vocoder_first_chunk",
+        "time to first audio",
+        "peak RSS",
+        "engine overhead",
+        "ceiling",
+        "speed-up over the reference",
+        "goals",
+    ):
         assert needle in table, needle
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -131,6 +177,9 @@ def test_bandwidth_and_bytes_per_token(tiny_bundle):
     short, long = machine.decode_bytes_per_token(gguf, 10), machine.decode_bytes_per_token(gguf, 1000)
     assert short["weights_bytes"] == long["weights_bytes"]
     assert long["kv_cache_bytes"] == pytest.approx(100 * short["kv_cache_bytes"])
+    # a q8_0 cache: 34 bytes per block of 32 values, as llama.cpp sizes it
+    q8 = machine.decode_bytes_per_token(gguf, 1000, "q8_0")
+    assert q8["kv_cache_bytes"] == pytest.approx(long["kv_cache_bytes"] * 34 / 32 / 2)
 
 
 def test_synthetic_plan_and_shapes():
@@ -159,8 +208,7 @@ def test_synthetic_lm_has_released_layout(tmp_path):
     from spiritlm_edge.runtime.tokenizer import SpiritTokenizer
 
     paths = CheckpointPaths(tmp_path)
-    cfg = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=4,
-               context_length=4096)
+    cfg = dict(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=4, context_length=4096)
     lm_dir = write_random_lm(paths, "expressive", seed=1, cfg=cfg, text_vocab=synthetic.TEXT_VOCAB)
     loaded = load_lm_config(paths, "expressive")
     assert loaded.vocab_size == 32768 and loaded.weights_path.name == "model.safetensors"
@@ -183,16 +231,60 @@ def test_synthetic_lm_has_released_layout(tmp_path):
         assert not np.array_equal(embed[0].numpy(), embed[1].numpy())
 
 
-def test_cpu_buffer_check_reports_each_setting_without_dying(tiny_bundle):
-    """The extra-CPU-buffer check runs each setting in a child process: the default (off)
-    must run; the other either runs or is reported as a crash, never taking us down."""
-    from spiritlm_edge.bench.cpu_buffers import main as check_buffers
-    from spiritlm_edge.runtime.bundle import Bundle
+def _big_allocation_then_free(gigabytes: float) -> int:
+    """Touch ``gigabytes`` of memory, free it, and return the process's high-water mark."""
+    block = np.ones(int(gigabytes * 1e9) // 8)  # np.ones writes every page: all of it is resident
+    del block
+    return machine.peak_rss_bytes()
 
+
+def _no_clear_refs(monkeypatch):
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(machine, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["clear_refs", "sampled"])
+def test_peak_rss_excludes_what_ran_before(reset, monkeypatch):
+    if not reset:
+        _no_clear_refs(monkeypatch)
+    before = _big_allocation_then_free(1.0)
+    with machine.PeakRSS() as peak:
+        block = np.ones(int(0.3e9) // 8)  # a peak inside the measurement, held long enough to be sampled
+        machine.time.sleep(0.2)
+        del block
+    assert peak.method.startswith("high-water mark reset") is reset and ("lower bound" in peak.method) is not reset
+    assert peak.bytes < before - 0.5e9  # the 1 GB before the start is not in it
+    assert peak.bytes >= machine.rss_bytes() + 0.25e9  # the 0.3 GB inside is
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["clear_refs", "sampled"])
+def test_bench_peak_rss_is_the_pipelines_not_the_builds(tiny_bundle, reset, monkeypatch, tmp_path):
+    """`bench --synthetic` builds its bundle in the same process (a 14 GB peak for the 7B): the
+    reported peak must be the pipeline's alone."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no CPU-buffer decision cached: off
+    if not reset:
+        _no_clear_refs(monkeypatch)
     bundle, _ = tiny_bundle
-    report = check_buffers([str(Bundle(bundle).path("lm")), "--threads", "1", "--prompt-tokens", "16",
-                            "--new-tokens", "3", "--timeout", "120"])
-    default = report["use_extra_bufts=False"]
-    assert default["survived"] and default["prefill_tokens_per_s"] > 0 and default["decode_tokens_per_s"] > 0
-    other = report["use_extra_bufts=True"]
-    assert other["survived"] or other["error"]
+    before = _big_allocation_then_free(1.5)  # stands in for the build
+    report = latency.run_benchmark(
+        bundle,
+        repeat=1,
+        warmup=0,
+        max_new_tokens=5,
+        n_threads=1,
+        reference=False,
+        engine_overhead=False,
+        bandwidth_mb=16,
+    )
+    memory = report["memory"]
+    assert memory["pipeline_peak_rss_gb"] * 1e9 < before - 1e9
+    assert memory["pipeline_peak_rss_gb"] >= memory["after_load_rss_gb"] > 0
+    assert memory["peak_rss_method"].startswith("high-water mark reset") is reset
+    assert report["settings"]["llama_cpp_extra_cpu_buffers"]["why"] and report["settings"]["kv_cache"] == "q8_0"
+    assert "extra CPU buffers off (not checked" in bench_report.format_table(report)

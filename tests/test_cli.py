@@ -11,10 +11,10 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
+from spiritlm_edge.cli import app, main
 from spiritlm_edge.runtime import audio_io
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
 from spiritlm_edge.runtime.audio_io import RecordingOutput, ScriptedInput
-from spiritlm_edge.cli import app, main
 
 runner = CliRunner()
 
@@ -27,15 +27,36 @@ def invoke(*args):
 def test_help_lists_every_command():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("make-tiny-checkpoints", "build", "info", "run", "asr", "tts", "demo", "export", "quantize",
-                    "devices"):
+    for command in (
+        "make-tiny-checkpoints",
+        "build",
+        "info",
+        "run",
+        "asr",
+        "tts",
+        "demo",
+        "export",
+        "quantize",
+        "devices",
+    ):
         assert command in result.output, command
 
 
 def test_run_one_turn_from_files(tiny_base_bundle, librispeech_clip, tmp_path):
     out = tmp_path / "answer.wav"
-    result = invoke("run", "--bundle", tiny_base_bundle, "--input", librispeech_clip, "--output", out,
-                    "--max-new-tokens", "50", "--seed", "1")
+    result = invoke(
+        "run",
+        "--bundle",
+        tiny_base_bundle,
+        "--input",
+        librispeech_clip,
+        "--output",
+        out,
+        "--max-new-tokens",
+        "50",
+        "--seed",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     audio, rate = sf.read(out)
     # speech mode: every token is a unit, each becomes whole 640-sample frames
@@ -44,8 +65,18 @@ def test_run_one_turn_from_files(tiny_base_bundle, librispeech_clip, tmp_path):
 
 
 def test_run_text_mode_prints_text(tiny_base_bundle):
-    result = invoke("run", "--bundle", tiny_base_bundle, "--text", "Hello there", "--mode", "text",
-                    "--max-new-tokens", "20", "--greedy")
+    result = invoke(
+        "run",
+        "--bundle",
+        tiny_base_bundle,
+        "--text",
+        "Hello there",
+        "--mode",
+        "text",
+        "--max-new-tokens",
+        "20",
+        "--greedy",
+    )
     assert result.exit_code == 0, result.output
     assert result.output.strip()
 
@@ -53,8 +84,9 @@ def test_run_text_mode_prints_text(tiny_base_bundle):
 def test_asr_and_tts(tiny_base_bundle, librispeech_clip, tmp_path):
     examples = tmp_path / "shots.tsv"
     examples.write_text(f"{librispeech_clip}\tan example transcript\n")
-    result = invoke("asr", librispeech_clip, "--bundle", tiny_base_bundle, "--examples", examples,
-                    "--max-new-tokens", "10")
+    result = invoke(
+        "asr", librispeech_clip, "--bundle", tiny_base_bundle, "--examples", examples, "--max-new-tokens", "10"
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "tts.wav"
     result = invoke("tts", "good morning", "-o", out, "--bundle", tiny_base_bundle, "--max-new-tokens", "40")
@@ -117,7 +149,7 @@ def scripted_devices(monkeypatch, librispeech_clip):
     def make_input(device=None):
         mic = ScriptedInput(clip[: int(2.8 * SAMPLE_RATE)], at=0.5, speed=SPEED, duration=devices["duration"])
         if devices.get("second_at"):
-            mic.add(clip[int(4.3 * SAMPLE_RATE):int(7.0 * SAMPLE_RATE)], at=devices["second_at"])
+            mic.add(clip[int(4.3 * SAMPLE_RATE) : int(7.0 * SAMPLE_RATE)], at=devices["second_at"])
         devices["input"] = mic
         return mic
 
@@ -143,8 +175,9 @@ def _threads_settle(before):
 def test_mic_loop_answers_a_turn(tiny_base_bundle, scripted_devices):
     scripted_devices["duration"] = 12.0
     before = set(threading.enumerate())
-    result = invoke("run", "--bundle", tiny_base_bundle, "--mic", "--max-new-tokens", "60", "--seed", "0",
-                    "--end-silence-ms", "600")
+    result = invoke(
+        "run", "--bundle", tiny_base_bundle, "--mic", "--max-new-tokens", "60", "--seed", "0", "--end-silence-ms", "600"
+    )
     assert result.exit_code == 0, result.output
     played = scripted_devices["output"].played
     assert played.size >= 640 and played.size % 640 == 0  # the whole answer reached the speaker
@@ -157,8 +190,18 @@ def test_mic_loop_barge_in_starts_a_new_turn(tiny_base_bundle, scripted_devices)
     # the answer to the first phrase (300 units = 12 s of audio) is still playing at 6 s
     scripted_devices["duration"] = 40.0
     scripted_devices["second_at"] = 6.0
-    result = invoke("run", "--bundle", tiny_base_bundle, "--mic", "--max-new-tokens", "300", "--seed", "0",
-                    "--end-silence-ms", "600")
+    result = invoke(
+        "run",
+        "--bundle",
+        tiny_base_bundle,
+        "--mic",
+        "--max-new-tokens",
+        "300",
+        "--seed",
+        "0",
+        "--end-silence-ms",
+        "600",
+    )
     assert result.exit_code == 0, result.output
     assert "2 turns" in result.output and "1 interrupted" in result.output, result.output
     # (that playback itself stops at once is tested in test_live.py, with exact timing)
@@ -173,8 +216,7 @@ def test_mic_loop_ctrl_c_mid_turn_ends_cleanly(tiny_base_bundle, monkeypatch, li
     monkeypatch.setattr(audio_io, "SoundDeviceInput", make_input)
     monkeypatch.setattr(audio_io, "SoundDeviceOutput", lambda device=None: RecordingOutput(speed=SPEED))
     before = set(threading.enumerate())
-    result = invoke("run", "--bundle", tiny_base_bundle, "--mic", "--max-new-tokens", "300",
-                    "--end-silence-ms", "600")
+    result = invoke("run", "--bundle", tiny_base_bundle, "--mic", "--max-new-tokens", "300", "--end-silence-ms", "600")
     assert result.exit_code == 0, result.output
     assert "Ctrl-C" in result.output
     assert not _threads_settle(before)
@@ -199,8 +241,9 @@ def test_engine_option_is_checked_before_any_export(tmp_path, monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorrt" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real_find_spec(name, *a)
+    )
     result = invoke("export", "speech", "--checkpoints", tmp_path, "--out", tmp_path / "b", "--engine", "tensorrt")
     assert result.exit_code == 2 and "needs the tensorrt module" in result.output
     assert not (tmp_path / "b").exists()
@@ -213,8 +256,8 @@ def test_gpu_bundles_get_the_plain_vocoder_graph(tiny_base_checkpoints, tmp_path
     """--engine tensorrt exports the 1-D vocoder graph (the blocked one is tuned for x86 CPUs);
     both decode the same audio."""
     from spiritlm_edge import SpeechTokenizer
-    from spiritlm_edge.export.speech import export_speech
     from spiritlm_edge.cli import _vocoder_layout
+    from spiritlm_edge.export.speech import export_speech
 
     assert _vocoder_layout("tensorrt") == "plain" and _vocoder_layout("onnx") == "blocked"
     audio = {}

@@ -84,19 +84,32 @@ def test_encoder_matches_transformers_hubert(models, clip):
     hubert, _ = models
     c = hubert.encoder.config
     hf_config = transformers.HubertConfig(
-        hidden_size=c.embed_dim, num_hidden_layers=c.layers, num_attention_heads=c.heads,
-        intermediate_size=c.ffn_dim, conv_dim=[d for d, _, _ in c.conv_layers],
-        conv_kernel=[k for _, k, _ in c.conv_layers], conv_stride=[s for _, _, s in c.conv_layers],
-        num_feat_extract_layers=len(c.conv_layers), num_conv_pos_embeddings=c.conv_pos,
-        num_conv_pos_embedding_groups=c.conv_pos_groups, feat_extract_norm="group", conv_bias=False,
-        do_stable_layer_norm=False, feat_proj_layer_norm=True,
+        hidden_size=c.embed_dim,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        intermediate_size=c.ffn_dim,
+        conv_dim=[d for d, _, _ in c.conv_layers],
+        conv_kernel=[k for _, k, _ in c.conv_layers],
+        conv_stride=[s for _, _, s in c.conv_layers],
+        num_feat_extract_layers=len(c.conv_layers),
+        num_conv_pos_embeddings=c.conv_pos,
+        num_conv_pos_embedding_groups=c.conv_pos_groups,
+        feat_extract_norm="group",
+        conv_bias=False,
+        do_stable_layer_norm=False,
+        feat_proj_layer_norm=True,
     )
     hf = transformers.HubertModel(hf_config).eval()
     state = {hf_name(k, ""): v for k, v in hubert.encoder.state_dict().items()}
     hf_keys = set(hf.state_dict())
     state = {
-        (k if k in hf_keys else k.replace("weight_g", "parametrizations.weight.original0")
-         .replace("weight_v", "parametrizations.weight.original1")): v
+        (
+            k
+            if k in hf_keys
+            else k.replace("weight_g", "parametrizations.weight.original0").replace(
+                "weight_v", "parametrizations.weight.original1"
+            )
+        ): v
         for k, v in state.items()
     }
     result = hf.load_state_dict(state, strict=False)
@@ -265,9 +278,17 @@ def test_clip_units_are_varied_and_blanks_filled(models, engine, clip):
 
 def test_layer_norm_front_end_and_normalize(tmp_path, clip):
     """The other fairseq variants (extractor_mode "layer_norm", conv bias, task normalize) export right."""
-    config = H.EncoderConfig(tuple(H.parse_conv_layers(H.TINY_CONV_LAYERS)), extractor_mode="layer_norm",
-                             conv_bias=True, embed_dim=32, ffn_dim=64, heads=2, layers=3, conv_pos=8,
-                             conv_pos_groups=2)
+    config = H.EncoderConfig(
+        tuple(H.parse_conv_layers(H.TINY_CONV_LAYERS)),
+        extractor_mode="layer_norm",
+        conv_bias=True,
+        embed_dim=32,
+        ffn_dim=64,
+        heads=2,
+        layers=3,
+        conv_pos=8,
+        conv_pos_groups=2,
+    )
     torch.manual_seed(0)
     encoder = H.SpeechEncoder(config).eval()
     checkpoint = H.HubertCheckpoint(encoder, normalize=True, sample_rate=SR)

@@ -10,20 +10,45 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# folder -> subpackage name; a module may import modules of its own rank or lower
-LAYERS = {"runtime": "runtime", "export": "export", "quant": "quant", "bench": "bench", "spiritlm_edge": ""}
-BUNDLE_ASSEMBLY = "export.build"  # the one export/ module above quant/: it runs the converter and quantizer
-RANKS = {"runtime": 0, "export": 1, "quant": 2, BUNDLE_ASSEMBLY: 3, "bench": 4, "": 5}
+# folder -> subpackage name
+LAYERS = {
+    "runtime": "runtime",
+    "server": "server",
+    "export": "export",
+    "quant": "quant",
+    "bench": "bench",
+    "spiritlm_edge": "",
+}
+# The export/ modules that assemble bundles and engines: they run the converter, the quantizer and
+# the fp16 converter of quant/, so they sit above it.
+ASSEMBLY = ("export.build", "export.tensorrt")
+# layer -> the layers its modules may import (the README's diagram); "" is the CLI, the demo and
+# the package root, which may import everything.
+MAY_IMPORT = {
+    "runtime": {"runtime"},
+    "server": {"server", "runtime"},
+    "export": {"export", "runtime"},
+    "quant": {"quant", "export", "runtime"},
+    "assembly": {"assembly", "quant", "export", "runtime"},
+    "bench": {"bench", "assembly", "quant", "export", "server", "runtime"},
+    "": {"", "bench", "assembly", "quant", "export", "server", "runtime"},
+}
 
 
-def _rank(module: str) -> int:
-    """Rank of ``module`` given relative to ``spiritlm_edge`` ("runtime.lm", "export.build", "cli");
-    the package root itself ("") is imported by every module anyway (its API is re-exported lazily)."""
+def _layer(module: str) -> str:
+    """Layer of ``module`` given relative to ``spiritlm_edge`` ("runtime.lm", "export.build", "cli");
+    the package root itself ("") is imported by every module anyway (its API is re-exported lazily),
+    so it counts as the bottom layer when imported."""
     if module == "":
-        return 0
-    if module == BUNDLE_ASSEMBLY or module.startswith(BUNDLE_ASSEMBLY + "."):
-        return RANKS[BUNDLE_ASSEMBLY]
-    return RANKS.get(module.split(".")[0], RANKS[""])
+        return "runtime"
+    if any(module == a or module.startswith(a + ".") for a in ASSEMBLY):
+        return "assembly"
+    top = module.split(".")[0]
+    return top if top in MAY_IMPORT and top != "" else ""
+
+
+def _may_import(importer: str, target: str) -> bool:
+    return _layer(target) in MAY_IMPORT[_layer(importer) if importer else ""]
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -31,7 +56,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spiritlm_edge"):
             base = node.module.removeprefix("spiritlm_edge").lstrip(".")
-            if base in RANKS and base != "":  # `from spiritlm_edge.export import hubert`
+            if base in MAY_IMPORT and base != "":  # `from spiritlm_edge.export import hubert`
                 found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
             else:
                 found.append((node.lineno, base))
@@ -54,9 +79,8 @@ def _modules():
 def test_every_import_points_down():
     upward = []
     for path, module in _modules():
-        rank = _rank(module) if module else RANKS[""]  # spiritlm_edge/__init__.py sits on top
         for line, target in _imports(path):
-            if _rank(target) > rank:
+            if not _may_import(module, target):
                 upward.append(f"{path.relative_to(REPO)}:{line} ({module}) imports {target}")
     assert not upward, "imports that go up a layer:\n" + "\n".join(upward)
 
@@ -65,8 +89,11 @@ def test_the_checker_sees_upward_imports(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from spiritlm_edge.export import lm\n    import spiritlm_edge.bench.latency\n")
     assert [t for _, t in _imports(bad)] == ["export.lm", "bench.latency"]
-    assert _rank("export.lm") > _rank("runtime.lm") and _rank("bench.latency") > _rank(BUNDLE_ASSEMBLY)
-    assert _rank("export.build") > _rank("quant.gguf_convert") > _rank("export.lm")
+    assert not _may_import("runtime.lm", "export.lm") and not _may_import("runtime.lm", "server.app")
+    assert not _may_import("export.lm", "quant.gguf_convert") and _may_import("export.build", "quant.gguf_convert")
+    assert not _may_import("server.app", "export.lm") and not _may_import("export.lm", "server.app")
+    assert _may_import("bench.server", "server.app") and not _may_import("quant.onnx_int8", "bench.latency")
+    assert _may_import("cli", "bench.latency") and _may_import("demo", "export.build")
 
 
 def test_benchmark_of_a_bundle_needs_no_torch():

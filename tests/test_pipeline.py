@@ -42,12 +42,15 @@ def test_prompt_follows_the_grammar(base, clip):
     assert units.startswith("[Hu") and "[Pi" not in units
     outputs, prompt = base.generate(
         [("SPEECH", clip), GenerationInput("What was said?", ContentType.TEXT)],
-        output_modality="TEXT", max_new_tokens=8, return_prompt=True,
+        output_modality="TEXT",
+        max_new_tokens=8,
+        return_prompt=True,
     )
     assert prompt == f"[Speech]{units}[Text]What was said?"
     # the output modality's prefix is appended when the last input is of the other modality
-    _, prompt = base.generate([("TEXT", "Say it")], output_modality=OutputModality.SPEECH,
-                              max_new_tokens=1, return_prompt=True)
+    _, prompt = base.generate(
+        [("TEXT", "Say it")], output_modality=OutputModality.SPEECH, max_new_tokens=1, return_prompt=True
+    )
     assert prompt == "[Text]Say it[Speech]"
 
 
@@ -75,8 +78,9 @@ def test_speech_to_speech_matches_the_step_by_step_path(variant, base, expressiv
     # A fresh KV cache before each path, so both compute the same logits (a reused cache
     # prefills in other batch sizes, which may flip a near-tie of the random tiny LM).
     model.lm.reset()
-    outputs, prompt = model.generate([("SPEECH", clip)], output_modality="SPEECH", max_new_tokens=60,
-                                     return_prompt=True, seed=5)
+    outputs, prompt = model.generate(
+        [("SPEECH", clip)], output_modality="SPEECH", max_new_tokens=60, return_prompt=True, seed=5
+    )
     assert len(outputs) == 1 and outputs[0].content_type is ContentType.SPEECH
     audio = outputs[0].content
     assert audio.dtype == np.float32 and audio.size > 0 and np.abs(audio).max() > 1e-4
@@ -95,8 +99,9 @@ def test_stream_equals_offline(variant, base, expressive, clip):
     model.lm.reset()
     offline = model.generate([("SPEECH", clip)], output_modality="SPEECH", max_new_tokens=60, seed=5)[0].content
     model.lm.reset()
-    events = list(model.generate_stream([("SPEECH", clip)], output_modality="SPEECH", max_new_tokens=60,
-                                        chunk_frames=8, seed=5))
+    events = list(
+        model.generate_stream([("SPEECH", clip)], output_modality="SPEECH", max_new_tokens=60, chunk_frames=8, seed=5)
+    )
     chunks = [e.samples for e in events if isinstance(e, AudioChunk)]
     assert len(chunks) > 1, "audio must arrive in several chunks, not at the end"
     end = events[-1]
@@ -154,7 +159,7 @@ def test_continuing_the_prompt_speech_cuts_the_prompt_share(base):
     generated = _units(30, 5) + "[Text] done"
     outputs = base._decode_generated(OutputModality.ARBITRARY, generated, prompt, 2, None)
     joint = base.speech_tokenizer.decode(_units(30) + _units(30, 5))
-    expected = joint[math.ceil(joint.size * 30 / 60):]
+    expected = joint[math.ceil(joint.size * 30 / 60) :]
     assert [o.content_type for o in outputs] == [ContentType.SPEECH, ContentType.TEXT]
     np.testing.assert_array_equal(outputs[0].content, expected)
     assert outputs[1].content == " done"
@@ -282,12 +287,71 @@ def test_unconstrained_outputs_keep_their_modality(base):
     """With force_tokens_to_output_modality=False the LM may mix modalities: TEXT output keeps
     everything as text, SPEECH output speaks only the units."""
     base.lm.reset()
-    text = base.generate([("TEXT", "hi")], output_modality="TEXT", max_new_tokens=40,
-                         force_tokens_to_output_modality=False, do_sample=True, seed=2)
+    text = base.generate(
+        [("TEXT", "hi")],
+        output_modality="TEXT",
+        max_new_tokens=40,
+        force_tokens_to_output_modality=False,
+        do_sample=True,
+        seed=2,
+    )
     assert [o.content_type for o in text] == [ContentType.TEXT]
     generated = "[Hu1][Hu2] and words [Hu3][Hu4]"
     speech = base._decode_generated(OutputModality.SPEECH, generated, "[Speech]", 2, 0)
     np.testing.assert_array_equal(speech[0].content, base.speech_tokenizer.decode("[Hu1][Hu2][Hu3][Hu4]", seed=0))
+
+
+def _answer_with_units_only(model, monkeypatch, units):
+    """Make the LM answer with these Hubert units and nothing else (no [Pi], no [St])."""
+    ids = [model.tokenizer.vocab.token_id("hubert", u) for u in units]
+    monkeypatch.setattr(model.lm, "generate", lambda *args, **kwargs: iter(ids))
+    return "".join(f"[Hu{u}]" for u in units)
+
+
+@pytest.mark.parametrize("prompt_pitch", [True, False])
+def test_expressive_answer_without_pitch_codes_is_spoken(expressive, monkeypatch, caplog, prompt_pitch):
+    """Issue 16 / spec section 5: the answer takes the prompt's last pitch code, else the
+    bundle's neutral one; offline and streamed agree; one warning per turn."""
+    answer = _answer_with_units_only(expressive, monkeypatch, [(7 * i) % 50 for i in range(40)])
+    speech = "[St3][Pi21][Hu5][Hu6][Pi9][Hu7]" if prompt_pitch else "[St3][Hu5][Hu6][Hu7]"
+    prompt = f"[Speech]{speech}[Text]and now?[Speech]"
+    code = 9 if prompt_pitch else expressive.speech_tokenizer.pitch.neutral_code
+    # the rule written out: the same answer with that pitch code in front of it
+    expected = expressive.speech_tokenizer.decode(f"[Pi{code}]{answer}", seed=4)
+    with caplog.at_level("WARNING"):
+        offline = expressive.generate(prompt=prompt, output_modality="SPEECH", seed=4)[0].content
+    np.testing.assert_array_equal(offline, expected)
+    assert caplog.text.count("has no pitch code") == 1
+    assert ("prompt's last pitch code" if prompt_pitch else "neutral pitch code") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        events = list(expressive.generate_stream(prompt=prompt, output_modality="SPEECH", seed=4, chunk_frames=8))
+    streamed = np.concatenate([e.samples for e in events if isinstance(e, AudioChunk)])
+    assert streamed.shape == offline.shape
+    assert np.linalg.norm(streamed - offline) <= 1e-3 * np.linalg.norm(offline)
+    assert caplog.text.count("has no pitch code") == 1
+
+
+def test_expressive_continuation_without_pitch_codes(expressive, monkeypatch):
+    """A prompt ending in speech with pitch codes, continued by units alone (ARBITRARY): the
+    prompt's speech is decoded with the answer, so its pitch carries on; streamed == offline."""
+    answer = _answer_with_units_only(expressive, monkeypatch, [(11 * i) % 60 for i in range(40)])
+    prompt_speech = "[St3][Pi21][Hu5][Hu6][Pi9][Hu7]"
+    outputs = expressive.generate(prompt=f"[Speech]{prompt_speech}", output_modality="ARBITRARY", seed=4)
+    assert [o.content_type for o in outputs] == [ContentType.SPEECH]
+    whole = expressive.speech_tokenizer.decode(prompt_speech + answer, seed=4)
+    np.testing.assert_array_equal(outputs[0].content, whole[math.ceil(whole.size * 3 / 43) :])
+    events = list(
+        expressive.generate_stream(
+            prompt=f"[Speech]{prompt_speech}", output_modality="ARBITRARY", seed=4, chunk_frames=8
+        )
+    )
+    streamed = np.concatenate([e.samples for e in events if isinstance(e, AudioChunk)])
+    # streaming skips the prompt's audio decoded alone, offline cuts in proportion to the
+    # units: both are ends of the same whole
+    assert abs(streamed.size - outputs[0].content.size) <= 2 * 640
+    tail = whole[-streamed.size :]
+    assert np.linalg.norm(streamed - tail) <= 1e-3 * np.linalg.norm(tail)
 
 
 # -- the reference's API: generate's signature, generation_config, drop-in names --------------
@@ -295,10 +359,18 @@ def test_unconstrained_outputs_keep_their_modality(base):
 
 def test_generate_takes_the_reference_arguments_in_its_order():
     # spiritlm/model/spiritlm_model.py: Spiritlm.generate's parameters, in order
-    reference = ["interleaved_inputs", "prompt", "output_modality", "generation_config",
-                 "force_tokens_to_output_modality", "speaker_id", "return_prompt", "seed"]
+    reference = [
+        "interleaved_inputs",
+        "prompt",
+        "output_modality",
+        "generation_config",
+        "force_tokens_to_output_modality",
+        "speaker_id",
+        "return_prompt",
+        "seed",
+    ]
     parameters = list(inspect.signature(SpiritLM.generate).parameters)[1:]
-    assert parameters[:len(reference)] == reference
+    assert parameters[: len(reference)] == reference
 
 
 def test_generation_config_samples_as_the_same_keywords(base):
@@ -306,14 +378,17 @@ def test_generation_config_samples_as_the_same_keywords(base):
     inputs = [("TEXT", "once upon a time")]
     config = transformers.GenerationConfig(do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=30)
     by_config = base.generate(inputs, None, "TEXT", config, seed=5)  # positional, as the reference allows
-    by_keywords = base.generate(inputs, output_modality="TEXT", do_sample=True, temperature=0.9, top_p=0.95,
-                                max_new_tokens=30, seed=5)
+    by_keywords = base.generate(
+        inputs, output_modality="TEXT", do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=30, seed=5
+    )
     by_dict = base.generate(inputs, output_modality="TEXT", generation_config=config.to_diff_dict(), seed=5)
     assert by_config[0].content == by_keywords[0].content == by_dict[0].content
     # sampling by default is not what the reference does: the default stays greedy
     greedy = base.generate(inputs, output_modality="TEXT", max_new_tokens=30, seed=5)
-    assert greedy[0].content == base.generate(inputs, output_modality="TEXT", max_new_tokens=30,
-                                              do_sample=False)[0].content
+    assert (
+        greedy[0].content
+        == base.generate(inputs, output_modality="TEXT", max_new_tokens=30, do_sample=False)[0].content
+    )
     with pytest.raises(ModelError, match="num_beams"):
         base.generate(inputs, generation_config=transformers.GenerationConfig(num_beams=2))
 
@@ -333,7 +408,7 @@ def test_reference_few_shot_prompt_logic_runs_on_our_names(base, clip, direction
     torch = pytest.importorskip("torch")
     model = base  # what the reference's code calls spiritlm_model
     wav = torch.from_numpy(clip[:64000])
-    first, second = wav[:wav.shape[0] // 2], wav[wav.shape[0] // 2:]
+    first, second = wav[: wav.shape[0] // 2], wav[wav.shape[0] // 2 :]
     rows = [("the sky is blue", "what a lovely day"), ("I lost my keys", "that is annoying")]
 
     def speech(half):
@@ -343,19 +418,24 @@ def test_reference_few_shot_prompt_logic_runs_on_our_names(base, clip, direction
         return model.TEXT_PROMPT_PREFIX + content
 
     source, target = direction.split("2")
-    shots = [(text(p) if source == "T" else speech(first)) + (text(g) if target == "T" else speech(second))
-             for p, g in rows]
+    shots = [
+        (text(p) if source == "T" else speech(first)) + (text(g) if target == "T" else speech(second)) for p, g in rows
+    ]
     ours = "\n".join(shots) + "\n"
     # the strings the reference writes: its literal prefixes, units from the numpy samples
-    units = {"first": base.speech_tokenizer.encode_string(first.numpy()),
-             "second": base.speech_tokenizer.encode_string(second.numpy())}
+    units = {
+        "first": base.speech_tokenizer.encode_string(first.numpy()),
+        "second": base.speech_tokenizer.encode_string(second.numpy()),
+    }
     half = {"T": lambda content, which: "[Text]" + content, "S": lambda content, which: "[Speech]" + units[which]}
     expected = "".join(half[source](p, "first") + half[target](g, "second") + "\n" for p, g in rows)
     assert ours == expected
     if source != target:  # across modalities, our prompt builder (spec section 3) gives them too
+
         def segment(kind, content, samples):
             return ("TEXT", content) if kind == "T" else ("SPEECH", samples.numpy())
 
-        built = "".join(model.build_prompt([segment(source, p, first), segment(target, g, second)]) + "\n"
-                        for p, g in rows)
+        built = "".join(
+            model.build_prompt([segment(source, p, first), segment(target, g, second)]) + "\n" for p, g in rows
+        )
         assert ours == built

@@ -15,8 +15,8 @@ import yaml
 
 from spiritlm_edge.export import pitch
 from spiritlm_edge.export.checkpoints import CheckpointPaths
-from spiritlm_edge.export.random_speech import PITCH_FULL_CONFIG, write_pitch
 from spiritlm_edge.export.fcpe import FCPE_WEIGHTS_ENV, INSTALL_HINT, find_fcpe_weights, load_fcpe
+from spiritlm_edge.export.random_speech import PITCH_FULL_CONFIG, write_pitch
 from spiritlm_edge.runtime import audio as audio_mod
 from spiritlm_edge.runtime import pitch as runtime_pitch
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
@@ -119,8 +119,14 @@ def reference_f0(model, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """F0 and voiced mask exactly as Spirit LM's FCPEF0Extractor asks torchfcpe for them."""
     with torch.no_grad():
         f0, uv = model.infer(
-            torch.from_numpy(samples)[None, :, None], sr=SR, decoder_mode="local_argmax", threshold=0.05,
-            f0_min=50, f0_max=1100, interp_uv=True, output_interp_target_length=len(samples) // 80 + 1,
+            torch.from_numpy(samples)[None, :, None],
+            sr=SR,
+            decoder_mode="local_argmax",
+            threshold=0.05,
+            f0_min=50,
+            f0_max=1100,
+            interp_uv=True,
+            output_interp_target_length=len(samples) // 80 + 1,
             retur_uv=True,
         )
     return f0[0, :, 0].numpy(), uv[0, :, 0].numpy() < 0.5
@@ -156,7 +162,7 @@ def test_f0_is_physically_right(engine):
     tone = slice(SR // 80 + 10, 2 * SR // 80 - 10)
     assert voiced[tone].mean() > 0.95
     assert abs(1200 * np.log2(np.median(f0[tone]) / 220.0)) < 20
-    assert not voiced[10: SR // 80 - 10].any()
+    assert not voiced[10 : SR // 80 - 10].any()
 
 
 def test_pure_silence_gives_no_pitch(engine):
@@ -206,7 +212,7 @@ def test_long_audio_is_chunked_like_the_reference(engine, librispeech_clip, monk
     """Codes of chunked audio = codes of each chunk, a short tail (< 1280 samples) skipped.
     The 100 s chunk length is lowered to 3 s to keep the test fast."""
     samples = load_audio(librispeech_clip)[: 6 * SR + 1000]
-    whole = [engine(samples[:3 * SR]), engine(samples[3 * SR: 6 * SR])]
+    whole = [engine(samples[: 3 * SR]), engine(samples[3 * SR : 6 * SR])]
     monkeypatch.setattr(runtime_pitch, "chunks", functools.partial(audio_mod.chunks, max_samples=3 * SR))
     np.testing.assert_array_equal(engine(samples), np.concatenate(whole))
     f0, _ = engine.f0(samples)
@@ -216,9 +222,13 @@ def test_long_audio_is_chunked_like_the_reference(engine, librispeech_clip, monk
 @pytest.mark.parametrize("n_samples", [1280, 1300, 1359, 1360, 16000, 16079, 16080, 146160, 99999])
 def test_nearest_resize_matches_torch(n_samples):
     n_in, n_out = n_samples // 160 + 1, n_samples // 80 + 1
-    expected = torch.nn.functional.interpolate(
-        torch.arange(n_in, dtype=torch.float32)[None, None], size=n_out, mode="nearest"
-    )[0, 0].long().numpy()
+    expected = (
+        torch.nn.functional.interpolate(
+            torch.arange(n_in, dtype=torch.float32)[None, None], size=n_out, mode="nearest"
+        )[0, 0]
+        .long()
+        .numpy()
+    )
     np.testing.assert_array_equal(nearest_indices(n_in, n_out), expected)
 
 
@@ -229,8 +239,10 @@ def test_bundle_entries_and_deterministic_export(tiny_paths, bundle_dir, tmp_pat
     manifest = json.loads((bundle_dir / "bundle.json").read_text())
     fcpe, entry = manifest["components"]["fcpe"], manifest["components"]["pitch"]
     assert manifest["variant"] == "expressive"
-    assert (fcpe["model_hop"], fcpe["frame_hop"], fcpe["threshold"], fcpe["f0_min"], fcpe["f0_max"]) == (160, 80, 0.05, 50.0, 1100.0)
-    assert (entry["codebook_size"], entry["frames_per_code"], entry["rate"], entry["normalize_f0"]) == (64, 16, 12.5, True)
+    fcpe_settings = (fcpe["model_hop"], fcpe["frame_hop"], fcpe["threshold"], fcpe["f0_min"], fcpe["f0_max"])
+    assert fcpe_settings == (160, 80, 0.05, 50.0, 1100.0)
+    settings = (entry["codebook_size"], entry["frames_per_code"], entry["rate"], entry["normalize_f0"])
+    assert settings == (64, 16, 12.5, True)
     pitch.export_onnx(tiny_paths, "expressive", tmp_path)
     for name in ("fcpe.onnx", "pitch_vqvae.onnx"):
         assert (tmp_path / name).read_bytes() == (bundle_dir / name).read_bytes(), name
@@ -273,7 +285,8 @@ def test_vqvae_loads_strictly(tiny_paths):
     assert config["features"] == "norm_f0_interp,vuv"
     state = torch.load(tiny_paths.vqvae_dir / "model.pt", weights_only=True)["model"]
     assert "vq.level_blocks.0.k" in state and state["vq.level_blocks.0.k"].shape == (64, 16)
-    assert any(k.startswith("decoder.") for k in state) and any(k.startswith("encoder.level_blocks.0.model.") for k in state)
+    assert any(k.startswith("decoder.") for k in state)
+    assert any(k.startswith("encoder.level_blocks.0.model.") for k in state)
 
 
 def test_vqvae_missing_files(vqvae_copy):
@@ -366,3 +379,59 @@ def test_fcpe_checkpoint_errors(tmp_path):
     torch.save({"config_dict": config, "model": real["model"]}, broken)
     with pytest.raises(CheckpointError, match="conv-only"):
         load_fcpe(broken)
+
+
+# -- neutral pitch code (spec section 5) ----------------------------------------------------
+
+
+def _torch_neutral_code(model: pitch.PitchVQVAE, frames_per_code: int, f0_hz: float, codes: int = 256) -> set[int]:
+    """The codes PyTorch's VQ-VAE gives the interior of a flat voiced contour, built here
+    from the spec's words (f0 track at f0_hz, vuv all ones), independently of runtime/pitch.py."""
+    frames = codes * frames_per_code
+    features = torch.stack([torch.full((frames,), f0_hz), torch.ones(frames)])[None]
+    with torch.no_grad():
+        out = model(features)[0].numpy()
+    return set(out[codes // 4 : 3 * codes // 4].tolist())
+
+
+def test_neutral_pitch_code_recorded_and_matches_pytorch(bundle_dir, torch_tokenizer, engine):
+    entry = json.loads((bundle_dir / "bundle.json").read_text())["components"]["pitch"]
+    assert entry["normalize_f0"] and entry["neutral_f0_hz"] == 0.0  # normalised: the mean is 0
+    interior = _torch_neutral_code(torch_tokenizer.vqvae, entry["frames_per_code"], 0.0)
+    assert interior == {entry["neutral_code"]}  # a flat contour has one steady code
+    assert engine.neutral_code == entry["neutral_code"]
+
+
+def test_neutral_pitch_code_computed_for_older_bundles(bundle_dir, engine, tmp_path, caplog):
+    for name in ("fcpe.onnx", "pitch_vqvae.onnx"):
+        shutil.copy(bundle_dir / name, tmp_path / name)
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    del manifest["components"]["pitch"]["neutral_code"], manifest["components"]["pitch"]["neutral_f0_hz"]
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    with caplog.at_level("INFO"):
+        older = PitchEngine.from_bundle(tmp_path, n_threads=2)
+    assert older.neutral_code == engine.neutral_code
+    assert "no neutral pitch code" in caplog.text
+    manifest["components"]["pitch"]["neutral_code"] = 64
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="re-export"):
+        PitchEngine.from_bundle(tmp_path)
+
+
+def test_neutral_pitch_code_without_normalisation(bundle_dir, torch_tokenizer, tmp_path):
+    """Feature sets without speaker normalisation: the contour sits at the mean voiced F0 of
+    the bundled clip, measured with the same F0 model."""
+    f0, vuv = torch_tokenizer.f0_vuv(load_audio(audio_mod.BUNDLED_CLIP))
+    mean = float(f0[vuv != 0].double().mean())
+    plain = pitch.PitchTokenizer(torch_tokenizer.fcpe, torch_tokenizer.vqvae, {"features": "f0_interp,vuv"})
+    code, f0_hz = pitch.neutral_pitch(plain, 16)
+    assert f0_hz == pytest.approx(mean, rel=1e-6) and 80 < f0_hz < 400
+    assert _torch_neutral_code(torch_tokenizer.vqvae, 16, f0_hz) == {code}
+    # the runtime's own computation (ONNX FCPE + VQ-VAE) for such a bundle agrees
+    for name in ("fcpe.onnx", "pitch_vqvae.onnx"):
+        shutil.copy(bundle_dir / name, tmp_path / name)
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    del manifest["components"]["pitch"]["neutral_code"]
+    manifest["components"]["pitch"]["normalize_f0"] = False
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    assert PitchEngine.from_bundle(tmp_path, n_threads=2).neutral_code == code

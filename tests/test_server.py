@@ -436,16 +436,22 @@ def test_a_frame_over_the_cap_closes_only_that_connection(server):
             await bystander.recv()
             async with Client(server.url) as client:
                 await client.recv()
-                await client.send("x" * (2 * 1024 * 1024))  # over 4 x max_message_bytes
-                message = await client.ws.receive(timeout=10)
-                code = client.ws.close_code
+                try:
+                    await client.send("x" * (2 * 1024 * 1024))  # over 4 x max_message_bytes
+                except ConnectionError:
+                    # the server may close (and the kernel reset) the socket while this client is
+                    # still writing the frame: the connection is closed either way
+                    code = "reset while sending"
+                else:
+                    await client.ws.receive(timeout=10)
+                    code = client.ws.close_code
             await bystander.send(TEXT_ONLY)
             await bystander.until("session.updated")
             turn = await text_turn(bystander)
-            return message, code, turn
+            return code, turn
 
-    message, code, turn = run(main())
-    assert code == 1009  # message too big
+    code, turn = run(main())
+    assert code in (1009, "reset while sending")  # 1009: message too big
     assert turn[-1]["response"]["status"] in ("completed", "incomplete")
 
 

@@ -12,7 +12,7 @@ import pytest
 from spiritlm_edge import SpeechTokenizer
 from spiritlm_edge.runtime.audio import load_audio
 from spiritlm_edge.runtime.errors import AudioError, BundleError, SpiritLMEdgeError, UnitsError
-from spiritlm_edge.units import string_to_units, units_to_string
+from spiritlm_edge.units import PitchFallback, common_style, string_to_units, units_to_string
 
 
 @pytest.fixture(scope="module", params=["base", "expressive"])
@@ -55,7 +55,7 @@ def test_decode_string_and_dict_agree(tokenizer, librispeech_clip):
     from_dict = tokenizer.decode(string_to_units(string, rng=0), seed=0)
     assert from_string.dtype == np.float32 and from_string.size % 640 == 0
     np.testing.assert_array_equal(from_string, from_dict)
-    assert np.sqrt(np.mean(from_string ** 2)) > 1e-3  # not silent
+    assert np.sqrt(np.mean(from_string**2)) > 1e-3  # not silent
     without_durations = tokenizer.decode(string, dur_pred=False, seed=0)
     assert without_durations.size == len(string_to_units(string)["hubert"].split()) * 640
 
@@ -131,3 +131,24 @@ def test_bundle_whose_file_does_not_match_its_hash(tiny_base_bundle, tmp_path):
     target.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         SpeechTokenizer.from_bundle(copy)
+
+
+def test_expressive_units_without_pitch_are_spoken(tiny_expressive_bundle, caplog):
+    """Spec section 5 / issue 16: Hubert units alone are spoken with the bundle's neutral pitch
+    code (or a given fallback), from a string, a dict, or a stream, all alike."""
+    tokenizer = SpeechTokenizer.from_bundle(tiny_expressive_bundle, n_threads=2)
+    hubert = [(13 * i) % 90 for i in range(40)]
+    string = "".join(f"[Hu{u}]" for u in hubert)
+    neutral = tokenizer.pitch.neutral_code
+    expected = tokenizer.vocoder.decode(hubert, [neutral] * 40, [common_style(3)] * 40)
+    with caplog.at_level("WARNING"):
+        from_string = tokenizer.decode(string, seed=3)
+    assert "neutral pitch code" in caplog.text
+    np.testing.assert_array_equal(from_string, expected)
+    np.testing.assert_array_equal(tokenizer.decode({"hubert": " ".join(map(str, hubert))}, seed=3), expected)
+    streamed = np.concatenate(
+        list(tokenizer.decode_stream(iter(string.replace("][", "]|[").split("|")), chunk_frames=6, seed=3))
+    )
+    assert np.linalg.norm(streamed - expected) <= 1e-3 * np.linalg.norm(expected)
+    given = tokenizer.decode(string, seed=3, pitch_fallback=PitchFallback(17, "a test"))
+    np.testing.assert_array_equal(given, tokenizer.decode("[Pi17]" + string, seed=3))

@@ -112,7 +112,9 @@ def test_styles_vary_on_clip(engine, clip):
 
 def test_engine_chunks_like_the_reference(model, engine, clip, monkeypatch):
     monkeypatch.setattr(audio_io, "MAX_CHUNK_SAMPLES", 4 * SR)
-    expected = np.concatenate([model(torch.from_numpy(clip[i : i + 4 * SR])).numpy() for i in range(0, len(clip), 4 * SR)])
+    expected = np.concatenate(
+        [model(torch.from_numpy(clip[i : i + 4 * SR])).numpy() for i in range(0, len(clip), 4 * SR)]
+    )
     np.testing.assert_array_equal(engine(clip), expected)  # 4 s + 4 s + 1.1 s: 4 + 4 + 2 windows
 
 
@@ -163,7 +165,9 @@ def test_loader_missing_files(tiny, tmp_path):
 def test_loader_missing_key(tiny, tmp_path):
     paths = _copy(tiny, tmp_path)
     _edit_weights(paths, lambda s: s.pop("wav2vec2.encoder.layers.1.feed_forward.output_dense.weight"))
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*wav2vec2\.encoder\.layers\.1\.feed_forward\.output_dense\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"pytorch_model\.bin.*wav2vec2\.encoder\.layers\.1\.feed_forward\.output_dense\.weight"
+    ):
         S.load_style_encoder(paths)
 
 
@@ -190,7 +194,10 @@ def test_loader_accepts_parametrized_weight_norm_names(tiny, model, tmp_path, cl
     paths = _copy(tiny, tmp_path)
 
     def rename(state):
-        for old, new in (("weight_g", "parametrizations.weight.original0"), ("weight_v", "parametrizations.weight.original1")):
+        for old, new in (
+            ("weight_g", "parametrizations.weight.original0"),
+            ("weight_v", "parametrizations.weight.original1"),
+        ):
             key = f"wav2vec2.encoder.pos_conv_embed.conv.{old}"
             state[key.replace(old, new)] = state.pop(key)
         state["wav2vec2.masked_spec_embed"] = torch.zeros(64)

@@ -5,6 +5,8 @@ runtime/units.py: each token gets its time, then a plain sort; each frame looks 
 pitch/style by scanning the token list.
 """
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -12,15 +14,18 @@ from spiritlm_edge.runtime.errors import ModelError, UnitsError
 from spiritlm_edge.units import (
     MOST_COMMON_STYLES,
     OutputModality,
+    PitchFallback,
     SpeechVocab,
     allowed_token_ids,
     build_prompt,
+    common_style,
     count_hubert_units,
     does_end_with_speech_token,
     does_start_with_speech_token,
     find_prompt_last_speech_start_position,
     forbidden_token_ids,
     iter_unit_frames,
+    last_pitch_code,
     split_speech_and_text,
     string_to_units,
     units_to_string,
@@ -176,8 +181,7 @@ def test_spec_example_back_to_units():
     assert string_to_units("[Hu3][Hu3][Hu9]") == {"hubert": "3 3 9"}
     assert string_to_units("") == {"hubert": ""}
     # frames before the first pitch/style take the first one seen
-    assert string_to_units("[Hu1][Pi5][Hu2][St7][Pi6][Hu3]") == {
-        "hubert": "1 2 3", "pitch": "5 5 6", "style": "7 7 7"}
+    assert string_to_units("[Hu1][Pi5][Hu2][St7][Pi6][Hu3]") == {"hubert": "1 2 3", "pitch": "5 5 6", "style": "7 7 7"}
     # style without pitch: no pitch stream
     assert string_to_units("[Hu1][St2][Hu4]") == {"hubert": "1 4", "style": "2 2"}
     # whitespace between tokens is ignored
@@ -233,7 +237,7 @@ def random_token_string(rng) -> str:
 
 def test_round_trip_and_streaming_match_brute_force():
     rng = np.random.default_rng(99)
-    for case in range(200):
+    for _ in range(200):
         s = random_token_string(rng)
         toks = tokens_of(s)
         seed = int(rng.integers(0, 2**31))
@@ -263,7 +267,7 @@ def _random_cuts(s: str, rng) -> list[str]:
         return []
     cuts = sorted(set(rng.integers(0, len(s), size=int(rng.integers(1, 12))).tolist()))
     bounds = [0] + cuts + [len(s)]
-    return [s[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [s[a:b] for a, b in pairwise(bounds)]
 
 
 def test_units_string_units_round_trip():
@@ -320,8 +324,10 @@ def test_streaming_yields_as_soon_as_determined():
 @pytest.mark.parametrize(
     "content,expected",
     [
-        ("abc[St1][Pi234][Hu123][Hu45][Text]hello world[",
-         [("abc", "t"), ("[St1][Pi234][Hu123][Hu45]", "s"), ("hello world[", "t")]),
+        (
+            "abc[St1][Pi234][Hu123][Hu45][Text]hello world[",
+            [("abc", "t"), ("[St1][Pi234][Hu123][Hu45]", "s"), ("hello world[", "t")],
+        ),
         ("[St1][Pi2][Hu3][Hu45]", [("[St1][Pi2][Hu3][Hu45]", "s")]),
         ("abc", [("abc", "t")]),
         ("abc[]", [("abc[]", "t")]),
@@ -330,8 +336,10 @@ def test_streaming_yields_as_soon_as_determined():
         ("[Hu1][Speech][Hu2]", [("[Hu1][Hu2]", "s")]),
         ("[Text]", []),
         ("", []),
-        ("[Hu338][Text] and they went[Speech][Hu431][Pi0][Hu457][Text] shoes [",
-         [("[Hu338]", "s"), (" and they went", "t"), ("[Hu431][Pi0][Hu457]", "s"), (" shoes [", "t")]),
+        (
+            "[Hu338][Text] and they went[Speech][Hu431][Pi0][Hu457][Text] shoes [",
+            [("[Hu338]", "s"), (" and they went", "t"), ("[Hu431][Pi0][Hu457]", "s"), (" shoes [", "t")],
+        ),
         ("[Hu1] [Hu2]", [("[Hu1]", "s"), (" ", "t"), ("[Hu2]", "s")]),
         ("[Human] [Hu12", [("[Human] [Hu12", "t")]),
         ("[[Hu7]]", [("[", "t"), ("[Hu7]", "s"), ("]", "t")]),
@@ -347,10 +355,19 @@ def test_split_speech_and_text(content, expected):
 
 def test_speech_token_edges():
     for s, start, end in [
-        ("]]", False, False), ("[]", False, False), ("[[", False, False), ("[Hu100]", True, True),
-        ("abc[]", False, False), ("[St1][Pi234][Hu123][Hu45][Text][abc]", True, False),
-        ("abc[Text]def", False, False), ("[Pi9]", True, True), ("[St0]", True, True),
-        ("[Text][Hu1]", False, True), ("", False, False), (None, False, False), ("[Hux]", False, False),
+        ("]]", False, False),
+        ("[]", False, False),
+        ("[[", False, False),
+        ("[Hu100]", True, True),
+        ("abc[]", False, False),
+        ("[St1][Pi234][Hu123][Hu45][Text][abc]", True, False),
+        ("abc[Text]def", False, False),
+        ("[Pi9]", True, True),
+        ("[St0]", True, True),
+        ("[Text][Hu1]", False, True),
+        ("", False, False),
+        (None, False, False),
+        ("[Hux]", False, False),
     ]:
         assert does_start_with_speech_token(s) is start, s
         assert does_end_with_speech_token(s) is end, s
@@ -387,7 +404,8 @@ def test_build_prompt():
     assert build_prompt([], "arbitrary") == ""
     # prefix only when the modality changes
     assert build_prompt([("t", "a "), ("t", "b"), ("s", u1), ("s", u2), ("t", "c")], "arbitrary") == (
-        "[Text]a b[Speech][Hu1][Hu2][St3][Pi4][Hu5][Text]c")
+        "[Text]a b[Speech][Hu1][Hu2][St3][Pi4][Hu5][Text]c"
+    )
     # few-shot ASR shape from the spec
     shots = [("s", u1), ("t", "one two\n"), ("s", u2)]
     assert build_prompt(shots, "text") == "[Speech][Hu1][Hu2][Text]one two\n[Speech][St3][Pi4][Hu5][Text]"
@@ -431,7 +449,12 @@ def test_output_modality_parse():
 def test_release_vocab_layout():
     assert BASE.variant == "base" and EXPRESSIVE.variant == "expressive"
     assert (BASE.n_text, BASE.text_id, BASE.speech_id, BASE.hubert_start, BASE.hubert_count) == (
-        32000, 32000, 32001, 32002, 501)
+        32000,
+        32000,
+        32001,
+        32002,
+        501,
+    )
     assert BASE.n_real == 32503 and BASE.pitch_count == 0 and BASE.ids("pitch") == range(0)
     assert EXPRESSIVE.ids("pitch") == range(32503, 32567)
     assert EXPRESSIVE.ids("St") == range(32567, 32667) and EXPRESSIVE.n_real == 32667
@@ -449,8 +472,9 @@ def test_release_vocab_layout():
 def test_vocab_from_pieces_is_not_hard_coded():
     # a small vocabulary laid out like the release
     pieces = {f"p{i}": i for i in range(10)}
-    pieces.update({"[Text]": 10, "[Speech]": 11, "[Hu0]": 12, "[Hu1]": 13, "[Hu2]": 14,
-                   "[Pi0]": 15, "[Pi1]": 16, "[St0]": 17})
+    pieces.update(
+        {"[Text]": 10, "[Speech]": 11, "[Hu0]": 12, "[Hu1]": 13, "[Hu2]": 14, "[Pi0]": 15, "[Pi1]": 16, "[St0]": 17}
+    )
     v = SpeechVocab.from_pieces(pieces, 20)
     assert (v.n_text, v.hubert_count, v.pitch_count, v.style_count, v.n_real) == (10, 3, 2, 1, 18)
     assert forbidden_token_ids(None, "text", v) == list(range(10, 20))
@@ -495,11 +519,13 @@ def test_forbidden_token_ids_spec_table():
     # TEXT: the spec's set, plus padding rows past the last real piece
     assert forbidden_token_ids("base", "text", BASE) == text_speech + hu + list(range(32503, 32512))
     assert forbidden_token_ids("expressive", OutputModality.TEXT, EXPRESSIVE) == (
-        text_speech + hu + pi + st + list(range(32667, 32768)))
+        text_speech + hu + pi + st + list(range(32667, 32768))
+    )
     # SPEECH: every text id and the two markers (+ padding)
     assert forbidden_token_ids("base", "speech", BASE) == list(range(32000)) + text_speech + list(range(32503, 32512))
     assert forbidden_token_ids("expressive", "speech", EXPRESSIVE) == (
-        list(range(32000)) + text_speech + list(range(32667, 32768)))
+        list(range(32000)) + text_speech + list(range(32667, 32768))
+    )
     assert allowed_token_ids("expressive", "speech", EXPRESSIVE) == hu + pi + st
     assert allowed_token_ids("base", "speech", BASE) == hu
     assert forbidden_token_ids("base", "arbitrary", BASE) == []
@@ -517,3 +543,52 @@ def test_public_names_importable_from_shim():
     assert spiritlm_edge.OutputModality is shim.OutputModality
     for name in shim.__all__:
         assert hasattr(shim, name), name
+
+
+# --- speech without pitch codes (spec section 5, issue 16) -----------------------------------
+
+
+def test_last_pitch_code():
+    assert last_pitch_code("[Text]hi[Speech][St3][Pi7][Hu1][Pi12][Hu2][Text]ok[Speech]") == 12
+    assert last_pitch_code("[Speech][Hu1][Hu2]") is None
+    assert last_pitch_code(None) is None and last_pitch_code("") is None
+    assert last_pitch_code("[Pi 3][Pi]") is None  # not tokens
+
+
+def test_pitch_fallback_rule_offline_and_streaming(caplog):
+    string = "[Hu1][Hu2][St9][Hu3]"  # Hubert and style, no pitch at all
+    assert string_to_units(string) == {"hubert": "1 2 3", "style": "9 9 9"}  # without a fallback: as before
+    fallback = PitchFallback(7, "the test's code")
+    with caplog.at_level("WARNING"):
+        units = string_to_units(string, pitch_fallback=fallback)
+        frames = list(iter_unit_frames(["[Hu1]", "[Hu2][St", "9]", "[Hu3]"], pitch_fallback=fallback))
+    assert units == {"hubert": "1 2 3", "pitch": "7 7 7", "style": "9 9 9"}
+    assert frames == [(1, 7, 9), (2, 7, 9), (3, 7, 9)]
+    # one warning per fallback object (one turn), however many chunks use it
+    assert caplog.text.count("has no pitch code") == 1 and "the test's code" in caplog.text
+    # no style either: the pitch-but-no-style rule then draws a common style
+    for seed in range(5):
+        bare = string_to_units("[Hu4][Hu5]", rng=seed, pitch_fallback=fallback)
+        assert bare["pitch"] == "7 7" and bare["style"] == string_to_units("[Pi7][Hu4][Hu5]", rng=seed)["style"]
+    # a chunk with its own pitch code never uses the fallback
+    unused = PitchFallback(7, "x")
+    assert string_to_units("[Hu1][Pi3][Hu2]", rng=0, pitch_fallback=unused)["pitch"] == "3 3"
+    assert not unused.used
+    # no Hubert unit: nothing to speak, nothing filled in
+    assert "pitch" not in string_to_units("[St2]", pitch_fallback=unused) and not unused.used
+    with pytest.raises(ModelError, match="Base"):
+        string_to_units("[Hu1]", variant="base", pitch_fallback=fallback)
+    with pytest.raises(UnitsError, match="non-negative"):
+        PitchFallback(-1, "x")
+
+
+def test_pitch_fallback_for_prompt():
+    continued = PitchFallback.for_prompt("[Speech][St3][Pi21][Hu1][Pi5][Hu9]", neutral_code=40)
+    assert (continued.code, continued.source) == (5, "the prompt's last pitch code")
+    neutral = PitchFallback.for_prompt("[Text]hello[Speech]", neutral_code=40)
+    assert (neutral.code, neutral.source) == (40, "the bundle's neutral pitch code")
+
+
+def test_common_style_is_the_reference_rule():
+    assert {common_style(seed) for seed in range(40)} == set(MOST_COMMON_STYLES)
+    assert common_style(np.random.default_rng(3)) == common_style(3)

@@ -15,6 +15,7 @@ from spiritlm_edge.export import vocoder as V
 from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.runtime.bundle import Bundle
 from spiritlm_edge.runtime.errors import CheckpointError, ModelError, UnitsError
+from spiritlm_edge.runtime.units import iter_unit_frames
 from spiritlm_edge.runtime.vocoder import Vocoder
 
 VARIANTS = ("base", "expressive")
@@ -50,8 +51,13 @@ def random_units(vocoder: Vocoder, n: int, seed: int):
 def test_onnx_matches_pytorch(setup, dur_pred):
     variant, _, model, vocoder = setup
     hubert, pitch, style = random_units(vocoder, 37, seed=int(dur_pred))
-    ref = model.synthesize(hubert.tolist(), None if pitch is None else pitch.tolist(),
-                           None if style is None else style.tolist(), speaker_id=1, dur_pred=dur_pred).numpy()
+    ref = model.synthesize(
+        hubert.tolist(),
+        None if pitch is None else pitch.tolist(),
+        None if style is None else style.tolist(),
+        speaker_id=1,
+        dur_pred=dur_pred,
+    ).numpy()
     out = vocoder.decode(hubert, pitch, style, speaker_id=1, dur_pred=dur_pred)
     assert out.dtype == np.float32
     assert rel_l2(out, ref) <= 1e-3
@@ -98,7 +104,7 @@ def test_non_silent(setup):
     _, _, _, vocoder = setup
     audio = vocoder.decode(*random_units(vocoder, 25, seed=2))
     assert np.isfinite(audio).all() and np.abs(audio).max() <= 1.0
-    assert np.sqrt(np.mean(audio ** 2)) > 0.01
+    assert np.sqrt(np.mean(audio**2)) > 0.01
 
 
 def counting(frames, consumed):
@@ -113,8 +119,10 @@ def test_stream_equals_offline(setup, dur_pred, chunk_frames):
     _, _, _, vocoder = setup
     hubert, pitch, style = random_units(vocoder, 45, seed=chunk_frames)
     offline = vocoder.decode(hubert, pitch, style, dur_pred=dur_pred)
-    frames = [(int(h), None if pitch is None else int(pitch[i]), None if style is None else int(style[i]))
-              for i, h in enumerate(hubert)]
+    frames = [
+        (int(h), None if pitch is None else int(pitch[i]), None if style is None else int(style[i]))
+        for i, h in enumerate(hubert)
+    ]
     consumed = [0]
     chunks, consumed_at = [], []
     for chunk in vocoder.stream(counting(frames, consumed), dur_pred=dur_pred, chunk_frames=chunk_frames):
@@ -128,7 +136,9 @@ def test_stream_equals_offline(setup, dur_pred, chunk_frames):
     if dur_pred:
         cum = np.cumsum(vocoder.durations(hubert))
         d_right = vocoder.duration_context[1]
-        ready = [n for n in range(1, len(hubert) + 1) if n - d_right > 0 and cum[n - d_right - 1] >= chunk_frames + right]
+        ready = [
+            n for n in range(1, len(hubert) + 1) if n - d_right > 0 and cum[n - d_right - 1] >= chunk_frames + right
+        ]
         expected_first = ready[0] if ready else len(hubert)
     else:
         expected_first = min(chunk_frames + right, len(hubert))
@@ -136,19 +146,26 @@ def test_stream_equals_offline(setup, dur_pred, chunk_frames):
     assert consumed_at[-1] == len(hubert)
 
 
-def test_stream_backfills_first_codes(setup):
-    """Frames before the first pitch/style code take the first code seen (spec section 5)."""
+def test_stream_takes_complete_frames(setup):
+    """The vocoder speaks complete frames; the rules that fill codes in (first codes, missing
+    pitch or style, spec section 5) live in units.iter_unit_frames alone, whose frames it takes."""
     variant, _, _, vocoder = setup
     hubert, pitch, style = random_units(vocoder, 20, seed=11)
     if variant == "base":
         frames = [int(h) for h in hubert]  # bare ints: hubert-only frames
         expected = vocoder.decode(hubert)
     else:
-        frames = [(int(h), None if i < 3 else int(pitch[i]), None if i < 5 else int(style[i]))
-                  for i, h in enumerate(hubert)]
+        tokens = "".join(
+            f"[Hu{h}]" if i < 3 else f"[Pi{p}][St{s}][Hu{h}]"
+            for i, (h, p, s) in enumerate(zip(hubert, pitch, style, strict=True))
+        )
+        frames = list(iter_unit_frames([tokens], variant="expressive"))
+        assert frames[0] == (hubert[0], pitch[3], style[3])  # the first codes seen stand for earlier frames
         filled_pitch = np.concatenate([[pitch[3]] * 3, pitch[3:]])
-        filled_style = np.concatenate([[style[5]] * 5, style[5:]])
+        filled_style = np.concatenate([[style[3]] * 3, style[3:]])
         expected = vocoder.decode(hubert, filled_pitch, filled_style)
+        with pytest.raises(UnitsError, match="iter_unit_frames"):
+            list(vocoder.stream([(int(hubert[0]), None, int(style[0]))]))
     audio = np.concatenate(list(vocoder.stream(frames, chunk_frames=3)))
     assert rel_l2(audio, expected) <= 1e-3
 
@@ -173,7 +190,7 @@ def test_bad_inputs(setup):
             vocoder.decode(hubert)
         with pytest.raises(UnitsError, match="pitch id 64"):
             vocoder.decode(hubert, np.full(10, 64), style)
-        with pytest.raises(UnitsError, match="without any pitch"):
+        with pytest.raises(UnitsError, match="no pitch code"):
             list(vocoder.stream([(1, None, None)] * 3))
     else:
         with pytest.raises(ModelError, match=r"styles 0\.\.9"):
@@ -224,8 +241,12 @@ def test_loader_errors(tmp_path):
     generator = directory / "generator.pt"
     state = torch.load(generator, weights_only=True)["generator"]
 
-    renamed = {k.replace("weight_g", "parametrizations.weight.original0")
-               .replace("weight_v", "parametrizations.weight.original1"): v for k, v in state.items()}
+    renamed = {
+        k.replace("weight_g", "parametrizations.weight.original0").replace(
+            "weight_v", "parametrizations.weight.original1"
+        ): v
+        for k, v in state.items()
+    }
     torch.save({"generator": renamed}, generator)
     assert V.load_vocoder(paths, "base").speakers == RS.TINY_SPEAKERS  # newer weight-norm names load too
 
@@ -278,5 +299,6 @@ def test_parallel_windows_are_exact(setup, monkeypatch):
     monkeypatch.setattr("spiritlm_edge.runtime.vocoder.MAX_WINDOW_FRAMES", 16)
     assert rel_l2(parallel.decode(hubert, pitch, style), expected) <= 1e-5
     assert len(calls) > 2 + 8
-    frames = list(zip(hubert.tolist(), *(c.tolist() if c is not None else [None] * 80 for c in (pitch, style))))
+    codes = (c.tolist() if c is not None else [None] * 80 for c in (pitch, style))
+    frames = list(zip(hubert.tolist(), *codes, strict=True))
     assert rel_l2(np.concatenate(list(parallel.stream(frames, chunk_frames=60))), expected) <= 1e-5
