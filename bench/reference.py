@@ -72,14 +72,16 @@ def reference_report(
             ("vocoder", lambda: vocoder.synthesize(hubert_ids, **extra), lambda: speech.decode(answer)),
         ]
         if variant == "expressive":
+            pitch_engine, style_engine = speech.pitch, speech.style
+            assert pitch_engine is not None and style_engine is not None  # an Expressive bundle has both
             try:
                 pitch_ref = ex_pitch.load_pitch_tokenizer(paths)
-                pairs.append(("pitch", lambda: pitch_ref(samples), lambda: speech.pitch(samples)))
+                pairs.append(("pitch", lambda: pitch_ref(samples), lambda: pitch_engine(samples)))
             except Exception as exc:  # FCPE weights not installed
                 result["pitch_skipped"] = str(exc)[:200]
             style_ref = ex_style.load_style_encoder(paths)
             audio_t = torch.from_numpy(samples)
-            pairs.append(("style", lambda: style_ref(audio_t), lambda: speech.style(samples)))
+            pairs.append(("style", lambda: style_ref(audio_t), lambda: style_engine(samples)))
         timings: dict[str, list[float]] = {}
         with torch.no_grad():
             for iteration in range(warmup + repeat):

@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -291,7 +291,7 @@ class SpiritLM:
         seed: int | None = None,
         chunk_frames: int | None = None,
         **kwargs: Any,
-    ) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
+    ) -> Generator[TextDelta | AudioChunk | TurnEnd, None, None]:
         """Like :meth:`generate`, but yields events as they happen: :class:`TextDelta`
         for new text, :class:`AudioChunk` as soon as the streaming vocoder has audio, then
         one :class:`TurnEnd` with the per-stage timings. Sampling (``generation_config``,
@@ -624,7 +624,7 @@ class Conversation:
 
     def stream(
         self, interleaved_inputs, output_modality=None, **options: Any
-    ) -> Iterator[TextDelta | AudioChunk | TurnEnd]:
+    ) -> Generator[TextDelta | AudioChunk | TurnEnd, None, None]:
         """One turn: the user's inputs in, the answer's events out (see ``generate_stream``)."""
         modality = OutputModality.parse(output_modality or self.output_modality)
         sampling = SamplingConfig.from_generation_config(None, base=self.sampling, **options)

@@ -52,7 +52,8 @@ class SpeechTokenizer:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.variant = self.bundle.variant
         self.hubert = HubertEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
-        self.pitch = self.style = None
+        self.pitch: PitchEngine | None = None  # Expressive bundles only
+        self.style: StyleEngine | None = None
         if self.variant == "expressive":
             self.pitch = PitchEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)
             self.style = StyleEngine.from_bundle(self.bundle, providers=providers, n_threads=n_threads)

@@ -185,7 +185,7 @@ class Engine:
         except TurnCancelled:
             return TurnOutcome("cancelled")
         finally:
-            stream.close()  # type: ignore[attr-defined]  # a generator: closing unwinds the pipeline, in this thread
+            stream.close()  # closing the generator unwinds the pipeline, in this thread
             self._lm.cancel = None
 
     def close(self) -> None:
