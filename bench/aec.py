@@ -40,6 +40,7 @@ import numpy as np
 
 from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
 from spiritlm_edge.runtime.audio_io import BLOCK_SAMPLES
+from spiritlm_edge.runtime.cpu_buffers import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 VOICES = REPO / "tests" / "data" / "aec"
@@ -399,19 +400,9 @@ def main(argv: list[str] | None = None) -> None:
         results[name]["wall_s"] = time.perf_counter() - started
         if not args.json:
             print(name, json.dumps(results[name], indent=1), flush=True)
-    results["machine"] = {"cpu": _cpu_name(), "python": platform.python_version()}
+    results["machine"] = {"cpu": cpu_model(), "python": platform.python_version()}
     if args.json:
         print(json.dumps(results, indent=1))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import base64
 import json
-import platform
 import statistics
 import threading
 import time
@@ -33,21 +32,12 @@ import numpy as np
 import soxr
 
 from spiritlm_edge.runtime.audio import BUNDLED_CLIP, load_audio
+from spiritlm_edge.runtime.cpu_buffers import cpu_model
 from spiritlm_edge.runtime.events import AudioChunk
 from spiritlm_edge.server.app import ServerConfig, create_app
 from spiritlm_edge.server.engine import Engine
 
 PAUSE_S = 0.3  # between turns
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class _ServerThread:
@@ -166,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "bundle": str(args.bundle),
         "variant": engine.variant,
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         "repeat": args.repeat,
         "max_new_tokens": args.max_new_tokens,
         "in_process_first_audio_ms": round(median_in * 1000, 1),
