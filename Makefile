@@ -25,7 +25,8 @@ $(BIN)/spiritlm-edge: pyproject.toml
 		| awk '/\[ *[0-9]+%\]/ { match($$0, /[0-9]+%/); p = substr($$0, RSTART, RLENGTH - 1) + 0; \
 		  if (p >= shown + 10) { printf "  llama.cpp build: %d%%\n", p; shown = p } }' \
 		|| { tail -n 40 $(VENV)/llama-cpp-build.log; exit 1; }
-	$(BIN)/pip install --quiet -e ".[export,dev]"
+	@# setuptools warns that the folder spiritlm_edge/ might shadow the package: it is the package.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -e ".[export,dev]"
 	@# Last and without dependencies: we only read the model files they ship, and their declared
 	@# dependencies (torchaudio for torchfcpe) would replace torch. --no-deps also keeps pip from
 	@# reporting those undeclared dependencies as a conflict.
