@@ -451,7 +451,9 @@ def test_a_frame_over_the_cap_closes_only_that_connection(server):
             return code, turn
 
     code, turn = run(main())
-    assert code in (1009, "reset while sending")  # 1009: message too big
+    # 1009 (message too big) when the client reads the server's close frame; 1006 or a reset while
+    # sending when the kernel resets the socket first because the server never read the frame's rest
+    assert code in (1009, 1006, "reset while sending")
     assert turn[-1]["response"]["status"] in ("completed", "incomplete")
 
 
