@@ -57,6 +57,7 @@ ONNX_FILE = "vocoder.onnx"
 # "plain": 1-D convs, for execution providers without NCHWc (ARM CPUs, CUDA, TensorRT).
 LAYOUTS = ("blocked", "plain")
 DURATION_ONNX_FILE = "vocoder_duration.onnx"
+STREAM_ONNX_FILE = "vocoder_stream.onnx"  # the stateful streaming generator (StreamingGenerator)
 
 
 # --------------------------------------------------------------------------- config
@@ -318,10 +319,13 @@ class PolyphaseUpsample(nn.Module):
         self.cout, self.u = cout, u
 
     def forward(self, x):
-        y = self.conv(F.pad(x, self.pad))  # (B, cout*u, [1,] T)
-        batch, frames = y.shape[0], y.shape[-1]
+        return self.interleave(self.conv(F.pad(x, self.pad)))
+
+    def interleave(self, y):
+        """(B, cout*u, [1,] T) phase outputs -> (B, cout, [1,] T*u) samples."""
+        batch, frames, middle = y.shape[0], y.shape[-1], tuple(y.shape[2:-1])
         y = y.reshape(batch, self.cout, self.u, frames).transpose(2, 3)
-        return y.reshape((batch, self.cout) + tuple(x.shape[2:-1]) + (frames * self.u,))
+        return y.reshape((batch, self.cout) + middle + (frames * self.u,))
 
 
 def _padding(kernel: int, dilation: int = 1) -> int:
@@ -406,6 +410,14 @@ class UnitHiFiGAN(nn.Module):
     def forward(self, units, pitch=None, style_codes=None, speaker=None, style_id=None):
         """``units``/``pitch``/``style_codes``: (T,) int64 per frame; ``speaker``/``style_id``:
         (1,) int64. Returns (T * hop_length,) float32 audio in [-1, 1]."""
+        x = self.features(units, pitch, style_codes, speaker, style_id)
+        if self.blocked is not None:
+            return self.blocked(x).view(-1)
+        return self.generate(x).view(-1)
+
+    def features(self, units, pitch=None, style_codes=None, speaker=None, style_id=None):
+        """The generator's input: every stream embedded and concatenated on channels,
+        (1, C, T), or (1, C, 1, T) in the 2-D layout. Per frame, so it streams as it is."""
         frames = units.shape[0]
         feats = [self.dict(units)]
         if self.f0_dict is not None:
@@ -419,9 +431,7 @@ class UnitHiFiGAN(nn.Module):
         x = torch.cat(feats, dim=1).t().unsqueeze(0)
         if self.layout_2d:
             x = x.unsqueeze(2)  # (1, C, 1, T): see fold_weight_norm
-        if self.blocked is not None:
-            return self.blocked(x).view(-1)
-        return self.generate(x).view(-1)
+        return x
 
     def generate(self, x):
         kernels = len(self.config.resblock_kernel_sizes)
@@ -742,31 +752,279 @@ class _BlockedGenerator(nn.Module):
         return torch.tanh(self.conv_post(F.leaky_relu(x)))
 
 
-def _export(module: nn.Module, args: tuple, names: list[str], output: str, opset: int) -> bytes:
+# --------------------------------------------------------------------------- stateful streaming
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """One state tensor of :class:`StreamingGenerator`: (1, channels, [1,] length) float32.
+
+    ``initial`` is the length of its first value (zeros): a convolution's left padding, or 0
+    for the buffer that holds one operand's surplus until the other operand catches up;
+    ``steady`` its length once the stream runs."""
+
+    channels: int
+    initial: int
+    steady: int
+
+
+def _conv_sides(conv: nn.Module) -> tuple[int, int]:
+    """(left, right) zero padding of a stride-1 convolution that keeps the length."""
+    if isinstance(conv, PolyphaseUpsample):
+        return conv.pad
+    assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+    span = conv.dilation[-1] * (conv.kernel_size[-1] - 1) + 1
+    left = int(conv.padding[-1])  # numeric: fold_weight_norm makes them so
+    return left, span - 1 - left
+
+
+def _conv_unpadded(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(conv, nn.Conv2d):
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation)
+    assert isinstance(conv, nn.Conv1d)
+    return F.conv1d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation)
+
+
+class _StateIO:
+    """The states of one call, taken in the order the network uses them and replaced by
+    their next values. Without given states it starts a stream: every state begins at its
+    initial value, and ``specs`` describes them."""
+
+    def __init__(self, states: Sequence[torch.Tensor] | None, flush: torch.Tensor):
+        self.given = None if states is None else list(states)
+        self.flush = flush
+        self.next: list[torch.Tensor] = []
+        self.specs: list[tuple[int, int]] = []  # (channels, initial length)
+        self.shortest = math.inf  # the shortest convolution output of this call
+        self.widest_right = 0  # the widest right padding: how many zeros flush must hold
+
+    def take(self, like: torch.Tensor, initial: int) -> torch.Tensor:
+        index = len(self.next)
+        if self.given is not None:
+            return self.given[index]
+        self.specs.append((like.shape[1], initial))
+        return like.new_zeros(like.shape[:-1] + (initial,))
+
+    def conv(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``conv`` (zero-padded, stride 1) over the inputs it has, continuing the last call.
+
+        The state is the inputs still needed by outputs not computed yet; it starts as the
+        left padding, so the first outputs see the zeros that offline decoding pads with. An
+        output is computed once all inputs of its window are there. At the end of the stream
+        ``flush`` holds zeros: the right padding, so that the last outputs come too."""
+        left, right = _conv_sides(conv)
+        self.widest_right = max(self.widest_right, right)
+        parts = [self.take(x, left), x]
+        if right:
+            # flush is (1, 1, [1,] n) zeros: n = 0 while streaming; at the end n >= right.
+            zeros = self.flush[..., :right]
+            parts.append(zeros.expand(x.shape[:-1] + (zeros.shape[-1],)))
+        window = torch.cat(parts, -1)
+        self.next.append(window[..., -(left + right) :])  # every convolution here is wider than 1
+        unpadded = conv.conv if isinstance(conv, PolyphaseUpsample) else conv
+        y = _conv_unpadded(unpadded, window)
+        if not torch.jit.is_tracing():  # a Python number only outside the ONNX export
+            self.shortest = min(self.shortest, y.shape[-1])
+        return conv.interleave(y) if isinstance(conv, PolyphaseUpsample) else y
+
+    def align(self, ahead: torch.Tensor, behind: torch.Tensor) -> torch.Tensor:
+        """The values of ``ahead`` at the positions that ``behind`` brings (both streams
+        start at position 0; ``ahead`` has come further): its surplus waits in a state."""
+        pending = torch.cat([self.take(ahead, 0), ahead], -1)
+        count = behind.shape[-1]
+        self.next.append(pending[..., count:])
+        return pending[..., :count]
+
+
+class StreamingGenerator(nn.Module):
+    """The generator of a folded model (:func:`fold_weight_norm`, polyphase upsampling)
+    computed chunk by chunk, each output sample exactly once, equal to the offline network.
+
+    Every convolution keeps the inputs that its later outputs still need as explicit state
+    (:meth:`_StateIO.conv`), so its right look-ahead becomes a delay instead of recomputed
+    context. Streams that meet (a residual add, the mean over resblocks, whose receptive
+    fields differ) are aligned by holding the surplus of the one ahead (:meth:`_StateIO.align`).
+    All streams start at absolute position 0; a call emits what its inputs determine, which
+    after the first call is exactly the new frames' ``hop_length`` samples each, and the
+    whole network lags its input by a fixed ``delay_samples``. The end of the stream is one
+    more call with ``flush`` zeros, which pads each layer's right edge as offline decoding
+    does (zeros at that layer, not the network's response to zero input).
+
+    ``forward(*frame_inputs, flush, *states) -> (audio, *next_states)`` is the ONNX graph.
+    """
+
+    def __init__(self, folded: UnitHiFiGAN, input_names: Sequence[str]):
+        super().__init__()
+        if not all(isinstance(up, PolyphaseUpsample) for up in folded.ups):
+            raise ValueError("the streaming generator needs polyphase upsampling (k - u even)")
+        self.model = folded
+        self.input_names = list(input_names)
+        self.kernels = len(folded.config.resblock_kernel_sizes)
+        # Resblocks at one level lag their input by the right padding of their convolutions;
+        # the sum over them waits for the slowest.
+        self.lags = [
+            sum(_conv_sides(c)[1] for pair in zip(block.convs1, block.convs2, strict=False) for c in pair)
+            for block in folded.resblocks[: self.kernels]
+        ]
+
+    def forward(self, *args):
+        count = len(self.input_names)
+        inputs = dict(zip(self.input_names, args[:count], strict=True))
+        audio, io = self.run(inputs, args[count], args[count + 1 :])
+        return (audio, *io.next)
+
+    def run(
+        self, inputs: dict[str, torch.Tensor], flush: torch.Tensor, states: Sequence[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, _StateIO]:
+        """One call: the audio its frames complete and the states (``io.next``) for the next
+        call. ``states=None`` starts a stream (``io.specs`` then describes the states)."""
+        io = _StateIO(states, flush)
+        x = self.model.features(**inputs)
+        model, blocked = self.model, self.model.blocked
+        source = cast(_BlockedGenerator, blocked) if blocked is not None else model
+        x = io.conv(source.conv_pre, x)
+        for i, up in enumerate(source.ups):
+            x = io.conv(up, F.leaky_relu(x, LRELU_SLOPE))
+            if blocked is not None:  # see _BlockedGenerator: pre-activations as fusable convs
+                x = blocked.identity(x, i)
+                shared = blocked.activate(x, i)
+            outs = []
+            for block in source.resblocks[i * self.kernels : (i + 1) * self.kernels]:
+                y = x
+                act = shared if blocked is not None else F.leaky_relu(x, LRELU_SLOPE)
+                pairs = list(zip(block.convs1, block.convs2, strict=False))
+                for j, (conv1, conv2) in enumerate(pairs):
+                    branch = io.conv(conv2, F.leaky_relu(io.conv(conv1, act), LRELU_SLOPE))
+                    y = branch + io.align(y, branch)
+                    if j + 1 < len(pairs):
+                        act = blocked.activate(y, i) if blocked is not None else F.leaky_relu(y, LRELU_SLOPE)
+                outs.append(y)
+            slowest = outs[self.lags.index(max(self.lags))]
+            total = None
+            for out, lag in zip(outs, self.lags, strict=True):
+                out = out if lag == max(self.lags) else io.align(out, slowest)
+                total = out if total is None else total + out
+            x = total if blocked is not None else total / self.kernels
+        # The reference's last activation uses leaky_relu's default slope (0.01).
+        audio = torch.tanh(io.conv(source.conv_post, F.leaky_relu(x)))
+        return audio.reshape(-1), io
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """What the runtime needs to drive a :class:`StreamingGenerator`."""
+
+    states: tuple[StreamState, ...]
+    delay_samples: int  # samples that the audio lags the frames fed (after the first call)
+    min_first_frames: int  # the first call (unless it ends the stream) needs this many frames
+    flush_length: int
+
+
+def stream_layout(stream: StreamingGenerator, example: dict[str, torch.Tensor]) -> StreamLayout:
+    """The states, delay and first-call minimum of ``stream``, measured on shapes alone
+    (a copy on the meta device: nothing is computed). ``example`` gives one value of each
+    per-frame input (and the global ones)."""
+    meta = copy.deepcopy(stream).to("meta")
+    hop = stream.model.config.hop_length
+    flush = torch.zeros((1, 1) + ((1,) if stream.model.layout_2d else ()) + (0,), device="meta")
+
+    def first_call(frames: int) -> tuple[int, _StateIO]:
+        inputs = {
+            k: (v[:1].expand(frames) if k in ("units", "pitch", "style_codes") else v).to("meta")
+            for k, v in example.items()
+        }
+        audio, io = meta.run(inputs, flush)
+        return audio.shape[0], io
+
+    for frames in range(1, 4097):
+        try:
+            samples, io = first_call(frames)
+        except RuntimeError as exc:  # a convolution without a complete window
+            if "Kernel size" not in str(exc):
+                raise
+            continue
+        if io.shortest >= 1 and samples >= 1:
+            break
+    else:
+        raise ValueError("streaming generator: no first call of up to 4096 frames makes audio")
+    delay = frames * hop - samples
+    # Once every state is full the lag is constant: check it one frame later.
+    later, later_io = first_call(frames + 1)
+    if (frames + 1) * hop - later != delay:
+        raise AssertionError("streaming generator: the delay is not constant")
+    states = tuple(
+        StreamState(channels=int(c), initial=int(init), steady=int(s.shape[-1]))
+        for (c, init), s in zip(later_io.specs, later_io.next, strict=True)
+    )
+    return StreamLayout(states, delay, frames, later_io.widest_right)
+
+
+def _export(
+    module: nn.Module,
+    args: tuple,
+    names: list[str],
+    outputs: str | list[str],
+    opset: int,
+    axes: dict[str, dict[int, str]] | None = None,
+) -> bytes:
+    outputs = [outputs] if isinstance(outputs, str) else outputs
+    dynamic = {n: {0: "frames"} for n in names if n in ("units", "pitch", "style_codes")}
+    dynamic[outputs[0]] = {0: "samples" if outputs[0] == "audio" else "frames"}
+    dynamic.update(axes or {})
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter (deterministic, fine for this graph) warns about itself.
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
-        _export_to(module, args, buffer, names, output, opset)
+        torch.onnx.export(
+            module,
+            args,
+            buffer,
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     return buffer.getvalue()
 
 
-def _export_to(module, args, buffer, names, output, opset) -> None:
-    torch.onnx.export(
-        module,
-        args,
-        buffer,
-        input_names=names,
-        output_names=[output],
-        dynamic_axes={
-            **{n: {0: "frames"} for n in names if n in ("units", "pitch", "style_codes")},
-            output: {0: "samples" if output == "audio" else "frames"},
-        },
-        opset_version=opset,
-        do_constant_folding=True,
-        dynamo=False,
-    )
+def _export_stream(
+    folded: UnitHiFiGAN, example: dict[str, torch.Tensor], bundle_dir: Path, opset: int, layout: str
+) -> dict[str, Any]:
+    """Write ``vocoder_stream.onnx`` (see :class:`StreamingGenerator`); returns its bundle.json entry."""
+    stream = StreamingGenerator(folded, list(example)).eval()
+    plan = stream_layout(stream, example)
+    time_axis = 3 if folded.layout_2d else 2
+    middle = (1,) if folded.layout_2d else ()
+    states = [torch.zeros((1, s.channels) + middle + (s.initial,)) for s in plan.states]
+    flush = torch.zeros((1, 1) + middle + (0,))
+    frames = max(plan.min_first_frames, 4)
+    args = tuple(v[:1].expand(frames).contiguous() if v.shape[0] > 1 else v for v in example.values())
+    names = list(example)
+    state_in = [f"state{i}" for i in range(len(states))]
+    state_out = [f"state{i}_next" for i in range(len(states))]
+    axes = {n: {time_axis: "length"} for n in ["flush", *state_in, *state_out]}
+    with torch.no_grad():
+        inputs = [*names, "flush", *state_in]
+        data = _export(stream, (*args, flush, *states), inputs, ["audio", *state_out], opset, axes)
+    (bundle_dir / STREAM_ONNX_FILE).write_bytes(data)
+    return {
+        "file": STREAM_ONNX_FILE,
+        "opset": opset,
+        "inputs": names,
+        "outputs": ["audio"],
+        "layout": layout,
+        "hop_length": folded.config.hop_length,
+        "delay_samples": plan.delay_samples,
+        "min_first_frames": plan.min_first_frames,
+        "flush": {"input": "flush", "length": plan.flush_length},
+        "states": [
+            {"input": i, "output": o, "shape": [1, s.channels, *middle, s.initial], "steady_length": s.steady}
+            for i, o, s in zip(state_in, state_out, plan.states, strict=True)
+        ],
+    }
 
 
 def export_onnx(
@@ -776,13 +1034,18 @@ def export_onnx(
     opset: int = 17,
     model: UnitHiFiGAN | None = None,
     layout: str = "blocked",
+    streaming: bool = True,
+    stream_layout: str | None = None,
 ) -> dict:
     """Export the vocoder of ``variant`` into ``bundle_dir`` and record it in bundle.json.
 
-    Writes ``vocoder.onnx`` (generator on per-frame inputs) and, if the model has a
-    duration predictor, ``vocoder_duration.onnx``. ``model`` overrides loading from
-    ``paths`` (benchmarks pass a random full-size model). ``layout`` picks the graph
-    arrangement (see ``LAYOUTS``); both compute the same function. Returns the manifest.
+    Writes ``vocoder.onnx`` (generator on per-frame inputs), with ``streaming``
+    ``vocoder_stream.onnx`` (the same generator with explicit state, see
+    :class:`StreamingGenerator`) and, if the model has a duration predictor,
+    ``vocoder_duration.onnx``. ``model`` overrides loading from ``paths`` (benchmarks pass
+    a random full-size model). ``layout`` and ``stream_layout`` (default: ``layout``) pick
+    the graphs' arrangement (see ``LAYOUTS``); both compute the same function. Returns the
+    manifest.
     """
     check_variant(variant)
     if model is None:
@@ -792,11 +1055,14 @@ def export_onnx(
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    # The blocked layout needs every upsampling layer in polyphase form (k - u even).
+    stream_layout = layout if stream_layout is None else stream_layout
+    for given in (layout, stream_layout):
+        if given not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {given!r}")
+    # The blocked layout and the streaming graph need every upsampling layer in polyphase
+    # form (k - u even); the release's are.
     if not all((k - u) % 2 == 0 for u, k in zip(config.upsample_rates, config.upsample_kernel_sizes, strict=False)):
-        layout = "plain"
+        layout, streaming = "plain", False
     plain = fold_weight_norm(model, layout_2d=layout == "blocked")
 
     frames = 12
@@ -841,6 +1107,10 @@ def export_onnx(
         "layout": layout,
     }
     manifest = add_component(bundle_dir, "vocoder", entry, variant=variant, sample_rate=SAMPLE_RATE)
+    if streaming:
+        folded = plain if stream_layout == layout else fold_weight_norm(model, layout_2d=stream_layout == "blocked")
+        stream_entry = _export_stream(folded, example, bundle_dir, opset, stream_layout)
+        manifest = add_component(bundle_dir, "vocoder_stream", stream_entry, variant=variant)
     if model.dur_predictor is not None:
         with torch.no_grad():
             data = _export(_DurationGraph(plain), (example["units"],), ["units"], "durations", opset)
