@@ -298,7 +298,46 @@ class DurationConfig:
         return cls(_pair(name, entry, "context_units", "left", "right"))
 
 
-_Config = TypeVar("_Config", EncoderConfig, F0Config, PitchConfig, VocoderConfig, DurationConfig)
+@dataclass(frozen=True)
+class StreamingVocoderConfig:
+    """The stateful streaming generator (``vocoder_stream``): the ``vocoder`` graph computed
+    chunk by chunk, each convolution's left context carried between calls as state."""
+
+    inputs: tuple[str, ...]  # per-frame and global inputs, as the ``vocoder`` graph's
+    states: tuple[tuple[str, str, tuple[int, ...]], ...]  # (input, output, initial shape), in graph order
+    flush_input: str  # zeros of length 0 while streaming, ``flush_length`` in the call that ends the stream
+    flush_length: int
+    delay_samples: int  # the audio lags the frames fed by this many samples
+    min_first_frames: int  # fewest frames of a first call that does not end the stream
+    layout: str
+
+    @classmethod
+    def from_entry(cls, name: str, entry: Mapping[str, Any]) -> StreamingVocoderConfig:
+        _require(name, entry, ("inputs", "states", "flush", "delay_samples", "min_first_frames"))
+        flush = entry["flush"]
+        try:
+            states = tuple(
+                (str(s["input"]), str(s["output"]), tuple(int(d) for d in s["shape"])) for s in entry["states"]
+            )
+            flush_input, flush_length = str(flush["input"]), int(flush["length"])
+        except (KeyError, TypeError, ValueError):
+            raise BundleError(
+                f"bundle.json's {name!r} component has malformed states or flush settings. Rebuild the bundle."
+            ) from None
+        return cls(
+            inputs=tuple(entry["inputs"]),
+            states=states,
+            flush_input=flush_input,
+            flush_length=flush_length,
+            delay_samples=int(entry["delay_samples"]),
+            min_first_frames=int(entry["min_first_frames"]),
+            layout=str(entry.get("layout", "plain")),
+        )
+
+
+_Config = TypeVar(
+    "_Config", EncoderConfig, F0Config, PitchConfig, VocoderConfig, DurationConfig, StreamingVocoderConfig
+)
 # component name -> the settings its engine reads
 CONFIGS: dict[str, type] = {
     "hubert": EncoderConfig,
@@ -307,6 +346,7 @@ CONFIGS: dict[str, type] = {
     "pitch": PitchConfig,
     "vocoder": VocoderConfig,
     "vocoder_duration": DurationConfig,
+    "vocoder_stream": StreamingVocoderConfig,
 }
 
 

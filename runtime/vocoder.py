@@ -15,6 +15,7 @@ have arrived.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from spiritlm_edge.runtime.bundle import Bundle, DurationConfig, VocoderConfig
+from spiritlm_edge.runtime.bundle import Bundle, DurationConfig, StreamingVocoderConfig, VocoderConfig
 from spiritlm_edge.runtime.errors import ModelError, UnitsError
 from spiritlm_edge.runtime.limits import MAX_WINDOW_FRAMES
 from spiritlm_edge.runtime.onnx_session import create_session, default_threads
@@ -46,9 +47,13 @@ class Vocoder:
         config: VocoderConfig,
         duration_config: DurationConfig | None = None,
         workers: int = 1,
+        stream_generator: Any = None,
+        stream_config: StreamingVocoderConfig | None = None,
     ):
         self._generator = generator
         self._duration = duration
+        self._stream_generator = stream_generator if stream_config is not None else None
+        self.stream_config = stream_config if stream_generator is not None else None
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
         self.config = config
@@ -79,7 +84,14 @@ class Vocoder:
         if bundle.has("vocoder_duration"):
             duration_config = bundle.config("vocoder_duration", DurationConfig)
             duration = create_session(bundle.path("vocoder_duration"), providers, 1)
-        return cls(generator, duration, config, duration_config, workers=workers)
+        stream, stream_config = None, None
+        # The stateful graph is fp32 and verified on ONNX Runtime's CPU provider: with an int8
+        # generator (it would not equal decode()) or on a GPU, streaming keeps the windows.
+        if bundle.has("vocoder_stream") and bundle.precision_of("vocoder") == "fp32":
+            session = create_session(bundle.path("vocoder_stream"), providers, threads)
+            if getattr(session, "get_providers", list)() == ["CPUExecutionProvider"]:
+                stream, stream_config = session, bundle.config("vocoder_stream", StreamingVocoderConfig)
+        return cls(generator, duration, config, duration_config, workers, stream, stream_config)
 
     # ------------------------------------------------------------------ properties
 
@@ -108,9 +120,19 @@ class Vocoder:
         return self._duration is not None
 
     @property
+    def stateful_streaming(self) -> bool:
+        """Whether :meth:`stream` runs the stateful generator (``vocoder_stream``), which
+        computes every frame once, rather than windows with context on both sides."""
+        return self.stream_config is not None
+
+    @property
     def latency_frames(self) -> tuple[int, int]:
         """Look-ahead of :meth:`stream`: (generator frames, duration-predictor units)."""
-        return self.context_frames[1], self.duration_context[1] if self.has_duration else 0
+        if self.stream_config is not None:
+            generator = math.ceil(self.stream_config.delay_samples / self.hop_length)
+        else:
+            generator = self.context_frames[1]
+        return generator, self.duration_context[1] if self.has_duration else 0
 
     # ------------------------------------------------------------------ checks
 
@@ -156,14 +178,17 @@ class Vocoder:
     def _predict_durations(self, units: np.ndarray) -> np.ndarray:
         return self._duration.run(None, {"units": np.ascontiguousarray(units, dtype=np.int64)})[0].astype(np.int64)
 
-    def _generate(self, frames: dict[str, np.ndarray | None], globals_: dict) -> np.ndarray:
+    def _frame_feeds(self, frames: dict[str, np.ndarray | None], globals_: dict) -> dict[str, np.ndarray]:
         feeds = {"units": np.ascontiguousarray(frames["units"], dtype=np.int64)}
         if self.has_pitch:
             feeds["pitch"] = np.ascontiguousarray(frames["pitch"], dtype=np.int64)
         if self.has_style:
             feeds["style_codes"] = np.ascontiguousarray(frames["style"], dtype=np.int64)
         feeds.update(globals_)
-        return self._generator.run(None, feeds)[0]
+        return feeds
+
+    def _generate(self, frames: dict[str, np.ndarray | None], globals_: dict) -> np.ndarray:
+        return self._generator.run(None, self._frame_feeds(frames, globals_))[0]
 
     def _render(self, frames: dict[str, np.ndarray | None], start: int, end: int, globals_: dict) -> np.ndarray:
         """Audio of frames ``[start, end)`` of ``frames`` (per-frame arrays).
@@ -285,10 +310,16 @@ class StreamingSynthesizer:
     """The state of one streamed decode: frames in with :meth:`push`, audio chunks out.
 
     Units arrive one frame each; once the duration predictor's right context (``d_right``
-    units) follows a unit, its duration is final and it is expanded to vocoder frames;
-    once the generator's right context (``g_right`` frames) follows a chunk, the chunk is
-    synthesized from a window with its full left and right context, so the concatenated
-    chunks equal :meth:`Vocoder.decode`. :meth:`finish` times and synthesizes the rest.
+    units) follows a unit, its duration is final and it is expanded to vocoder frames.
+    Frames then become audio in one of two ways, both equal to :meth:`Vocoder.decode`:
+
+    - stateful (bundles with ``vocoder_stream``): frames are fed once to the stateful
+      generator, whose audio lags them by a fixed delay (``latency_frames``); a chunk is
+      ready once that many frames follow it. :meth:`finish` ends the stream with the
+      graph's flush call, which pads each layer's right edge as offline decoding does.
+    - windows (older bundles, int8 or GPU generators): once the generator's right context
+      (``g_right`` frames) follows a chunk, it is synthesized from a window with its full
+      left and right context.
     """
 
     def __init__(
@@ -315,7 +346,11 @@ class StreamingSynthesizer:
         self.units: dict[str, list[int]] = {"units": [], **{name: [] for name in self.streams}}  # per unit
         self.frames: dict[str, list[int]] = {"units": [], **{name: [] for name in self.streams}}  # per vocoder frame
         self.timed = 0  # units whose durations are final and whose frames are in self.frames
-        self.emitted = 0  # vocoder frames already synthesized and yielded
+        self.emitted = 0  # vocoder frames whose audio has been yielded
+        # the stateful path: the graph's states, frames fed to it, audio made but not yielded
+        self.states: dict[str, np.ndarray] | None = None
+        self.fed = 0
+        self.audio: list[np.ndarray] = []
 
     def push(self, frame: Frame | int, index: int | None = None) -> Iterator[np.ndarray]:
         """Add one frame; yield the chunks it completes."""
@@ -348,11 +383,20 @@ class StreamingSynthesizer:
 
     def _emit(self, final: bool) -> Iterator[np.ndarray]:
         self._time_units(final)
+        if self.vocoder.stream_config is not None:
+            yield from self._emit_stateful(final)
+        else:
+            yield from self._emit_windows(final)
+
+    def _chunk_end(self, start: int) -> int:
+        return start + (self.first_chunk_frames if start == 0 else self.chunk_frames)
+
+    def _emit_windows(self, final: bool) -> Iterator[np.ndarray]:
         g_left, g_right = self.vocoder.context_frames
         total = len(self.frames["units"])
         while self.emitted < total:
             start = self.emitted
-            end = start + (self.first_chunk_frames if start == 0 else self.chunk_frames)
+            end = self._chunk_end(start)
             if not final and end + g_right > total:
                 return
             end = min(end, total)
@@ -365,6 +409,59 @@ class StreamingSynthesizer:
                 end - lo,
                 self.globals,
             )
+
+    def _emit_stateful(self, final: bool) -> Iterator[np.ndarray]:
+        config = self.vocoder.stream_config
+        assert config is not None
+        total = len(self.frames["units"])
+        delay = self.vocoder.latency_frames[0]
+        # Feed the frames of one chunk per call (the first call also its delay), so that
+        # chunks come out one by one even when many frames are ready at once.
+        while not final:
+            if self.fed == 0:
+                end = max(config.min_first_frames, self.first_chunk_frames + delay)
+            else:
+                end = self.fed + self.chunk_frames
+            if end > total:
+                break
+            self._run_stateful(end, flush=False)
+            yield from self._pop_chunks(final=False)
+        if final and total:
+            self._run_stateful(total, flush=True)
+            yield from self._pop_chunks(final=True)
+
+    def _run_stateful(self, end: int, flush: bool) -> None:
+        """Feed frames ``[fed, end)``; with ``flush``, they are the last ones."""
+        config = self.vocoder.stream_config
+        assert config is not None
+        if self.states is None:
+            self.states = {name: np.zeros(shape, dtype=np.float32) for name, _, shape in config.states}
+        frames = {name: np.asarray(values[self.fed : end], dtype=np.int64) for name, values in self.frames.items()}
+        feeds = self.vocoder._frame_feeds(
+            {"units": frames["units"], "pitch": frames.get("pitch"), "style": frames.get("style")}, self.globals
+        )
+        middle = (1,) if config.layout == "blocked" else ()
+        feeds[config.flush_input] = np.zeros((1, 1, *middle, config.flush_length if flush else 0), np.float32)
+        feeds.update(self.states)
+        outputs = self.vocoder._stream_generator.run(["audio", *(out for _, out, _ in config.states)], feeds)
+        self.audio.append(outputs[0])
+        self.states = {name: value for (name, _, _), value in zip(config.states, outputs[1:], strict=True)}
+        self.fed = end
+
+    def _pop_chunks(self, final: bool) -> Iterator[np.ndarray]:
+        """Yield the made audio in whole chunks (at the end, the rest too)."""
+        hop = self.vocoder.hop_length
+        audio = np.concatenate(self.audio) if len(self.audio) > 1 else self.audio[0]
+        offset = 0
+        while offset < len(audio):
+            size = (self._chunk_end(self.emitted) - self.emitted) * hop
+            if len(audio) - offset < size and not final:
+                break
+            chunk = audio[offset : offset + size]
+            offset += len(chunk)
+            self.emitted += len(chunk) // hop
+            yield chunk
+        self.audio = [audio[offset:]]
 
     def _check(self, frame: Frame | int, index: int) -> tuple[int, int | None, int | None]:
         if isinstance(frame, (int, np.integer)):

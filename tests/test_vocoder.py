@@ -130,9 +130,9 @@ def test_stream_equals_offline(setup, dur_pred, chunk_frames):
         consumed_at.append(consumed[0])
     assert rel_l2(np.concatenate(chunks), offline) <= 1e-3
     assert all(len(c) == chunk_frames * 640 for c in chunks[:-1])
-    # First chunk: as soon as its frames plus the generator's right context are timed,
+    # First chunk: as soon as its frames plus the generator's look-ahead are timed,
     # and timing a unit needs the duration predictor's right context in units.
-    right = vocoder.context_frames[1]
+    right = vocoder.latency_frames[0]
     if dur_pred:
         cum = np.cumsum(vocoder.durations(hubert))
         d_right = vocoder.duration_context[1]
