@@ -1,17 +1,22 @@
 """Real-time factor of the full-size unit HiFi-GAN (random weights), per ONNX export layout
-and against PyTorch eager: the measurement behind the vocoder's default ``blocked`` layout.
+and against PyTorch eager: the measurement behind the vocoder's default ``blocked`` layout;
+with ``--streaming``, streamed against offline cost (stateful graph per layout and thread
+count, and the windowed streaming of older bundles) and the first chunk's latency.
 
     python -m spiritlm_edge.bench.vocoder_layouts --variant expressive --threads 2
+    python -m spiritlm_edge.bench.vocoder_layouts --streaming --chunk-frames 5 10 25
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +30,8 @@ from spiritlm_edge.export.vocoder import (
     export_onnx,
     fold_weight_norm,
 )
+from spiritlm_edge.runtime.bundle import Bundle, StreamingVocoderConfig
+from spiritlm_edge.runtime.onnx_session import create_session
 from spiritlm_edge.runtime.vocoder import Vocoder
 
 
@@ -83,13 +90,129 @@ def benchmark(
     return results
 
 
+def _frames(n: int, config, rng) -> list[tuple[int, int | None, int | None]]:
+    hubert = rng.integers(0, config.num_embeddings, n).tolist()
+    pitch = rng.integers(0, config.num_f0_tokens, n).tolist() if config.num_f0_tokens else [None] * n
+    style = rng.integers(0, config.num_style_tokens, n).tolist() if config.num_style_tokens else [None] * n
+    return list(zip(hubert, pitch, style, strict=True))
+
+
+def _stream_once(vocoder: Vocoder, frames: list, chunk_frames: int, first_chunk_frames: int) -> tuple[float, float]:
+    """(total s, first chunk s after the last frame it needed): every frame ready at once,
+    handed over one by one as the vocoder pulls them."""
+    pulled: list[float] = []
+
+    def arriving():
+        for frame in frames:
+            pulled.append(time.perf_counter())
+            yield frame
+
+    start = time.perf_counter()
+    first = math.nan
+    for chunk in vocoder.stream(
+        arriving(), dur_pred=False, chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames
+    ):
+        if math.isnan(first):
+            first = time.perf_counter() - pulled[-1]
+        del chunk
+    return time.perf_counter() - start, first
+
+
+def streaming_benchmark(
+    variant: str = "expressive",
+    seconds: float = 9.0,
+    threads: int = 2,
+    runs: int = 5,
+    chunk_frames: Sequence[int] = (5, 10, 25),
+    first_chunk_frames: int = 2,
+    stream_layouts: Sequence[str] = LAYOUTS,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Streamed against offline cost of the full-size vocoder (random weights), side by side:
+    offline :meth:`Vocoder.decode` (the bundle's default blocked generator), the stateful
+    streaming graph in each layout of ``stream_layouts`` with 1 and ``threads`` intra-op
+    threads, and the windowed streaming of bundles without it. Every frame is ready at once
+    (durations given): the stream's cost is what it takes from the LM's decode on a CPU.
+    Returns rows of {"name", "chunk_frames", "median_s", "ratio" (to offline), "first_ms"}."""
+    model = full_size_vocoder(variant, seed)
+    config = model.config
+    hop = config.hop_length
+    n = int(round(seconds * SAMPLE_RATE / hop))
+    frames = _frames(n, config, np.random.default_rng(seed))
+    hubert, pitch, style = (np.array(v) if v[0] is not None else None for v in zip(*frames, strict=True))
+
+    def median(run) -> tuple[float, float]:
+        run()
+        results = [run() for _ in range(runs)]
+        totals = sorted(r[0] for r in results)
+        firsts = sorted(r[1] for r in results)
+        return statistics.median(totals), statistics.median(firsts)
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in stream_layouts:
+            export_onnx(None, variant, Path(tmp) / layout, model=model, stream_layout=layout)
+        bundle = Bundle(Path(tmp) / stream_layouts[0])
+        offline = Vocoder.from_bundle(bundle, n_threads=threads)
+
+        def decode():
+            start = time.perf_counter()
+            offline.decode(hubert, pitch, style, dur_pred=False)
+            return time.perf_counter() - start, math.nan
+
+        offline_s = median(decode)[0]
+        rows.append({"name": "offline decode", "chunk_frames": None, "median_s": offline_s, "ratio": 1.0})
+        windowed = Vocoder(offline._generator, offline._duration, offline.config, workers=offline._workers)
+        candidates = [("windowed stream (old bundles)", windowed)]
+        for layout in stream_layouts:
+            bundle = Bundle(Path(tmp) / layout)
+            for count in sorted({1, threads}):
+                session = create_session(bundle.path("vocoder_stream"), None, count)
+                stream_config = bundle.config("vocoder_stream", StreamingVocoderConfig)
+                stateful = Vocoder(
+                    offline._generator,
+                    None,
+                    offline.config,
+                    workers=offline._workers,
+                    stream_generator=session,
+                    stream_config=stream_config,
+                )
+                candidates.append((f"stateful {layout}, {count} thread{'s' * (count > 1)}", stateful))
+        for name, vocoder in candidates:
+            for size in chunk_frames:
+                total, first = median(lambda v=vocoder, s=size: _stream_once(v, frames, s, first_chunk_frames))
+                rows.append(
+                    {
+                        "name": name,
+                        "chunk_frames": size,
+                        "median_s": total,
+                        "ratio": total / offline_s,
+                        "first_ms": 1e3 * first,
+                    }
+                )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Real-time factor of the full-size unit HiFi-GAN.")
     parser.add_argument("--variant", default="expressive", choices=("base", "expressive"))
     parser.add_argument("--seconds", type=float, default=9.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--streaming", action="store_true", help="streamed vs offline cost instead")
+    parser.add_argument("--chunk-frames", type=int, nargs="+", default=[5, 10, 25])
+    parser.add_argument("--first-chunk-frames", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.streaming:
+        rows = streaming_benchmark(
+            args.variant, args.seconds, args.threads, args.runs, args.chunk_frames, args.first_chunk_frames
+        )
+        print(f"{args.seconds:g} s of audio, {args.threads} threads, median of {args.runs}")
+        for r in rows:
+            chunk = "" if r["chunk_frames"] is None else f"chunk {r['chunk_frames']:3d}"
+            first = f"  first chunk {r['first_ms']:6.1f} ms" if "first_ms" in r else ""
+            print(f"{r['name']:32s} {chunk:9s} {r['median_s']:.3f} s  x{r['ratio']:.2f} offline{first}")
+        return
     for name, r in benchmark(args.variant, args.seconds, args.threads, args.runs).items():
         print(f"{name:26s} median {r['median_s']:.3f} s  min {r['min_s']:.3f} s  RTF {r['rtf']:.4f}")
 
