@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from spiritlm_edge.export.random_speech import full_size_vocoder
@@ -97,9 +98,11 @@ def _frames(n: int, config, rng) -> list[tuple[int, int | None, int | None]]:
     return list(zip(hubert, pitch, style, strict=True))
 
 
-def _stream_once(vocoder: Vocoder, frames: list, chunk_frames: int, first_chunk_frames: int) -> tuple[float, float]:
-    """(total s, first chunk s after the last frame it needed): every frame ready at once,
-    handed over one by one as the vocoder pulls them."""
+def _stream_once(
+    vocoder: Vocoder, frames: list, chunk_frames: int, first_chunk_frames: int
+) -> tuple[float, float, float]:
+    """(total s, first chunk s after the last frame it needed, CPU s of this process): every
+    frame ready at once, handed over one by one as the vocoder pulls them."""
     pulled: list[float] = []
 
     def arriving():
@@ -107,7 +110,7 @@ def _stream_once(vocoder: Vocoder, frames: list, chunk_frames: int, first_chunk_
             pulled.append(time.perf_counter())
             yield frame
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     first = math.nan
     for chunk in vocoder.stream(
         arriving(), dur_pred=False, chunk_frames=chunk_frames, first_chunk_frames=first_chunk_frames
@@ -115,7 +118,7 @@ def _stream_once(vocoder: Vocoder, frames: list, chunk_frames: int, first_chunk_
         if math.isnan(first):
             first = time.perf_counter() - pulled[-1]
         del chunk
-    return time.perf_counter() - start, first
+    return time.perf_counter() - start, first, time.process_time() - cpu
 
 
 def streaming_benchmark(
@@ -133,7 +136,9 @@ def streaming_benchmark(
     streaming graph in each layout of ``stream_layouts`` with 1 and ``threads`` intra-op
     threads, and the windowed streaming of bundles without it. Every frame is ready at once
     (durations given): the stream's cost is what it takes from the LM's decode on a CPU.
-    Returns rows of {"name", "chunk_frames", "median_s", "ratio" (to offline), "first_ms"}."""
+    Returns rows of {"name", "chunk_frames", "median_s", "ratio" (to offline), "cpu_s" (CPU
+    time of this process: robust when other processes share the cores), "cpu_ratio",
+    "first_ms"}."""
     model = full_size_vocoder(variant, seed)
     config = model.config
     hop = config.hop_length
@@ -141,52 +146,62 @@ def streaming_benchmark(
     frames = _frames(n, config, np.random.default_rng(seed))
     hubert, pitch, style = (np.array(v) if v[0] is not None else None for v in zip(*frames, strict=True))
 
-    def median(run) -> tuple[float, float]:
+    def median(run) -> tuple[float, float, float]:
         run()
         results = [run() for _ in range(runs)]
-        totals = sorted(r[0] for r in results)
-        firsts = sorted(r[1] for r in results)
-        return statistics.median(totals), statistics.median(firsts)
+        total, first, cpu = (statistics.median(r[i] for r in results) for i in range(3))
+        return total, first, cpu
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for layout in stream_layouts:
             export_onnx(None, variant, Path(tmp) / layout, model=model, stream_layout=layout)
-        bundle = Bundle(Path(tmp) / stream_layouts[0])
-        offline = Vocoder.from_bundle(bundle, n_threads=threads)
+        offline = Vocoder.from_bundle(Path(tmp) / stream_layouts[0], n_threads=threads)
 
-        def decode():
-            start = time.perf_counter()
+        def decode() -> tuple[float, float, float]:
+            start, cpu = time.perf_counter(), time.process_time()
             offline.decode(hubert, pitch, style, dur_pred=False)
-            return time.perf_counter() - start, math.nan
+            return time.perf_counter() - start, math.nan, time.process_time() - cpu
 
-        offline_s = median(decode)[0]
-        rows.append({"name": "offline decode", "chunk_frames": None, "median_s": offline_s, "ratio": 1.0})
+        offline_s, _, offline_cpu = median(decode)
+        rows.append(
+            {"name": "offline decode", "chunk_frames": None, "median_s": offline_s, "ratio": 1.0, "cpu_s": offline_cpu}
+        )
         windowed = Vocoder(offline._generator, offline._duration, offline.config, workers=offline._workers)
         candidates = [("windowed stream (old bundles)", windowed)]
         for layout in stream_layouts:
             bundle = Bundle(Path(tmp) / layout)
-            for count in sorted({1, threads}):
-                session = create_session(bundle.path("vocoder_stream"), None, count)
-                stream_config = bundle.config("vocoder_stream", StreamingVocoderConfig)
+            path = bundle.path("vocoder_stream")
+            sessions = [(f"{n} thread{'s' * (n > 1)}", create_session(path, None, n)) for n in sorted({1, threads})]
+            if threads > 1:
+                # ONNX Runtime's parallel executor can run a level's resblocks (independent
+                # branches until their sum) side by side, one thread each.
+                options = ort.SessionOptions()
+                options.intra_op_num_threads, options.inter_op_num_threads = 1, threads
+                options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+                parallel = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                sessions.append((f"{threads} parallel branches", parallel))
+            for label, session in sessions:
                 stateful = Vocoder(
                     offline._generator,
                     None,
                     offline.config,
                     workers=offline._workers,
                     stream_generator=session,
-                    stream_config=stream_config,
+                    stream_config=bundle.config("vocoder_stream", StreamingVocoderConfig),
                 )
-                candidates.append((f"stateful {layout}, {count} thread{'s' * (count > 1)}", stateful))
+                candidates.append((f"stateful {layout}, {label}", stateful))
         for name, vocoder in candidates:
             for size in chunk_frames:
-                total, first = median(lambda v=vocoder, s=size: _stream_once(v, frames, s, first_chunk_frames))
+                total, first, cpu = median(lambda v=vocoder, s=size: _stream_once(v, frames, s, first_chunk_frames))
                 rows.append(
                     {
                         "name": name,
                         "chunk_frames": size,
                         "median_s": total,
                         "ratio": total / offline_s,
+                        "cpu_s": cpu,
+                        "cpu_ratio": cpu / offline_cpu,
                         "first_ms": 1e3 * first,
                     }
                 )
@@ -211,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             chunk = "" if r["chunk_frames"] is None else f"chunk {r['chunk_frames']:3d}"
             first = f"  first chunk {r['first_ms']:6.1f} ms" if "first_ms" in r else ""
-            print(f"{r['name']:32s} {chunk:9s} {r['median_s']:.3f} s  x{r['ratio']:.2f} offline{first}")
+            cpu = f"  CPU {r['cpu_s']:.3f} s" + (f" x{r['cpu_ratio']:.2f}" if "cpu_ratio" in r else "")
+            print(f"{r['name']:36s} {chunk:9s} {r['median_s']:.3f} s  x{r['ratio']:.2f} offline{cpu}{first}")
         return
     for name, r in benchmark(args.variant, args.seconds, args.threads, args.runs).items():
         print(f"{name:26s} median {r['median_s']:.3f} s  min {r['min_s']:.3f} s  RTF {r['rtf']:.4f}")
