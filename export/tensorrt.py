@@ -105,8 +105,13 @@ def timing_cache_path(bundle_dir: str | os.PathLike, device: DeviceInfo, trt_ver
 
 
 def onnx_components(bundle: Bundle) -> list[str]:
-    """Components of ``bundle`` that are ONNX models."""
-    return [name for name, entry in bundle.components.items() if str(entry.get("file", "")).endswith(".onnx")]
+    """Components of ``bundle`` that are ONNX models, less the stateful streaming vocoder
+    (``states`` in its entry), which the runtime runs on ONNX Runtime's CPU provider only."""
+    return [
+        name
+        for name, entry in bundle.components.items()
+        if str(entry.get("file", "")).endswith(".onnx") and "states" not in entry
+    ]
 
 
 def build_engine(

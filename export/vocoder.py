@@ -13,9 +13,11 @@ speaker (``spkr``) and, for Base, a global style (``style``). An optional durati
 predictor (``dur_predictor``) turns deduplicated units back into frame counts. Then a
 standard HiFi-GAN generator makes 16 kHz audio, ``prod(upsample_rates)`` samples per frame.
 
-The export writes two graphs with weight norm folded in: ``vocoder_duration.onnx``
-(units -> frames per unit) and ``vocoder.onnx`` (per-frame inputs -> audio), so that the
-runtime expands durations between the two and can stream the generator in chunks.
+The export writes three graphs with weight norm folded in: ``vocoder_duration.onnx``
+(units -> frames per unit), ``vocoder.onnx`` (per-frame inputs -> audio) and
+``vocoder_stream.onnx`` (the same generator computed chunk by chunk with explicit state,
+see :class:`StreamingGenerator`), so that the runtime expands durations between them and
+streams the generator computing each frame once.
 """
 
 from __future__ import annotations

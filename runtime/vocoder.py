@@ -1,16 +1,25 @@
 """Speech units -> 16 kHz audio with the exported unit HiFi-GAN (ONNX Runtime, no torch).
 
-Two graphs from the bundle: ``vocoder_duration`` (units -> frames per unit) and
-``vocoder`` (per-frame units, pitch codes, style codes, speaker -> audio). Durations are
+Graphs from the bundle: ``vocoder_duration`` (units -> frames per unit), ``vocoder``
+(per-frame units, pitch codes, style codes, speaker -> audio) and, in bundles that have it,
+``vocoder_stream`` (the same generator with explicit state, for streaming). Durations are
 expanded in between with ``np.repeat``, which is what lets :meth:`Vocoder.stream` run the
 generator chunk by chunk while frames arrive.
 
-Streaming is exact: each chunk is synthesized with the generator's full receptive field
-on both sides (``context_frames`` in bundle.json) and durations with the predictor's
-(``context_units``), so the concatenated chunks equal :meth:`Vocoder.decode`. The price
-is latency: a chunk is ready once ``right`` more frames (20 = 800 ms for the release's
-size, 14 = 560 ms for the tiny test model) and, with duration prediction, 2 more units
-have arrived.
+Streaming is exact either way: the concatenated chunks equal :meth:`Vocoder.decode`.
+
+- Stateful (``vocoder_stream``): each frame is fed to the generator once; every convolution
+  keeps the inputs its later outputs need as state, so a stream costs about what one offline
+  decode costs. The audio lags the frames by a fixed delay (``delay_samples``: 21 frames =
+  840 ms for the release's size, 14 = 560 ms for the tiny test model), and the call that
+  ends the stream pads each layer's right edge with zeros as offline decoding does.
+- Windows (older bundles; int8 or GPU generators): each chunk is synthesized with the
+  generator's full receptive field on both sides (``context_frames`` in bundle.json), so
+  a chunk is ready once ``right`` more frames (20 for the release's size) have arrived, and
+  every chunk recomputes its context.
+
+With duration prediction a unit is timed once the predictor's right context
+(``context_units``, 2 units) has arrived.
 """
 
 from __future__ import annotations
@@ -297,8 +306,9 @@ class Vocoder:
         ``chunk_frames`` vocoder frames (40 ms each) and are exactly the offline
         :meth:`decode` of the same frames, cut in pieces; see :class:`StreamingSynthesizer`
         for when each one is ready. ``first_chunk_frames`` (default ``chunk_frames``) sizes
-        the first chunk alone: a small one starts playback sooner, larger later ones cost
-        less context recomputation per second of audio.
+        the first chunk alone: a small one starts playback sooner. Larger later chunks
+        cost less per second of audio: a little (one graph call each) with the stateful
+        generator, much (the recomputed context) with windows.
         """
         synthesizer = StreamingSynthesizer(self, speaker_id, dur_pred, chunk_frames, style_id, first_chunk_frames)
         for index, frame in enumerate(frames):
