@@ -864,10 +864,8 @@ class StreamingGenerator(nn.Module):
         self.kernels = len(folded.config.resblock_kernel_sizes)
         # Resblocks at one level lag their input by the right padding of their convolutions;
         # the sum over them waits for the slowest.
-        self.lags = [
-            sum(_conv_sides(c)[1] for pair in zip(block.convs1, block.convs2, strict=False) for c in pair)
-            for block in folded.resblocks[: self.kernels]
-        ]
+        blocks = cast(list[ResBlock], list(folded.resblocks[: self.kernels]))
+        self.lags = [sum(_conv_sides(c)[1] for c in [*block.convs1, *block.convs2]) for block in blocks]
 
     def forward(self, *args):
         count = len(self.input_names)
@@ -882,8 +880,8 @@ class StreamingGenerator(nn.Module):
         call. ``states=None`` starts a stream (``io.specs`` then describes the states)."""
         io = _StateIO(states, flush)
         x = self.model.features(**inputs)
-        model, blocked = self.model, self.model.blocked
-        source = cast(_BlockedGenerator, blocked) if blocked is not None else model
+        blocked = cast("_BlockedGenerator | None", self.model.blocked)
+        source: Any = blocked if blocked is not None else self.model  # the same layer names
         x = io.conv(source.conv_pre, x)
         for i, up in enumerate(source.ups):
             x = io.conv(up, F.leaky_relu(x, LRELU_SLOPE))
@@ -902,10 +900,11 @@ class StreamingGenerator(nn.Module):
                         act = blocked.activate(y, i) if blocked is not None else F.leaky_relu(y, LRELU_SLOPE)
                 outs.append(y)
             slowest = outs[self.lags.index(max(self.lags))]
-            total = None
-            for out, lag in zip(outs, self.lags, strict=True):
-                out = out if lag == max(self.lags) else io.align(out, slowest)
-                total = out if total is None else total + out
+            last = max(self.lags)
+            aligned = [out if lag == last else io.align(out, slowest) for out, lag in zip(outs, self.lags, strict=True)]
+            total = aligned[0]
+            for out in aligned[1:]:
+                total = total + out
             x = total if blocked is not None else total / self.kernels
         # The reference's last activation uses leaky_relu's default slope (0.01).
         audio = torch.tanh(io.conv(source.conv_post, F.leaky_relu(x)))
@@ -981,7 +980,7 @@ def _export(
         torch.onnx.export(
             module,
             args,
-            buffer,
+            cast(Any, buffer),  # a file-like object is accepted, whatever the annotation says
             input_names=names,
             output_names=outputs,
             dynamic_axes=dynamic,

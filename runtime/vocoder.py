@@ -42,6 +42,11 @@ from spiritlm_edge.runtime.units import unit_ids
 DEFAULT_SPEAKER = 2
 # Parallel windows are at least this long, and at least as long as their context.
 MIN_SEGMENT_FRAMES = 8
+# The stateful streaming graph runs on one intra-op thread: ORT's blocked (NCHWc) convolutions
+# split work over channel blocks, of which the 16-64-channel layers have 1-4, and a second
+# thread (or ORT's parallel executor over resblock branches) cost 1.9-2.9x the CPU time of
+# one for the same audio (`python -m spiritlm_edge.bench.vocoder_layouts --streaming`).
+STREAM_THREADS = 1
 
 Frame = tuple[int, int | None, int | None]
 
@@ -61,7 +66,7 @@ class Vocoder:
     ):
         self._generator = generator
         self._duration = duration
-        self._stream_generator = stream_generator if stream_config is not None else None
+        self._stream_generator: Any = stream_generator if stream_config is not None else None
         self.stream_config = stream_config if stream_generator is not None else None
         self._workers = max(1, int(workers))
         self._pool: ThreadPoolExecutor | None = None
@@ -97,7 +102,7 @@ class Vocoder:
         # The stateful graph is fp32 and verified on ONNX Runtime's CPU provider: with an int8
         # generator (it would not equal decode()) or on a GPU, streaming keeps the windows.
         if bundle.has("vocoder_stream") and bundle.precision_of("vocoder") == "fp32":
-            session = create_session(bundle.path("vocoder_stream"), providers, threads)
+            session = create_session(bundle.path("vocoder_stream"), providers, STREAM_THREADS)
             if getattr(session, "get_providers", list)() == ["CPUExecutionProvider"]:
                 stream, stream_config = session, bundle.config("vocoder_stream", StreamingVocoderConfig)
         return cls(generator, duration, config, duration_config, workers, stream, stream_config)
