@@ -57,6 +57,7 @@ def stream_in_chunks(stream: V.StreamingGenerator, inputs, sizes, flush_length: 
     return [*outputs, audio]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("layout_2d", [False, True])
 def test_streaming_module_equals_offline_pytorch(variant, layout_2d):
@@ -87,6 +88,7 @@ def test_streaming_module_equals_offline_pytorch(variant, layout_2d):
     assert plan.delay_samples <= V.generator_context(config)[1] * hop + hop
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", V.LAYOUTS)
 def test_stream_graph_equals_pytorch_module(tmp_path, layout):
     """The exported vocoder_stream.onnx, call by call, against the PyTorch module."""
