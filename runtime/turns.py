@@ -127,6 +127,16 @@ class TurnTaking:
     def speaking(self) -> bool:
         return self.detector.speaking
 
+    @property
+    def committed_samples(self) -> int:
+        """Samples of the current utterance that its turn will surely include (see
+        :attr:`TurnDetector.committed_blocks`): what a streaming encoder may make final."""
+        return self.detector.committed_blocks * BLOCK_SAMPLES
+
+    def utterance_audio(self) -> np.ndarray:
+        """The current utterance so far, from its pre-roll (empty when nobody speaks)."""
+        return self.detector.utterance_audio()
+
     def feed(self, block: np.ndarray, answering: bool = False) -> list[TurnEvent]:
         """One block of ``BLOCK_SAMPLES`` samples at 16 kHz; ``answering``: an answer is being
         produced or played now. Returns what happened, in order (usually nothing)."""
