@@ -247,16 +247,11 @@ class LiveLoop:
     def _stream_utterance(self, block: np.ndarray) -> None:
         """Feed the utterance being spoken to its Listening (started when speech is confirmed
         outside an answer, or at a barge-in)."""
-        turns = self.turn_taking
-        if not turns.speaking or self.responding:
+        listen = self.listen
+        if listen is None or not self.turn_taking.speaking or self.responding:
             return
-        if self._listening is None:
-            assert self.listen is not None
-            # an abandoned answer may still be decoding: the prefill waits for its worker
-            self._listening = self.listen(after=self._worker)
-            self._listening.feed(turns.utterance_audio(), committed=turns.committed_samples)
-        else:
-            self._listening.feed(block, committed=turns.committed_samples)
+        # an abandoned answer may still be decoding: the prefill waits for its worker
+        self._listening = self.turn_taking.follow(self._listening, block, lambda: listen(after=self._worker))
 
     def _drop_listening(self) -> None:
         if self._listening is not None:

@@ -576,13 +576,8 @@ class RealtimeSession:
         outside an answer, or once a barge-in has cancelled the answer."""
         if not turns.speaking or (self._response is not None and self._response.cancel_reason is None):
             return
-        if self._listening is None:
-            self._listening = self.engine.listen(self.conversation)
-            if self._listening is None:
-                return  # whole-turn encoding
-            self._listening.feed(turns.utterance_audio(), committed=turns.committed_samples)
-        else:
-            self._listening.feed(block, committed=turns.committed_samples)
+        # engine.listen gives None with whole-turn encoding: then nothing is fed
+        self._listening = turns.follow(self._listening, block, lambda: self.engine.listen(self.conversation))
 
     def _drop_listening(self) -> None:
         if self._listening is not None:

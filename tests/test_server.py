@@ -21,7 +21,6 @@ import pytest
 import soxr
 from server_utils import Client, RunningServer, chunks, clip_24k, decode_deltas, pcm16_b64
 
-from spiritlm_edge.runtime.audio import load_audio
 from spiritlm_edge.server.app import SESSIONS, ServerConfig, ServerConfigError, create_app
 from spiritlm_edge.server.engine import Engine
 from spiritlm_edge.server.realtime import Limits
@@ -42,11 +41,6 @@ def server(engine):
     running = RunningServer(create_app(ServerConfig(port=0, limits=limits), engine=engine))
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def clip(librispeech_clip):
-    return load_audio(librispeech_clip)
 
 
 def run(coro, timeout: float = 120):

@@ -13,29 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
+from spiritlm_edge.runtime.audio import SAMPLE_RATE
 from spiritlm_edge.runtime.errors import AudioError, ModelError, UnitsError
 from spiritlm_edge.runtime.events import AudioChunk, TurnEnd
-from spiritlm_edge.runtime.pipeline import PREFILL_SLICE_TOKENS, Conversation, SpiritLM
+from spiritlm_edge.runtime.pipeline import PREFILL_SLICE_TOKENS, Conversation
 from spiritlm_edge.runtime.speech import StreamingEncoder, StreamingWindow
 from spiritlm_edge.runtime.units import units_to_string
 
 UNIT_RE = re.compile(r"\[(Hu|Pi|St)(\d+)\]")
-
-
-@pytest.fixture(scope="module")
-def base(tiny_base_bundle):
-    return SpiritLM(tiny_base_bundle, n_threads=2)
-
-
-@pytest.fixture(scope="module")
-def expressive(tiny_expressive_bundle):
-    return SpiritLM(tiny_expressive_bundle, n_threads=2)
-
-
-@pytest.fixture(scope="module")
-def clip(librispeech_clip):
-    return load_audio(librispeech_clip)
 
 
 def _model(request, variant):
