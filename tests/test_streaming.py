@@ -351,3 +351,26 @@ def test_live_loop_streams_turns_and_barge_in(base, clip):
     assert "streamed_windows" in second and second["turn_audio_s"] == pytest.approx(
         len(summary.turns[1].user_audio) / SAMPLE_RATE
     )
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def test_first_audio_bench_runs_both_modes(tiny_base_bundle, tmp_path, capsys):
+    import json
+
+    from spiritlm_edge.bench.first_audio import main, question
+
+    assert len(question(2.5, np.ones(16000, np.float32))) == 40000  # the clip repeated, then cut
+    out = tmp_path / "first_audio.json"
+    argv = ["--bundle", str(tiny_base_bundle), "--questions", "1.5,3", "--repeat", "1", "--warmup", "0"]
+    assert main([*argv, "--max-new-tokens", "40", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {(r["question_s"], r["mode"]): r for r in report["rows"]}
+    assert set(rows) == {(1.5, "whole"), (1.5, "streaming"), (3.0, "whole"), (3.0, "streaming")}
+    assert all(r["first_audio_s"] > 0 for r in rows.values())
+    # 3 s at real-time pace: the encoder made chunks final and the LM prefilled them meanwhile
+    assert rows[(3.0, "streaming")]["prefilled_while_speaking"] > 0
+    assert 0.5 <= rows[(3.0, "streaming")]["unencoded_at_end_s"] <= 3.0  # the look-ahead, at least
+    assert report["pipeline_peak_rss_gb"] > 0 and report["machine"]["cpu"]
+    assert "first audio after end" in capsys.readouterr().out
