@@ -43,9 +43,10 @@ DEFAULT_SPEAKER = 2
 # Parallel windows are at least this long, and at least as long as their context.
 MIN_SEGMENT_FRAMES = 8
 # The stateful streaming graph runs on one intra-op thread: ORT's blocked (NCHWc) convolutions
-# split work over channel blocks, of which the 16-64-channel layers have 1-4, and a second
-# thread (or ORT's parallel executor over resblock branches) cost 1.9-2.9x the CPU time of
-# one for the same audio (`python -m spiritlm_edge.bench.vocoder_layouts --streaming`).
+# split work over channel blocks, of which the 16-64-channel layers have 1-4, and on the 2-core
+# Zen 4 a second intra-op thread, or ORT's parallel executor over the resblock branches, doubled
+# the CPU time of a stream (`python -m spiritlm_edge.bench.vocoder_layouts --streaming`; measured
+# while other processes shared the cores: rerun it on an idle machine before changing this).
 STREAM_THREADS = 1
 
 Frame = tuple[int, int | None, int | None]

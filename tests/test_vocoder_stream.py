@@ -15,6 +15,7 @@ from spiritlm_edge.export import random_speech as RS
 from spiritlm_edge.export import vocoder as V
 from spiritlm_edge.export.checkpoints import CheckpointPaths
 from spiritlm_edge.runtime.bundle import Bundle, DurationConfig
+from spiritlm_edge.runtime.errors import BundleError
 from spiritlm_edge.runtime.vocoder import Vocoder
 
 VARIANTS = ("base", "expressive")
@@ -197,3 +198,20 @@ def test_no_stream_graph_when_asked(tmp_path):
     assert not Bundle(tmp_path).has("vocoder_stream")
     assert not Vocoder.from_bundle(tmp_path, n_threads=1).stateful_streaming
     assert math.isfinite(Vocoder.from_bundle(tmp_path, n_threads=1).latency_frames[0])
+
+
+def test_malformed_stream_entry_is_a_clear_error(tmp_path):
+    config = V.model_config("base", "tiny", num_speakers=4)
+    model = RS.random_vocoder(config, seed=0)
+    model.speakers, model.styles = list(RS.TINY_SPEAKERS), list(RS.TINY_STYLES)
+    V.export_onnx(None, "base", tmp_path, model=model)
+    manifest = json.loads((tmp_path / "bundle.json").read_text())
+    entry = manifest["components"]["vocoder_stream"]
+    entry["states"][0] = {"input": "state0"}
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="vocoder_stream.*Rebuild"):
+        Vocoder.from_bundle(tmp_path, n_threads=1)
+    del entry["delay_samples"]
+    (tmp_path / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="lacks delay_samples"):
+        Vocoder.from_bundle(tmp_path, n_threads=1)
