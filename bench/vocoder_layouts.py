@@ -70,7 +70,7 @@ def benchmark(
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for layout in layouts:
-            export_onnx(None, variant, Path(tmp) / layout, model=model, layout=layout)
+            export_onnx(None, variant, Path(tmp) / layout, model=model, layout=layout, streaming=False)
             vocoder = Vocoder.from_bundle(Path(tmp) / layout, n_threads=threads)
             results[f"onnxruntime-{layout}"] = timed(
                 lambda vocoder=vocoder: vocoder.decode(hubert, pitch, style, dur_pred=False)
