@@ -127,7 +127,7 @@ def streaming_benchmark(
     threads: int = 2,
     runs: int = 5,
     chunk_frames: Sequence[int] = (5, 10, 25),
-    first_chunk_frames: int = 2,
+    first_chunk_frames: int = 8,
     stream_layouts: Sequence[str] = LAYOUTS,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
@@ -181,6 +181,12 @@ def streaming_benchmark(
                 options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
                 parallel = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 sessions.append((f"{threads} parallel branches", parallel))
+                # Intra-op threads that sleep at once instead of spinning between operators.
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                calm = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                sessions.append((f"{threads} threads, no spinning", calm))
             for label, session in sessions:
                 stateful = Vocoder(
                     offline._generator,
@@ -216,11 +222,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--streaming", action="store_true", help="streamed vs offline cost instead")
     parser.add_argument("--chunk-frames", type=int, nargs="+", default=[5, 10, 25])
-    parser.add_argument("--first-chunk-frames", type=int, default=2)
+    parser.add_argument("--first-chunk-frames", type=int, default=8)
+    parser.add_argument("--stream-layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     args = parser.parse_args(argv)
     if args.streaming:
         rows = streaming_benchmark(
-            args.variant, args.seconds, args.threads, args.runs, args.chunk_frames, args.first_chunk_frames
+            args.variant,
+            args.seconds,
+            args.threads,
+            args.runs,
+            args.chunk_frames,
+            args.first_chunk_frames,
+            args.stream_layouts,
         )
         print(f"{args.seconds:g} s of audio, {args.threads} threads, median of {args.runs}")
         for r in rows:
