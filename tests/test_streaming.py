@@ -373,7 +373,7 @@ def test_first_audio_bench_runs_both_modes(tiny_base_bundle, tmp_path, capsys):
     assert rows[(3.0, "streaming")]["prefilled_while_speaking"] > 0
     assert 0.5 <= rows[(3.0, "streaming")]["unencoded_at_end_s"] <= 3.0  # the look-ahead, at least
     assert report["pipeline_peak_rss_gb"] > 0 and report["machine"]["cpu"]
-    assert "first audio after end" in capsys.readouterr().out
+    assert "first audio after end of speech" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- pauses
