@@ -16,8 +16,11 @@ SPEECH answer.
   in 32 ms blocks at real-time pace (as a microphone would), so the encoder and the prefill
   run while it "is spoken"; the clock starts after its last block.
 
-Neither includes the turn detector's end-of-speech silence (700 ms by default in the live
-loop), which comes on top of both alike. Each figure is the median of ``--repeat`` runs after
+By default neither includes a turn detector's end-of-speech silence. ``--end-silence-ms 700``
+(the live loop's default) adds it to both, as a user hears it: the clock starts at the end of
+the speech, the whole-turn mode waits that long before it starts, and the streaming mode is fed
+that much silence the way the detector feeds it (the turn's committed audio no longer grows), so
+it can finish the turn on trial meanwhile. Each figure is the median of ``--repeat`` runs after
 one warm-up; the modes alternate so that a noisy neighbour slows both.
 """
 
@@ -66,23 +69,34 @@ def _first_audio(events) -> tuple[float | None, dict[str, float]]:
     return None, {}
 
 
-def run_turn(spirit_lm: SpiritLM, audio: np.ndarray, mode: str, window: StreamingWindow | None, max_new_tokens: int):
+def run_turn(
+    spirit_lm: SpiritLM,
+    audio: np.ndarray,
+    mode: str,
+    window: StreamingWindow | None,
+    max_new_tokens: int,
+    end_silence_s: float = 0.0,
+):
     """One turn; returns its measurements."""
     spirit_lm.lm.reset()
     conversation = Conversation(spirit_lm, output_modality="SPEECH", max_new_tokens=max_new_tokens)
     result: dict[str, Any] = {"mode": mode, "question_s": len(audio) / SAMPLE_RATE}
     if mode == "whole":
+        time.sleep(end_silence_s)
         ttfa, _ = _first_audio(conversation.stream([("SPEECH", audio)]))
     else:
         listening = conversation.listen(window)
+        silence = np.zeros(round(end_silence_s * SAMPLE_RATE), np.float32)
+        signal = np.concatenate([audio, silence])
         clock = time.perf_counter()
-        for start in range(0, len(audio), BLOCK_SAMPLES):
+        for start in range(0, len(signal), BLOCK_SAMPLES):
             clock += BLOCK_SAMPLES / SAMPLE_RATE
             time.sleep(max(0.0, clock - time.perf_counter()))  # the microphone's pace
-            listening.feed(audio[start : start + BLOCK_SAMPLES])
+            listening.feed(signal[start : start + BLOCK_SAMPLES], committed=len(audio))
         stats = dict(listening.stats)
         result["unencoded_at_end_s"] = (len(audio) - listening.encoder.final_samples) / SAMPLE_RATE
         ttfa, _ = _first_audio(listening.respond(audio))
+        result["finished_in_pause"] = float(listening._trial is not None and listening.encoder is listening._trial[1])
         result["prefilled_while_speaking"] = stats["prefilled_tokens"]
         result["prefill_while_speaking_s"] = stats["prefill_s"]
         result["encode_while_speaking_s"] = stats["encode_s"]
@@ -90,7 +104,7 @@ def run_turn(spirit_lm: SpiritLM, audio: np.ndarray, mode: str, window: Streamin
         spirit_lm.build_prompt([("SPEECH", audio)], "SPEECH", speech_encoding=mode)
     )  # what the answer's prompt held
     result["prompt_tokens"] = len(prompt)
-    result["first_audio_s"] = ttfa
+    result["first_audio_s"] = None if ttfa is None else end_silence_s + ttfa  # from the end of speech
     return result
 
 
@@ -101,6 +115,7 @@ def measure(
     window: StreamingWindow | None = None,
     max_new_tokens: int = 200,
     warmup: int = 1,
+    end_silence_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     clip = load_audio(BUNDLED_CLIP)
     runs: list[dict[str, Any]] = []
@@ -109,7 +124,7 @@ def measure(
         for iteration in range(warmup + repeat):
             for mode in MODES:
                 log.info("%s s question, %s, run %d/%d", seconds, mode, iteration + 1, warmup + repeat)
-                result = run_turn(spirit_lm, audio, mode, window, max_new_tokens)
+                result = run_turn(spirit_lm, audio, mode, window, max_new_tokens, end_silence_s)
                 if iteration >= warmup:
                     runs.append(result)
     return runs
@@ -131,11 +146,17 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _left_at_end(row: dict[str, Any]) -> str:
+    if row.get("finished_in_pause", 0) >= 0.5:  # the median run
+        return "nothing (finished during the silence)"
+    return f"{row['unencoded_at_end_s']:.2f} s unencoded"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = [
         "question",
         "mode",
-        "first audio after end (median)",
+        "first audio after end of speech (median)",
         "prompt tokens",
         "prefilled while speaking",
         "left at end",
@@ -150,7 +171,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 f"{row['first_audio_s']:.2f} s" if row.get("first_audio_s") is not None else "-",
                 f"{row['prompt_tokens']:.0f}",
                 "-" if streamed is None else f"{streamed:.0f} tokens",
-                "-" if streamed is None else f"{row['unencoded_at_end_s']:.2f} s unencoded",
+                "-" if streamed is None else _left_at_end(row),
             ]
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -170,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--stream-window", default=None, help="LEFT:STEP:LOOKAHEAD seconds")
+    parser.add_argument("--end-silence-ms", type=float, default=0.0, help="a turn detector's wait (see above)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -186,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     peak = PeakRSS().start()
     spirit_lm = SpiritLM(bundle, n_threads=args.threads)
-    runs = measure(spirit_lm, questions, args.repeat, window, args.max_new_tokens, args.warmup)
+    end_silence_s = args.end_silence_ms / 1000
+    runs = measure(spirit_lm, questions, args.repeat, window, args.max_new_tokens, args.warmup, end_silence_s)
     peak_gb = peak.stop() / 1e9
     rows = summarize(runs)
     decision = spirit_lm.lm.cpu_buffers
@@ -198,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "window": vars(window or StreamingWindow()),
         "llama_cpp_extra_cpu_buffers": {"enabled": decision.enabled, "why": decision.reason},
         "kv_cache": spirit_lm.lm.kv_cache,
+        "end_silence_s": end_silence_s,
         "pipeline_peak_rss_gb": round(peak_gb, 3),
         "peak_rss_method": peak.method,
         "rows": rows,

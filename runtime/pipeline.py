@@ -732,6 +732,12 @@ class Listening:
     ``feed(samples, committed=n)``: of the turn's audio so far, only the first ``n``
     samples are sure to be in the turn (a turn detector trims trailing silence): units are
     made final only there.
+
+    The trailing silence is used too: when ``committed`` stops growing while audio still
+    comes (the user has paused; a turn detector keeps only ``pad_ms`` of the silence), the
+    worker finishes the turn on trial, as if it ended there, and prefills that. If it does
+    end there, :meth:`respond` finds the last chunk encoded and prefilled already; if the
+    user goes on, the trial is dropped (the next prefill rewinds the cache past it).
     """
 
     def __init__(
@@ -752,6 +758,8 @@ class Listening:
         self._wake = threading.Condition()
         self._error: BaseException | None = None
         self._idle = False  # the worker waits for audio
+        self._stalled = False  # audio comes but the committed part stopped growing: a pause
+        self._trial: tuple[int, StreamingEncoder] | None = None  # the turn finished at that length
         self._after = after
         self.stats: dict[str, float] = {"prefilled_tokens": 0, "encode_s": 0.0, "prefill_s": 0.0, "windows": 0}
         self.thread = threading.Thread(target=self._run, name="listening", daemon=True)
@@ -767,8 +775,10 @@ class Listening:
                 return
             self._audio.append(block)
             self._samples += block.size
+            before = self._committed
             self._committed = self._samples if committed is None else max(0, min(int(committed), self._samples))
-            self._idle = self._idle and not self.encoder.ready(self._committed)
+            self._stalled = block.size > 0 and self._committed == before
+            self._idle = self._idle and not self._has_work()
             self._wake.notify_all()
 
     def settle(self, timeout: float | None = None) -> bool:
@@ -786,6 +796,13 @@ class Listening:
 
     # -- the worker ---------------------------------------------------------------------
 
+    def _has_work(self) -> bool:
+        """A chunk is ready, or a pause calls for a trial finish not made yet (lock held)."""
+        if self.encoder.ready(self._committed):
+            return True
+        trial_at = self._trial[0] if self._trial is not None else -1
+        return self._stalled and self._committed > self.encoder.final_samples and trial_at != self._committed
+
     def _turn_audio(self) -> np.ndarray:
         """The turn's audio so far, as one array (held by the lock's owner)."""
         if len(self._audio) > 1:
@@ -798,7 +815,7 @@ class Listening:
                 self._after.join()  # an abandoned answer still decoding: the model is its until then
             while True:
                 with self._wake:
-                    while self._state == "listening" and not self.encoder.ready(self._committed):
+                    while self._state == "listening" and not self._has_work():
                         self._idle = True
                         self._wake.notify_all()
                         self._wake.wait()
@@ -806,31 +823,38 @@ class Listening:
                     if self._state != "listening":
                         return
                     audio = self._turn_audio()[: self._committed]
+                    trial = not self.encoder.ready(len(audio))
                 started = time.perf_counter()
-                new_tokens = self.encoder.advance(audio)
+                if trial:
+                    finished = self.encoder.copy()
+                    finished.finish(audio)
+                    self._trial = (len(audio), finished)
+                    text = finished.text
+                else:
+                    text = self.encoder.text if self.encoder.advance(audio) else ""
                 self.stats["encode_s"] += time.perf_counter() - started
                 self.stats["windows"] += 1
-                if new_tokens:
-                    self._prefill()
+                if text:
+                    self._prefill(text)
         except BaseException as exc:  # raised again by respond(), in the caller's thread
             self._error = exc
 
-    def _prefill(self) -> None:
+    def _prefill(self, units: str) -> None:
         lock = self._model_lock
         if lock is None:
-            self._prefill_prompt()
+            self._prefill_prompt(units)
         elif lock.acquire(blocking=False):
             try:
-                self._prefill_prompt()
+                self._prefill_prompt(units)
             finally:
                 lock.release()
         else:  # another turn has the model: the answer's own prefill will catch up
             log.debug("listening: the model is busy, prefill skipped for this step")
 
-    def _prefill_prompt(self) -> None:
+    def _prefill_prompt(self, units: str) -> None:
         conversation = self.conversation
         spirit_lm = conversation.spirit_lm
-        segments = conversation.segments + [("SPEECH", self.encoder.text)]
+        segments = conversation.segments + [("SPEECH", units)]
         # ARBITRARY: no trailing modality marker, so this prompt is a prefix of the answer's
         prompt, _ = conversation._fit(segments, OutputModality.ARBITRARY, conversation.sampling)
         ids = spirit_lm.tokenizer.encode(prompt)
@@ -871,7 +895,11 @@ class Listening:
             fed = self._turn_audio()
         turn_audio = fed if audio is None else np.asarray(audio, dtype=np.float32).reshape(-1)
         started = time.perf_counter()
-        if turn_audio.size >= self.encoder.final_samples:
+        trial = self._trial
+        if trial is not None and trial[0] == turn_audio.size and np.array_equal(fed[: trial[0]], turn_audio):
+            self.encoder = trial[1]  # the turn ended where the pause began: finished already
+            units = self.encoder.text
+        elif turn_audio.size >= self.encoder.final_samples:
             self.encoder.finish(turn_audio)
             units = self.encoder.text
         else:  # a turn cut shorter than what was already final: nothing streamed can be kept
@@ -883,6 +911,7 @@ class Listening:
             "streamed_prefill_s": self.stats["prefill_s"],
             "streamed_encode_s": self.stats["encode_s"],
             "streamed_windows": self.stats["windows"],
+            "streamed_finish": float(self.encoder is (trial[1] if trial else None)),
             "turn_audio_s": turn_audio.size / SAMPLE_RATE,
         }
         return units, timings

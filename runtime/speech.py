@@ -17,6 +17,7 @@ so code written against Spirit LM's speech tokenizer runs unchanged::
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -249,6 +250,12 @@ class StreamingEncoder:
         self.text = ""  # the prompt tokens of the final codes
         self.windows = 0  # encoder windows run
         self.finished = False
+
+    def copy(self) -> StreamingEncoder:
+        """An independent copy of this turn's state (to finish a turn on trial)."""
+        twin = copy.copy(self)
+        twin.codes = {name: list(codes) for name, codes in self.codes.items()}
+        return twin
 
     def ready(self, available: int) -> bool:
         """Whether :meth:`advance` would make a chunk final with ``available`` samples."""

@@ -171,7 +171,8 @@ def test_paced_speech_is_prefilled_while_it_arrives(server, engine, clip):
     done = run(main())[-1]["response"]
     timings = done["spiritlm"]["timings"]
     assert timings["streamed_windows"] >= 2 and timings["streamed_prefill_tokens"] > 0
-    assert timings["prompt_tokens"] > timings["streamed_prefill_tokens"]
+    # the 2.5 s of trailing silence let the turn be finished on trial before the detector ended it
+    assert timings["streamed_finish"] == 1.0
 
 
 def test_text_turn_and_kv_reuse(server, engine):

@@ -18,7 +18,7 @@ from spiritlm_edge.runtime.errors import AudioError, ModelError, UnitsError
 from spiritlm_edge.runtime.events import AudioChunk, TurnEnd
 from spiritlm_edge.runtime.pipeline import PREFILL_SLICE_TOKENS, Conversation
 from spiritlm_edge.runtime.speech import StreamingEncoder, StreamingWindow
-from spiritlm_edge.runtime.units import units_to_string
+from spiritlm_edge.runtime.units import build_prompt, units_to_string
 
 UNIT_RE = re.compile(r"\[(Hu|Pi|St)(\d+)\]")
 
@@ -373,4 +373,62 @@ def test_first_audio_bench_runs_both_modes(tiny_base_bundle, tmp_path, capsys):
     assert rows[(3.0, "streaming")]["prefilled_while_speaking"] > 0
     assert 0.5 <= rows[(3.0, "streaming")]["unencoded_at_end_s"] <= 3.0  # the look-ahead, at least
     assert report["pipeline_peak_rss_gb"] > 0 and report["machine"]["cpu"]
-    assert "first audio after end" in capsys.readouterr().out
+    assert "first audio after end of speech" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- pauses
+
+
+def _speak_with_detector(listening, audio, committed_until, total, block=512):
+    """Feed ``total`` samples of ``audio`` (zeros past its end) as a turn detector would:
+    ``committed`` follows the audio up to ``committed_until``, then stays (a pause)."""
+    padded = np.concatenate([audio, np.zeros(max(0, total - len(audio)), np.float32)])
+    for start in range(0, total, block):
+        end = min(start + block, total)
+        listening.feed(padded[start:end], committed=min(end, committed_until))
+        if start % (8 * block) == 0:
+            listening.settle(30)
+    assert listening.settle(30)
+
+
+def test_a_pause_finishes_the_turn_on_trial_and_respond_reuses_it(base, clip):
+    conversation = Conversation(base, output_modality="SPEECH", max_new_tokens=20)
+    base.lm.reset()
+    listening = conversation.listen()
+    end = 6 * SAMPLE_RATE + 4000  # the turn as a detector would keep it
+    _speak_with_detector(listening, clip, committed_until=end, total=end + SAMPLE_RATE)
+    # the whole turn's prompt is in the cache before the turn is over
+    trial_length, trial = listening._trial
+    assert trial_length == end and trial.finished
+    final = base.tokenizer.encode(build_prompt([("SPEECH", trial.text)], "SPEECH", vocab=base.tokenizer.vocab))
+    assert base.lm.cached_prefix(final) == len(final)
+    events = list(listening.respond(clip[:end]))
+    timings = events[-1].timings
+    assert timings["streamed_finish"] == 1.0
+    assert conversation.segments[0] == ("SPEECH", trial.text)
+    # a trial finish is an ordinary finish: the same units as finishing at that length
+    again = StreamingEncoder(base.speech_tokenizer)
+    for arrived in range(512, end + 1, 512):
+        again.advance(clip[:arrived])
+    again.finish(clip[:end])
+    assert again.text == trial.text and again.codes == trial.codes
+
+
+def test_speech_after_a_pause_drops_the_trial(base, clip):
+    paused = Conversation(base, output_modality="SPEECH", max_new_tokens=5).listen()
+    pause_at = 3 * SAMPLE_RATE
+    # speech, a pause (committed stays), then the speech goes on
+    padded = clip.copy()
+    for start in range(0, len(clip), 512):
+        stop = start + 512
+        committed = min(stop, pause_at) if stop < pause_at + SAMPLE_RATE else stop
+        paused.feed(padded[start:stop], committed=committed)
+        if start % (8 * 512) == 0 or stop == pause_at + SAMPLE_RATE:
+            paused.settle(30)
+    paused.settle(30)
+    assert paused._trial is not None and paused._trial[0] == pause_at
+    units, timings = paused.finish(clip)
+    assert timings["streamed_finish"] == 0.0
+    # the trial changed nothing: the units are those of the encoder's own steps and finish
+    assert units == paused.encoder.text
+    assert units == units_to_string(paused.encoder.codes)
