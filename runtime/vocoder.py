@@ -102,10 +102,10 @@ class Vocoder:
         stream, stream_config = None, None
         # The stateful graph is fp32 and verified on ONNX Runtime's CPU provider: with an int8
         # generator (it would not equal decode()) or on a GPU, streaming keeps the windows.
-        if bundle.has("vocoder_stream") and bundle.precision_of("vocoder") == "fp32":
-            session = create_session(bundle.path("vocoder_stream"), providers, STREAM_THREADS)
-            if getattr(session, "get_providers", list)() == ["CPUExecutionProvider"]:
-                stream, stream_config = session, bundle.config("vocoder_stream", StreamingVocoderConfig)
+        on_cpu = getattr(generator, "get_providers", list)() == ["CPUExecutionProvider"]
+        if on_cpu and bundle.has("vocoder_stream") and bundle.precision_of("vocoder") == "fp32":
+            stream = create_session(bundle.path("vocoder_stream"), ["CPUExecutionProvider"], STREAM_THREADS)
+            stream_config = bundle.config("vocoder_stream", StreamingVocoderConfig)
         return cls(generator, duration, config, duration_config, workers, stream, stream_config)
 
     # ------------------------------------------------------------------ properties

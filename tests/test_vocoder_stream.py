@@ -126,7 +126,7 @@ def test_stream_graph_equals_pytorch_module(tmp_path, layout):
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def vocoders(request, tmp_path_factory):
-    """(stateful runtime vocoder, the same bundle's vocoder without its stream graph)."""
+    """(stateful runtime vocoder, the same bundle's vocoder without its stream graph, the bundle)."""
     root = tmp_path_factory.mktemp(f"vstream-{request.param}")
     paths = CheckpointPaths(root / "ckpt")
     RS.write_vocoder(paths, request.param, seed=6)
@@ -135,7 +135,7 @@ def vocoders(request, tmp_path_factory):
     stateful = Vocoder.from_bundle(bundle, n_threads=1)
     durations = bundle.config("vocoder_duration", DurationConfig)
     windowed = Vocoder(stateful._generator, stateful._duration, stateful.config, durations)
-    return stateful, windowed
+    return stateful, windowed, root / "bundle"
 
 
 def unit_frames(vocoder: Vocoder, n: int, seed: int) -> list[tuple[int, int | None, int | None]]:
@@ -155,7 +155,7 @@ def offline(vocoder: Vocoder, frames, dur_pred: bool) -> np.ndarray:
 @pytest.mark.parametrize(("chunk_frames", "first_chunk_frames"), [(1, 1), (3, 8), (25, 2)])
 @pytest.mark.parametrize("units", [3, 12, 50])
 def test_stateful_stream_equals_offline(vocoders, dur_pred, chunk_frames, first_chunk_frames, units):
-    stateful, _ = vocoders
+    stateful, _, _ = vocoders
     assert stateful.stateful_streaming
     frames = unit_frames(stateful, units, seed=units + chunk_frames)
     expected = offline(stateful, frames, dur_pred)
@@ -182,7 +182,7 @@ def test_stateful_stream_equals_offline(vocoders, dur_pred, chunk_frames, first_
 
 def test_windows_still_stream_old_bundles(vocoders):
     """A bundle without vocoder_stream (or an int8 generator) streams with windows, as before."""
-    stateful, windowed = vocoders
+    stateful, windowed, _ = vocoders
     assert not windowed.stateful_streaming
     assert windowed.latency_frames[0] == windowed.context_frames[1] >= stateful.latency_frames[0] - 1
     frames = unit_frames(windowed, 30, seed=8)
@@ -215,3 +215,31 @@ def test_malformed_stream_entry_is_a_clear_error(tmp_path):
     (tmp_path / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="lacks delay_samples"):
         Vocoder.from_bundle(tmp_path, n_threads=1)
+
+
+def test_gpu_generator_keeps_windows(vocoders, monkeypatch):
+    """The stateful graph is opened only next to a generator on ONNX Runtime's CPU provider."""
+    import spiritlm_edge.runtime.vocoder as runtime_vocoder
+
+    *_, bundle_dir = vocoders
+    create_session = runtime_vocoder.create_session
+    opened = []
+
+    class OnGpu:
+        def __init__(self, session):
+            self.run = session.run
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def create(path, providers, threads):
+        opened.append(path.name)
+        session = create_session(path, providers, threads)
+        return OnGpu(session) if path.name == "vocoder.onnx" else session
+
+    monkeypatch.setattr(runtime_vocoder, "create_session", create)
+    vocoder = Vocoder.from_bundle(bundle_dir, n_threads=1)
+    assert not vocoder.stateful_streaming and "vocoder_stream.onnx" not in opened
+    frames = unit_frames(vocoder, 20, seed=9)
+    streamed = np.concatenate(list(vocoder.stream(frames, chunk_frames=5)))
+    assert rel_l2(streamed, offline(vocoder, frames, True)) <= 1e-5
