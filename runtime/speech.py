@@ -41,8 +41,9 @@ from spiritlm_edge.runtime.units import (
 )
 from spiritlm_edge.runtime.vocoder import Vocoder
 
-# 8 frames (320 ms of audio) for the first streamed chunk: with the generator's context on
-# both sides that is about half the compute of a default 25-frame chunk.
+# 8 frames (320 ms of audio) for the first streamed chunk, so that playback starts as soon as
+# the vocoder's look-ahead allows; later chunks are longer because each call has a fixed cost
+# (about 8 ms for the stateful stream, the whole context for the windowed fallback).
 FIRST_CHUNK_FRAMES = 8
 
 
