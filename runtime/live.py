@@ -23,6 +23,14 @@ Behaviour (one small state machine, driven by microphone blocks of 32 ms):
 The turn-taking rules live in :class:`~spiritlm_edge.runtime.turns.TurnTaking`, shared
 with the Realtime server; this module adds the devices, the worker and playback.
 
+Streaming encoding (``listen``, e.g. ``Conversation.listen``; on by default in
+``spiritlm-edge run --mic``): from the moment speech is confirmed (or, during an answer,
+from the barge-in) the utterance is fed to a
+:class:`~spiritlm_edge.runtime.pipeline.Listening`, which encodes and prefills it in its
+own thread while the user speaks; at the end of the turn the worker answers with
+``listening.respond(audio)`` and only the last chunk is left to encode and prefill. The
+microphone loop only appends blocks to it: it never waits for the model.
+
 The session ends after ``max_seconds`` of audio, after ``max_turns`` answered turns, when
 the input ends, or on Ctrl-C; every case stops the devices and joins the worker. A failure
 inside ``respond`` ends the session and is raised again in the caller's thread.
@@ -44,6 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +74,8 @@ log = logging.getLogger(__name__)
 
 Event = TextDelta | AudioChunk | TurnEnd
 Respond = Callable[[np.ndarray], Iterator[Event]]
+# Conversation.listen: a streaming turn, whose prefill waits for the given thread (an abandoned answer)
+Listen = Callable[..., Any]
 
 # The echo reference is placed this share of the devices' reported latencies back: the
 # canceller finds echoes that come late, never ones that come before their reference, and
@@ -155,8 +166,11 @@ class LiveLoop:
         max_seconds: float | None = None,
         max_turns: int | None = None,
         barge_in_min_ms: float = DEFAULT_BARGE_IN_MIN_MS,
+        listen: Listen | None = None,
     ):
         self.respond = respond
+        self.listen = listen
+        self._listening: Any = None  # the Listening of the utterance being spoken (streaming)
         self.audio_in, self.audio_out = audio_in, audio_out
         self.vad = vad
         self.detector = detector or TurnDetector()
@@ -208,6 +222,7 @@ class LiveLoop:
             except KeyboardInterrupt:
                 ended_by = "interrupted"
             finally:
+                self._drop_listening()
                 self._abandon_answer()
                 self._join_worker()
         if not self.speech_detected:
@@ -224,7 +239,24 @@ class LiveLoop:
             elif isinstance(event, TurnEnded):
                 self._start_turn(event.audio)
             elif isinstance(event, SpeechIgnored):
+                self._drop_listening()
                 log.debug("ignored %.0f ms of speech (%s)", event.speech_ms, event.reason)
+        if self.listen is not None:
+            self._stream_utterance(block)
+
+    def _stream_utterance(self, block: np.ndarray) -> None:
+        """Feed the utterance being spoken to its Listening (started when speech is confirmed
+        outside an answer, or at a barge-in)."""
+        listen = self.listen
+        if listen is None or not self.turn_taking.speaking or self.responding:
+            return
+        # an abandoned answer may still be decoding: the prefill waits for its worker
+        self._listening = self.turn_taking.follow(self._listening, block, lambda: listen(after=self._worker))
+
+    def _drop_listening(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            self._listening = None
 
     def _cancel_echo(self, aec: EchoCanceller, block: np.ndarray) -> np.ndarray:
         latency = self.audio_in.latency + self.audio_out.latency
@@ -241,13 +273,17 @@ class LiveLoop:
     # ----------------------------------------------------------------- turns
 
     def _start_turn(self, audio: np.ndarray) -> None:
-        self._join_worker()  # an abandoned answer must be gone before the model runs again
+        listening, self._listening = self._listening, None
+        # an abandoned answer must be gone before the model runs again (a Listening has
+        # waited for it in its own thread already)
+        self._join_worker()
         turn_id = len(self.turns)
         self._current = Turn(user_audio=audio, started_at=self.seconds)
         self.turns.append(self._current)
         self._generating, self._got_audio = True, False
         self.on_status(f"heard {len(audio) / SAMPLE_RATE:.1f} s, answering")
-        self._worker = _Worker(self.respond, audio, self._events, turn_id)
+        respond = self.respond if listening is None else listening.respond
+        self._worker = _Worker(respond, audio, self._events, turn_id)
         self._worker.start()
 
     def _handle_events(self) -> None:
@@ -330,8 +366,10 @@ def run_mic_session(
     end_silence_ms: float = 700.0,
     max_turns: int | None = None,
     barge_in_min_ms: float = DEFAULT_BARGE_IN_MIN_MS,
+    listen: Listen | None = None,
 ) -> SessionSummary:
     """Talk with ``respond`` through the microphone and speaker until Ctrl-C / ``max_seconds``.
+    With ``listen`` (``Conversation.listen``) turns are encoded and prefilled while spoken.
 
     ``input_device`` / ``output_device``: PortAudio index or part of a name (default: the
     system's). ``vad_model``: path to ``silero_vad.onnx``; otherwise the bundle's ``vad``
@@ -369,6 +407,7 @@ def run_mic_session(
         max_seconds=max_seconds,
         max_turns=max_turns,
         barge_in_min_ms=barge_in_min_ms,
+        listen=listen,
     )
     started = time.monotonic()
     summary = loop.run()

@@ -262,16 +262,21 @@ class LanguageModel:
                 "is needed to generate). Shorten the prompt or raise n_ctx (up to the model's "
                 f"{self.info.metadata.get('llama.context_length', '?')})."
             )
+        common = min(self.cached_prefix(ids), len(ids) - 1)  # the last prompt token is always evaluated for its logits
+        if common < len(self._cached):
+            self._rewind(common)
+        self._decode(ids[common:], common)
+        return len(ids) - common
+
+    def cached_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of ``ids`` the cache already holds (what :meth:`prefill`
+        would not evaluate again)."""
         common = 0
         for a, b in zip(self._cached, ids, strict=False):
             if a != b:
                 break
             common += 1
-        common = min(common, len(ids) - 1)  # the last prompt token is always evaluated for its logits
-        if common < len(self._cached):
-            self._rewind(common)
-        self._decode(ids[common:], common)
-        return len(ids) - common
+        return common
 
     def logits(self) -> np.ndarray:
         """Logits (float32, one per vocabulary row) after the last evaluated token."""

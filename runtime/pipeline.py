@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from spiritlm_edge.runtime.errors import BundleError, ModelError
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
 from spiritlm_edge.runtime.lm import LanguageModel
 from spiritlm_edge.runtime.sampling import SamplingConfig
-from spiritlm_edge.runtime.speech import SpeechTokenizer
+from spiritlm_edge.runtime.speech import SpeechTokenizer, StreamingEncoder, StreamingWindow
 from spiritlm_edge.runtime.units import (
     SPEECH_PREFIX,
     TEXT_PREFIX,
@@ -60,6 +61,20 @@ log = logging.getLogger(__name__)
 
 # Spec section 7: a generated speech chunk shorter than this many Hubert units is dropped.
 MIN_SPEECH_UNITS = 25
+
+# How speech inputs become units: "whole" encodes each input at once, as the reference does;
+# "streaming" encodes it in sliding windows whose units are final once emitted, which is what
+# lets a live turn be encoded and prefilled while the user is still speaking (Listening).
+SPEECH_ENCODINGS = ("whole", "streaming")
+
+# A cancelled or finished Listening stops after at most this many tokens of prefill.
+PREFILL_SLICE_TOKENS = 64
+
+
+def check_speech_encoding(value: str) -> str:
+    if value not in SPEECH_ENCODINGS:
+        raise ModelError(f"speech_encoding must be one of {', '.join(SPEECH_ENCODINGS)}, not {value!r}.")
+    return value
 
 
 class ContentType(Enum):
@@ -153,18 +168,27 @@ class SpiritLM:
 
     # -- prompt ---------------------------------------------------------------------------
 
-    def build_prompt(self, interleaved_inputs, output_modality="ARBITRARY") -> str:
+    def build_prompt(self, interleaved_inputs, output_modality="ARBITRARY", speech_encoding: str = "whole") -> str:
         """The prompt string for ``interleaved_inputs`` (speech is encoded to units here)."""
         modality = OutputModality.parse(output_modality)
-        return build_prompt(self.encode_inputs(interleaved_inputs), modality, vocab=self.tokenizer.vocab)
+        segments = self.encode_inputs(interleaved_inputs, speech_encoding)
+        return build_prompt(segments, modality, vocab=self.tokenizer.vocab)
 
-    def encode_inputs(self, interleaved_inputs) -> list[tuple[str, str]]:
+    def encode_inputs(
+        self, interleaved_inputs, speech_encoding: str = "whole", window: StreamingWindow | None = None
+    ) -> list[tuple[str, str]]:
         """``("TEXT", text)`` / ``("SPEECH", unit string)`` segments for the prompt grammar:
-        speech is encoded to units; text must be a str (nothing is converted silently)."""
+        speech is encoded to units (see ``SPEECH_ENCODINGS``; ``window`` sizes the streaming
+        encoder); text must be a str (nothing is converted silently)."""
+        check_speech_encoding(speech_encoding)
         segments = []
         for item in _as_inputs(interleaved_inputs):
             if item.content_type is ContentType.SPEECH:
-                segments.append(("SPEECH", self.speech_tokenizer.encode_string(item.content)))
+                if speech_encoding == "streaming":
+                    units = StreamingEncoder(self.speech_tokenizer, window).encode_string(item.content)
+                else:
+                    units = self.speech_tokenizer.encode_string(item.content)
+                segments.append(("SPEECH", units))
             elif isinstance(item.content, str):
                 segments.append(("TEXT", item.content))
             else:
@@ -174,7 +198,9 @@ class SpiritLM:
                 )
         return segments
 
-    def _prompt_and_bans(self, interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality):
+    def _prompt_and_bans(
+        self, interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality, speech_encoding="whole"
+    ):
         modality = OutputModality.parse(output_modality)
         inputs = _as_inputs(interleaved_inputs)
         if prompt is None and not inputs:
@@ -182,7 +208,7 @@ class SpiritLM:
         if prompt is not None and inputs:
             log.warning("prompt is given: interleaved_inputs are not used (as in the reference)")
         if prompt is None:
-            prompt = self.build_prompt(inputs, modality)
+            prompt = self.build_prompt(inputs, modality, speech_encoding)
         # The LM bans spec section 2's tokens for this modality inside llama.cpp's sampler.
         constraint = modality if force_tokens_to_output_modality else OutputModality.ARBITRARY
         return modality, prompt, constraint
@@ -199,6 +225,7 @@ class SpiritLM:
         speaker_id: int = 2,
         return_prompt: bool = False,
         seed: int | None = None,
+        speech_encoding: str = "whole",
         **kwargs: Any,
     ):
         """Continue a speech/text prompt; returns a list of :class:`GenerationOutput`
@@ -211,11 +238,13 @@ class SpiritLM:
         transformers' temperature 1.0 / top-k 50 / top-p 1.0 with ``do_sample=True``.
         Options llama.cpp cannot reproduce (beams, min_p, ...) are refused by name.
         ``max_new_tokens`` defaults to 200 (the reference's 20 tokens in all would not
-        hold a second of speech).
+        hold a second of speech). ``speech_encoding="streaming"`` encodes speech inputs the
+        way a live turn is encoded while it is spoken (see ``SPEECH_ENCODINGS``); the
+        default, "whole", gives the reference's units.
         """
         sampling = self.sampling_config(generation_config, seed, kwargs)
         modality, prompt, constraint = self._prompt_and_bans(
-            interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality
+            interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality, speech_encoding
         )
         ids = self.tokenizer.encode(prompt)
         new_ids = list(self.lm.generate(ids, sampling=sampling, output_modality=constraint))
@@ -290,6 +319,7 @@ class SpiritLM:
         speaker_id: int = 2,
         seed: int | None = None,
         chunk_frames: int | None = None,
+        speech_encoding: str = "whole",
         **kwargs: Any,
     ) -> Generator[TextDelta | AudioChunk | TurnEnd, None, None]:
         """Like :meth:`generate`, but yields events as they happen: :class:`TextDelta`
@@ -305,7 +335,7 @@ class SpiritLM:
         seed = sampling.seed
         turn = _TurnTimer()
         modality, prompt, constraint = self._prompt_and_bans(
-            interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality
+            interleaved_inputs, prompt, output_modality, force_tokens_to_output_modality, speech_encoding
         )
         turn.mark("encode")
         ids = self.tokenizer.encode(prompt)
@@ -623,12 +653,22 @@ class Conversation:
         return prompt, dropped
 
     def stream(
-        self, interleaved_inputs, output_modality=None, **options: Any
+        self, interleaved_inputs, output_modality=None, speech_encoding: str = "whole", **options: Any
     ) -> Generator[TextDelta | AudioChunk | TurnEnd, None, None]:
         """One turn: the user's inputs in, the answer's events out (see ``generate_stream``)."""
+        return self._answer(self.spirit_lm.encode_inputs(interleaved_inputs, speech_encoding), output_modality, options)
+
+    def _answer(
+        self,
+        user_segments: list[tuple[str, str]],
+        output_modality=None,
+        options: dict[str, Any] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Generator[TextDelta | AudioChunk | TurnEnd, None, None]:
+        """The answer to encoded user segments; ``timings`` join the TurnEnd's."""
         modality = OutputModality.parse(output_modality or self.output_modality)
-        sampling = SamplingConfig.from_generation_config(None, base=self.sampling, **options)
-        segments = self.segments + self.spirit_lm.encode_inputs(interleaved_inputs)
+        sampling = SamplingConfig.from_generation_config(None, base=self.sampling, **(options or {}))
+        segments = self.segments + user_segments
         prompt, dropped = self._fit(segments, modality, sampling)
         segments = segments[dropped:]
         for event in self.spirit_lm.generate_stream(
@@ -641,7 +681,16 @@ class Conversation:
                 ]
                 self.segments = segments + answer
                 event.timings["dropped_segments"] = dropped
+                event.timings.update(timings or {})
             yield event
+
+    def listen(
+        self, window: StreamingWindow | None = None, after: threading.Thread | None = None, model_lock: Any = None
+    ) -> Listening:
+        """Start a spoken user turn that is encoded and prefilled while it lasts; see
+        :class:`Listening`. ``after``: a thread still using the model (an abandoned answer)
+        that the prefill waits for; ``model_lock``: a lock the prefill must hold (a server's)."""
+        return Listening(self, window, after, model_lock)
 
     def turn(self, interleaved_inputs, output_modality=None, **options: Any) -> TurnEnd:
         """One turn, waiting for the whole answer; returns its :class:`TurnEnd`."""
@@ -657,3 +706,212 @@ class Conversation:
     def reset(self) -> None:
         self.segments = []
         self.overflow_warned = False
+
+
+class Listening:
+    """A user turn being spoken, encoded and prefilled while it lasts (``speech_encoding``
+    "streaming"): the live loop's and the server's way to answer soon after the user stops.
+
+    ::
+
+        listening = conversation.listen()
+        for block in microphone:                  # any thread; never waits for the model
+            listening.feed(block)
+        for event in listening.respond():         # the turn is over: the answer's events
+            ...
+
+    A worker thread runs :class:`~spiritlm_edge.runtime.speech.StreamingEncoder` over the
+    audio as it arrives and prefills the LM with each chunk of final units (the dialogue so
+    far plus the turn's units: a prefix of the prompt the answer will have, so the answer's
+    own prefill only evaluates the rest). At the end only the last chunk is left to encode
+    and prefill. The worker is bounded (it handles the audio it has, then waits; behind real
+    time it encodes several steps in one window) and cancellable (:meth:`cancel` stops it
+    after at most ``PREFILL_SLICE_TOKENS`` tokens of prefill). Audio is never dropped:
+    ``feed`` only appends.
+
+    ``feed(samples, committed=n)``: of the turn's audio so far, only the first ``n``
+    samples are sure to be in the turn (a turn detector trims trailing silence): units are
+    made final only there.
+
+    The trailing silence is used too: when ``committed`` stops growing while audio still
+    comes (the user has paused; a turn detector keeps only ``pad_ms`` of the silence), the
+    worker finishes the turn on trial, as if it ended there, and prefills that. If it does
+    end there, :meth:`respond` finds the last chunk encoded and prefilled already; if the
+    user goes on, the trial is dropped (the next prefill rewinds the cache past it).
+    """
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        window: StreamingWindow | None = None,
+        after: threading.Thread | None = None,
+        model_lock: Any = None,
+    ):
+        self.conversation = conversation
+        # a server's lock on the shared model: prefill only while nobody else's turn holds it
+        self._model_lock = model_lock
+        self.encoder = StreamingEncoder(conversation.spirit_lm.speech_tokenizer, window)
+        self._audio: list[np.ndarray] = []
+        self._samples = 0
+        self._committed = 0
+        self._state = "listening"  # then "responding" or "cancelled"
+        self._wake = threading.Condition()
+        self._error: BaseException | None = None
+        self._idle = False  # the worker waits for audio
+        self._stalled = False  # audio comes but the committed part stopped growing: a pause
+        self._trial: tuple[int, StreamingEncoder] | None = None  # the turn finished at that length
+        self._after = after
+        self.stats: dict[str, float] = {"prefilled_tokens": 0, "encode_s": 0.0, "prefill_s": 0.0, "windows": 0}
+        self.thread = threading.Thread(target=self._run, name="listening", daemon=True)
+        self.thread.start()
+
+    # -- any thread -------------------------------------------------------------------
+
+    def feed(self, samples: np.ndarray, committed: int | None = None) -> None:
+        """Append 16 kHz mono audio to the turn (copied; cheap, never blocks on the model)."""
+        block = np.array(samples, dtype=np.float32).reshape(-1)
+        with self._wake:
+            if self._state != "listening":
+                return
+            self._audio.append(block)
+            self._samples += block.size
+            before = self._committed
+            self._committed = self._samples if committed is None else max(0, min(int(committed), self._samples))
+            self._stalled = block.size > 0 and self._committed == before
+            self._idle = self._idle and not self._has_work()
+            self._wake.notify_all()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until the worker has encoded and prefilled all it can of the audio fed so far
+        (for tests and benchmarks that pace the audio); False on timeout."""
+        with self._wake:
+            return self._wake.wait_for(lambda: self._idle or not self.thread.is_alive(), timeout)
+
+    def cancel(self) -> None:
+        """Drop the turn (speech that was not a turn, or the session ends). Returns at once;
+        the worker stops after its current step (join :attr:`thread` to wait for it)."""
+        with self._wake:
+            self._state = "cancelled"
+            self._wake.notify_all()
+
+    # -- the worker ---------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        """A chunk is ready, or a pause calls for a trial finish not made yet (lock held)."""
+        if self.encoder.ready(self._committed):
+            return True
+        trial_at = self._trial[0] if self._trial is not None else -1
+        return self._stalled and self._committed > self.encoder.final_samples and trial_at != self._committed
+
+    def _turn_audio(self) -> np.ndarray:
+        """The turn's audio so far, as one array (held by the lock's owner)."""
+        if len(self._audio) > 1:
+            self._audio = [np.concatenate(self._audio)]
+        return self._audio[0] if self._audio else np.zeros(0, np.float32)
+
+    def _run(self) -> None:
+        try:
+            if self._after is not None:
+                self._after.join()  # an abandoned answer still decoding: the model is its until then
+            while True:
+                with self._wake:
+                    while self._state == "listening" and not self._has_work():
+                        self._idle = True
+                        self._wake.notify_all()
+                        self._wake.wait()
+                    self._idle = False
+                    if self._state != "listening":
+                        return
+                    audio = self._turn_audio()[: self._committed]
+                    trial = not self.encoder.ready(len(audio))
+                started = time.perf_counter()
+                if trial:
+                    finished = self.encoder.copy()
+                    finished.finish(audio)
+                    self._trial = (len(audio), finished)
+                    text = finished.text
+                else:
+                    text = self.encoder.text if self.encoder.advance(audio) else ""
+                self.stats["encode_s"] += time.perf_counter() - started
+                self.stats["windows"] += 1
+                if text:
+                    self._prefill(text)
+        except BaseException as exc:  # raised again by respond(), in the caller's thread
+            self._error = exc
+
+    def _prefill(self, units: str) -> None:
+        lock = self._model_lock
+        if lock is None:
+            self._prefill_prompt(units)
+        elif lock.acquire(blocking=False):
+            try:
+                self._prefill_prompt(units)
+            finally:
+                lock.release()
+        else:  # another turn has the model: the answer's own prefill will catch up
+            log.debug("listening: the model is busy, prefill skipped for this step")
+
+    def _prefill_prompt(self, units: str) -> None:
+        conversation = self.conversation
+        spirit_lm = conversation.spirit_lm
+        segments = conversation.segments + [("SPEECH", units)]
+        # ARBITRARY: no trailing modality marker, so this prompt is a prefix of the answer's
+        prompt, _ = conversation._fit(segments, OutputModality.ARBITRARY, conversation.sampling)
+        ids = spirit_lm.tokenizer.encode(prompt)
+        lm = spirit_lm.lm
+        done = lm.cached_prefix(ids)
+        while done < len(ids) and self._state == "listening":
+            end = min(len(ids), done + PREFILL_SLICE_TOKENS)
+            started = time.perf_counter()
+            lm.prefill(ids[:end])
+            self.stats["prefill_s"] += time.perf_counter() - started
+            self.stats["prefilled_tokens"] += end - done
+            done = end
+
+    # -- the end of the turn ---------------------------------------------------------------
+
+    def respond(
+        self, audio: np.ndarray | None = None, output_modality=None, **options: Any
+    ) -> Generator[TextDelta | AudioChunk | TurnEnd, None, None]:
+        """The turn is over: its answer's events, as :meth:`Conversation.stream` gives them.
+        ``audio``: the whole turn, if it differs from what was fed (a turn detector's
+        utterance, trimmed and padded); it must begin with the audio fed. The TurnEnd's
+        timings add ``streamed_*``: the work done while the user spoke."""
+        units, timings = self.finish(audio)
+        yield from self.conversation._answer([("SPEECH", units)], output_modality, options, timings)
+
+    def finish(self, audio: np.ndarray | None = None) -> tuple[str, dict[str, float]]:
+        """The turn is over: stop the worker, encode the rest, and return the turn's unit
+        string with the timings of the work done while it was spoken (see :meth:`respond`)."""
+        with self._wake:
+            if self._state == "cancelled":
+                raise ModelError("This Listening was cancelled: start a new one with Conversation.listen().")
+            self._state = "responding"
+            self._wake.notify_all()
+        self.thread.join()  # at most one step more; the answer's prefill continues where it stopped
+        if self._error is not None:
+            raise self._error
+        with self._wake:
+            fed = self._turn_audio()
+        turn_audio = fed if audio is None else np.asarray(audio, dtype=np.float32).reshape(-1)
+        started = time.perf_counter()
+        trial = self._trial
+        if trial is not None and trial[0] == turn_audio.size and np.array_equal(fed[: trial[0]], turn_audio):
+            self.encoder = trial[1]  # the turn ended where the pause began: finished already
+            units = self.encoder.text
+        elif turn_audio.size >= self.encoder.final_samples:
+            self.encoder.finish(turn_audio)
+            units = self.encoder.text
+        else:  # a turn cut shorter than what was already final: nothing streamed can be kept
+            log.warning("the turn's audio is shorter than what was streamed: encoding it whole")
+            units = self.conversation.spirit_lm.speech_tokenizer.encode_string(turn_audio)
+        timings = {
+            "encode_s": time.perf_counter() - started,
+            "streamed_prefill_tokens": self.stats["prefilled_tokens"],
+            "streamed_prefill_s": self.stats["prefill_s"],
+            "streamed_encode_s": self.stats["encode_s"],
+            "streamed_windows": self.stats["windows"],
+            "streamed_finish": float(self.encoder is (trial[1] if trial else None)),
+            "turn_audio_s": turn_audio.size / SAMPLE_RATE,
+        }
+        return units, timings

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -126,6 +127,30 @@ class TurnTaking:
     @property
     def speaking(self) -> bool:
         return self.detector.speaking
+
+    @property
+    def committed_samples(self) -> int:
+        """Samples of the current utterance that its turn will surely include (see
+        :attr:`TurnDetector.committed_blocks`): what a streaming encoder may make final."""
+        return self.detector.committed_blocks * BLOCK_SAMPLES
+
+    def utterance_audio(self) -> np.ndarray:
+        """The current utterance so far, from its pre-roll (empty when nobody speaks)."""
+        return self.detector.utterance_audio()
+
+    def follow(self, listening: Any, block: np.ndarray, start: Callable[[], Any]) -> Any:
+        """Feed the utterance being spoken to ``listening`` (a streaming encoder's ``feed``),
+        with how much of it the turn will surely keep. Without one, ``start()`` makes it (or
+        returns None: nothing to feed) and it gets the utterance so far, pre-roll included;
+        then each new ``block``. Returns the listening. Call after :meth:`feed`, while
+        :attr:`speaking` and no answer runs."""
+        if listening is None:
+            listening = start()
+            if listening is not None:
+                listening.feed(self.utterance_audio(), committed=self.committed_samples)
+        else:
+            listening.feed(block, committed=self.committed_samples)
+        return listening
 
     def feed(self, block: np.ndarray, answering: bool = False) -> list[TurnEvent]:
         """One block of ``BLOCK_SAMPLES`` samples at 16 kHz; ``answering``: an answer is being

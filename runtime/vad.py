@@ -213,6 +213,20 @@ class TurnDetector:
         return 0 if self._blocks is None else len(self._blocks)
 
     @property
+    def committed_blocks(self) -> int:
+        """Blocks of the utterance so far that its audio will surely include (it ends
+        ``pad_ms`` after the last speech block, or at the length cap); 0 when idle."""
+        if self._blocks is None:
+            return 0
+        return min(len(self._blocks), self._last_speech + 1 + self.pad_blocks)
+
+    def utterance_audio(self) -> np.ndarray:
+        """The utterance so far (pre-roll included); empty when idle."""
+        if not self._blocks:
+            return np.zeros(0, np.float32)
+        return np.concatenate(self._blocks)
+
+    @property
     def speech_ms(self) -> float:
         """Speech so far in the current utterance, first to last speech block; 0 when idle."""
         return 0.0 if self._blocks is None else (self._last_speech + 1 - self._first_speech) * BLOCK_MS

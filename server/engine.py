@@ -6,6 +6,12 @@ off the event loop, so a slow turn never stalls pings, health checks or other
 connections. A turn that finds ``max_queued_turns`` turns already waiting is refused
 with :class:`Busy` (at :meth:`Engine.reserve`) rather than queued without bound.
 
+Speech is encoded and prefilled while the user speaks (``speech_encoding="streaming"``, the
+default): a connection's :meth:`Engine.listen` gives a
+:class:`~spiritlm_edge.runtime.pipeline.Listening` whose prefill takes the model only when it is
+free (``model_lock``, which every turn holds), so one client's speech never delays another's
+answer; its turn then arrives as a :class:`StreamedSpeech` input with most of its work done.
+
 Cancellation stops generation within one decode step: the LM's token iterator is wrapped
 (:class:`_InterruptibleLM`) so that it checks the turn's cancel flag after every token,
 before asking llama.cpp for the next one, and unwinds the whole pipeline (LM, vocoder
@@ -24,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
-from spiritlm_edge.runtime.pipeline import Conversation, SpiritLM
+from spiritlm_edge.runtime.pipeline import Conversation, Listening, SpiritLM, check_speech_encoding
 from spiritlm_edge.runtime.sampling import SamplingConfig
+from spiritlm_edge.runtime.speech import StreamingWindow
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +76,20 @@ class _InterruptibleLM:
 
 
 @dataclass
+class StreamedSpeech:
+    """A spoken turn encoded (and prefilled) while it was spoken: its Listening and the
+    turn's whole audio."""
+
+    listening: Listening
+    audio: Any  # float32 16 kHz
+
+
+@dataclass
 class TurnRequest:
     """One user turn as the server hands it to the model."""
 
-    inputs: list[tuple[str, Any]]  # ("TEXT", str) or ("SPEECH", float32 16 kHz array)
+    # ("TEXT", str), ("SPEECH", float32 16 kHz array) or ("SPEECH", StreamedSpeech)
+    inputs: list[tuple[str, Any]]
     output_modality: str  # SPEECH, TEXT or ARBITRARY
     speaker_id: int
     sampling: SamplingConfig
@@ -89,8 +106,18 @@ class TurnOutcome:
 class Engine:
     """The shared model (see the module doc)."""
 
-    def __init__(self, spirit_lm: SpiritLM, max_queued_turns: int = 4):
+    def __init__(
+        self,
+        spirit_lm: SpiritLM,
+        max_queued_turns: int = 4,
+        speech_encoding: str = "streaming",
+        window: StreamingWindow | None = None,
+    ):
         self.spirit_lm = spirit_lm
+        self.speech_encoding = check_speech_encoding(speech_encoding)
+        self.window = window
+        # held by every turn and by a Listening's prefill: one user of the model at a time
+        self.model_lock = threading.Lock()
         self._lm = _InterruptibleLM(spirit_lm.lm)
         # the pipeline pulls its tokens through the cancel check (a proxy: the LM's API, plus the check)
         spirit_lm.lm = self._lm  # type: ignore[assignment]
@@ -99,8 +126,15 @@ class Engine:
         self._in_flight = 0  # turns running or waiting; touched on the event loop only
 
     @classmethod
-    def from_bundle(cls, bundle: Any, max_queued_turns: int = 4, **spirit_lm_options: Any) -> Engine:
-        return cls(SpiritLM(bundle, **spirit_lm_options), max_queued_turns=max_queued_turns)
+    def from_bundle(
+        cls,
+        bundle: Any,
+        max_queued_turns: int = 4,
+        speech_encoding: str = "streaming",
+        window: StreamingWindow | None = None,
+        **spirit_lm_options: Any,
+    ) -> Engine:
+        return cls(SpiritLM(bundle, **spirit_lm_options), max_queued_turns, speech_encoding, window)
 
     @property
     def variant(self) -> str:
@@ -122,6 +156,12 @@ class Engine:
 
     def conversation(self) -> Conversation:
         return Conversation(self.spirit_lm, output_modality="SPEECH")
+
+    def listen(self, conversation: Conversation) -> Listening | None:
+        """A Listening for a turn being spoken in ``conversation`` (None with whole-turn encoding)."""
+        if self.speech_encoding != "streaming":
+            return None
+        return conversation.listen(self.window, model_lock=self.model_lock)
 
     @property
     def queued(self) -> int:
@@ -157,12 +197,33 @@ class Engine:
             self.release()
 
     def _turn(self, conversation: Conversation, request: TurnRequest, emit: Callable[[Any], None]) -> TurnOutcome:
+        with self.model_lock:
+            return self._locked_turn(conversation, request, emit)
+
+    def _encode(self, inputs: list[tuple[str, Any]], timings: dict[str, float]) -> list[tuple[str, str]]:
+        segments: list[tuple[str, str]] = []
+        for kind, content in inputs:
+            if isinstance(content, StreamedSpeech):
+                units, streamed = content.listening.finish(content.audio)
+                timings.update({k: v for k, v in streamed.items() if k.startswith("streamed_")})
+                segments.append(("SPEECH", units))
+            else:
+                segments.extend(self.spirit_lm.encode_inputs([(kind, content)]))
+        return segments
+
+    def _locked_turn(
+        self, conversation: Conversation, request: TurnRequest, emit: Callable[[Any], None]
+    ) -> TurnOutcome:
+        for _, content in request.inputs:
+            if request.cancel.is_set() and isinstance(content, StreamedSpeech):
+                content.listening.cancel()
         if request.cancel.is_set():
             return TurnOutcome("cancelled")
         started = time.perf_counter()
         # The user's turn joins the dialogue before the answer starts, so that a cancelled
         # answer still leaves what the user said in the model's memory.
-        conversation.segments = conversation.segments + self.spirit_lm.encode_inputs(request.inputs)
+        streamed: dict[str, float] = {}
+        conversation.segments = conversation.segments + self._encode(request.inputs, streamed)
         encode_s = time.perf_counter() - started
         conversation.speaker_id = request.speaker_id
         self._lm.cancel = request.cancel
@@ -171,7 +232,7 @@ class Engine:
         try:
             for event in stream:
                 if isinstance(event, TurnEnd):
-                    timings = dict(event.timings, encode_s=encode_s)
+                    timings = dict(event.timings, encode_s=encode_s, **streamed)
                     if "first_audio_s" in timings:
                         timings["first_audio_s"] += encode_s
                     timings["total_s"] = time.perf_counter() - started

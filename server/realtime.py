@@ -44,7 +44,7 @@ from spiritlm_edge.runtime.turns import (
     TurnTaking,
 )
 from spiritlm_edge.runtime.vad import BLOCK_SAMPLES, TurnDetector
-from spiritlm_edge.server.engine import Busy, Engine, TurnRequest
+from spiritlm_edge.server.engine import Busy, Engine, StreamedSpeech, TurnRequest
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +408,7 @@ class RealtimeSession:
         self._last_item: str | None = None
         self._response: _Response | None = None
         self._assistant_audio_ms: dict[str, int] = {}  # item id -> audio sent, for truncate
+        self._listening: Any = None  # the turn being spoken, encoded and prefilled meanwhile
         self._closed = False
 
     # -- plumbing -----------------------------------------------------------------------
@@ -442,6 +443,7 @@ class RealtimeSession:
 
     async def close(self, reason: str = "client_gone") -> None:
         """Cancel the answer in flight and wait for the model to let go (within one decode step)."""
+        self._drop_listening()
         response = self._response
         if response is not None:
             self._cancel(response, reason)
@@ -527,6 +529,7 @@ class RealtimeSession:
             # New turn detection or input format: the stream starts afresh.
             self._resampler, self._block_rest = None, np.zeros(0, np.float32)
             getattr(self._vad, "reset", lambda: None)()
+            self._drop_listening()
             self._turns = self._make_turn_taking()
         await self.send({"type": "session.updated", "session": self.session})
 
@@ -564,8 +567,22 @@ class RealtimeSession:
             answering = self._response is not None and self._response.cancel_reason is None
             for turn_event in turns.feed(block, answering=answering):
                 await self._on_turn_event(turn_event)
+            self._stream_utterance(turns, block)
         if not turns.speaking and self._speech_item is None:
             self._trim_buffer(int(IDLE_BUFFER_S * SAMPLE_RATE))
+
+    def _stream_utterance(self, turns: TurnTaking, block: np.ndarray) -> None:
+        """Feed the utterance being spoken to its Listening: started when speech is confirmed
+        outside an answer, or once a barge-in has cancelled the answer."""
+        if not turns.speaking or (self._response is not None and self._response.cancel_reason is None):
+            return
+        # engine.listen gives None with whole-turn encoding: then nothing is fed
+        self._listening = turns.follow(self._listening, block, lambda: self.engine.listen(self.conversation))
+
+    def _drop_listening(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            self._listening = None
 
     def _trim_buffer(self, keep: int) -> None:
         if self._buffer_samples <= keep:
@@ -598,12 +615,15 @@ class RealtimeSession:
         elif isinstance(event, TurnEnded):
             item_id, self._speech_item = self._speech_item or self._id("item"), None
             self._buffer, self._buffer_samples = [], 0
-            await self._commit_audio(event.audio, item_id)
+            listening, self._listening = self._listening, None
+            speech = event.audio if listening is None else StreamedSpeech(listening, event.audio)
+            await self._commit_audio(speech, item_id)
             if detection["create_response"]:
                 await self._start_response({}, None)
         elif isinstance(event, SpeechIgnored):
             log.debug("ignored %.0f ms of speech (%s)", event.speech_ms, event.reason)
             self._speech_item = None
+            self._drop_listening()
 
     async def _commit(self, event: dict[str, Any]) -> None:
         ms = self._buffer_samples * 1000 // SAMPLE_RATE
@@ -616,12 +636,13 @@ class RealtimeSession:
             )
         audio = np.concatenate(self._buffer)
         self._buffer, self._buffer_samples = [], 0
+        self._drop_listening()  # a manual commit takes the whole buffer: encode it whole
         if self._turns is not None:
             self._turns.detector.reset()
         item_id, self._speech_item = self._speech_item or self._id("item"), None
         await self._commit_audio(audio, item_id)
 
-    async def _commit_audio(self, audio: np.ndarray, item_id: str) -> None:
+    async def _commit_audio(self, audio: np.ndarray | StreamedSpeech, item_id: str) -> None:
         previous, self._last_item = self._last_item, item_id
         self._pending.append(("SPEECH", audio))
         await self.send({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": previous})
@@ -640,6 +661,7 @@ class RealtimeSession:
         self._buffer, self._buffer_samples = [], 0
         self._block_rest = np.zeros(0, np.float32)
         self._speech_item = None
+        self._drop_listening()
         if self._turns is not None:
             self._turns.detector.reset()
         await self.send({"type": "input_audio_buffer.cleared"})

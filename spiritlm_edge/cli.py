@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -301,6 +302,42 @@ CpuBuffersOption = typer.Option(
     help="llama.cpp's extra CPU buffers: auto (this machine's cached check, else off), on or off.",
 )
 
+SpeechEncodingOption = typer.Option(
+    None,
+    "--speech-encoding",
+    help="whole: encode each user turn once it is over (the reference's units); streaming: encode and "
+    "prefill it while it is spoken (sliding window, much sooner answers). Default: streaming live, whole for files.",
+)
+StreamWindowOption = typer.Option(
+    None,
+    "--stream-window",
+    help="The streaming encoder's window, LEFT:STEP:LOOKAHEAD in seconds (default 1.5:1.0:0.5); "
+    "`spiritlm-edge agreement` measures the choice.",
+)
+
+
+def _speech_encoding(value: str | None, default: str) -> str:
+    from spiritlm_edge.runtime.pipeline import SPEECH_ENCODINGS
+
+    if value is None:
+        return default
+    if value not in SPEECH_ENCODINGS:
+        fail(f"--speech-encoding takes {' or '.join(SPEECH_ENCODINGS)}, not {value!r}.")
+    return value
+
+
+def _stream_window(value: str | None):
+    """``LEFT:STEP:LOOKAHEAD`` seconds -> a StreamingWindow (None: the default one)."""
+    from spiritlm_edge.runtime.speech import StreamingWindow
+
+    if value is None:
+        return None
+    try:
+        left, step, lookahead = (float(part) for part in value.split(":"))
+    except ValueError:
+        fail(f"--stream-window takes LEFT:STEP:LOOKAHEAD in seconds (e.g. 1.5:1.0:0.5), not {value!r}.")
+    return StreamingWindow(left, step, lookahead)
+
 
 def _providers(value: str | None):
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
@@ -370,6 +407,8 @@ def run_cmd(
     barge_in_min_ms: float = typer.Option(
         300.0, "--barge-in-min-ms", help="Speech that cuts the answer; shorter speech (an 'mm-hmm') does not."
     ),
+    speech_encoding: str | None = SpeechEncodingOption,
+    stream_window: str | None = StreamWindowOption,
     providers: str | None = ProvidersOption,
     threads: int | None = ThreadsOption,
     n_gpu_layers: int | None = GpuLayersOption,
@@ -403,6 +442,9 @@ def run_cmd(
 
         check_available()  # before loading the model: a missing library is said at once
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, greedy, seed)  # fail fast
+    # live turns are encoded while spoken; a file is encoded whole, as the reference does
+    encoding = _speech_encoding(speech_encoding, default="streaming" if mic else "whole")
+    window = _stream_window(stream_window)
     spirit_lm = _open_spirit_lm(
         bundle, providers, threads, n_gpu_layers, cpu_buffers, n_ctx=n_ctx, kv_cache=kv_cache, flash_attn=flash_attn
     )
@@ -421,12 +463,13 @@ def run_cmd(
             barge_in=not no_barge_in,
             end_silence_ms=end_silence_ms,
             barge_in_min_ms=barge_in_min_ms,
+            listen=partial(conversation.listen, window) if encoding == "streaming" else None,
         )
         typer.echo(f"session ended: {summary}", err=True)
         return
     inputs = ([("SPEECH", str(input))] if input else []) + ([("TEXT", text)] if text else [])
     end: TurnEnd | None = None
-    for event in conversation.stream(inputs):
+    for event in conversation.stream(inputs, speech_encoding=encoding):
         if isinstance(event, TextDelta):
             typer.echo(event.text, nl=False)
         elif isinstance(event, TurnEnd):
@@ -465,11 +508,15 @@ def serve_cmd(
     n_gpu_layers: int | None = GpuLayersOption,
     n_ctx: int = typer.Option(2048, "--n-ctx", help="LM context length (a connection's memory)."),
     cpu_buffers: str = CpuBuffersOption,
+    speech_encoding: str | None = SpeechEncodingOption,
+    stream_window: str | None = StreamWindowOption,
 ) -> None:
     """Serve the OpenAI Realtime protocol (WebSocket /v1/realtime) and the kiosk page (/)."""
     from spiritlm_edge.server.app import ServerConfig, serve
     from spiritlm_edge.server.realtime import Limits
 
+    encoding = _speech_encoding(speech_encoding, default="streaming")  # server VAD turns are live turns
+    window = _stream_window(stream_window)
     limits = Limits(max_connections=max_connections, max_queued_turns=max_queued_turns, idle_timeout_s=idle_timeout_s)
     config = ServerConfig(
         host=host,
@@ -488,7 +535,33 @@ def serve_cmd(
         n_gpu_layers=n_gpu_layers,
         n_ctx=n_ctx,
         extra_cpu_buffers=cpu_buffers,
+        speech_encoding=encoding,
+        window=window,
     )
+
+
+@app.command("agreement")
+def agreement_cmd(
+    files: list[Path] = typer.Argument(..., help="Speech recordings (any rate; one turn each)."),
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle directory."),
+    stream_window: str | None = StreamWindowOption,
+    threads: int | None = ThreadsOption,
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """How often streamed units (encoded while spoken) agree with whole-turn units."""
+    import json
+    from dataclasses import asdict
+
+    from spiritlm_edge.bench.agreement import format_report, measure
+    from spiritlm_edge.bench.synthetic import synthetic_info
+    from spiritlm_edge.runtime.speech import StreamingWindow
+
+    window = _stream_window(stream_window) or StreamingWindow()
+    results, total = measure(bundle, files, window, threads)
+    typer.echo(format_report(results, total, window, synthetic=synthetic_info(bundle) is not None))
+    if json_path is not None:
+        report = {"window": asdict(window), "files": [asdict(r) for r in results], "total": asdict(total)}
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 @app.command("asr")

@@ -60,3 +60,27 @@ def tiny_base_bundle(tmp_path_factory, tiny_base_checkpoints) -> Path:
 @pytest.fixture(scope="session")
 def tiny_expressive_bundle(tmp_path_factory, tiny_expressive_checkpoints) -> Path:
     return _build_tiny_bundle(tmp_path_factory, tiny_expressive_checkpoints, "expressive")
+
+
+@pytest.fixture(scope="session")
+def clip(librispeech_clip):
+    """The LibriSpeech clip as 16 kHz float32 (treat as read-only)."""
+    from spiritlm_edge.runtime.audio import load_audio
+
+    return load_audio(librispeech_clip)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base_bundle):
+    """SpiritLM on the tiny Base bundle (one per test module: its KV cache is module state)."""
+    from spiritlm_edge.runtime.pipeline import SpiritLM
+
+    return SpiritLM(tiny_base_bundle, n_threads=2)
+
+
+@pytest.fixture(scope="module")
+def expressive(tiny_expressive_bundle):
+    """SpiritLM on the tiny Expressive bundle."""
+    from spiritlm_edge.runtime.pipeline import SpiritLM
+
+    return SpiritLM(tiny_expressive_bundle, n_threads=2)

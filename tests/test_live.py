@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from spiritlm_edge.runtime import audio_io
-from spiritlm_edge.runtime.audio import SAMPLE_RATE, load_audio
+from spiritlm_edge.runtime.audio import SAMPLE_RATE
 from spiritlm_edge.runtime.audio_io import (
     BLOCK_SAMPLES,
     RecordingOutput,
@@ -38,11 +38,6 @@ END_SILENCE_MS = 2000
 pytestmark = pytest.mark.skipif(
     packaged_model_path() is None, reason="Silero VAD model not installed: pip install --no-deps silero-vad==6.2.3"
 )
-
-
-@pytest.fixture(scope="module")
-def clip(librispeech_clip):
-    return load_audio(librispeech_clip)
 
 
 @pytest.fixture(scope="module")

@@ -14,27 +14,11 @@ import pytest
 
 import spiritlm_edge
 from spiritlm_edge import ContentType, GenerationInput, OutputModality, SpiritLM
-from spiritlm_edge.runtime.audio import load_audio
 from spiritlm_edge.runtime.bundle import Bundle, add_component
 from spiritlm_edge.runtime.errors import AudioError, BundleError, ModelError, SpiritLMEdgeError
 from spiritlm_edge.runtime.events import AudioChunk, TextDelta, TurnEnd
 from spiritlm_edge.runtime.pipeline import Conversation, GenerationOuput, _speech_context
 from spiritlm_edge.runtime.units import count_hubert_units, forbidden_token_ids
-
-
-@pytest.fixture(scope="module")
-def base(tiny_base_bundle):
-    return SpiritLM(tiny_base_bundle, n_threads=2)
-
-
-@pytest.fixture(scope="module")
-def expressive(tiny_expressive_bundle):
-    return SpiritLM(tiny_expressive_bundle, n_threads=2)
-
-
-@pytest.fixture(scope="module")
-def clip(librispeech_clip):
-    return load_audio(librispeech_clip)
 
 
 def test_prompt_follows_the_grammar(base, clip):

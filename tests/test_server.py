@@ -21,7 +21,6 @@ import pytest
 import soxr
 from server_utils import Client, RunningServer, chunks, clip_24k, decode_deltas, pcm16_b64
 
-from spiritlm_edge.runtime.audio import load_audio
 from spiritlm_edge.server.app import SESSIONS, ServerConfig, ServerConfigError, create_app
 from spiritlm_edge.server.engine import Engine
 from spiritlm_edge.server.realtime import Limits
@@ -42,11 +41,6 @@ def server(engine):
     running = RunningServer(create_app(ServerConfig(port=0, limits=limits), engine=engine))
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def clip(librispeech_clip):
-    return load_audio(librispeech_clip)
 
 
 def run(coro, timeout: float = 120):
@@ -150,6 +144,35 @@ def test_spoken_turn_with_server_vad(server, clip):
     assert done["spiritlm"]["audio_ms"] == pytest.approx(len(audio) / 24, abs=1)
     assert done["spiritlm"]["first_audio_ms"] > 0 and "decode_s" in done["spiritlm"]["timings"]
     assert done["output"][0]["role"] == "assistant"
+    # the server's default: the turn was encoded (and prefilled, as far as it got) while it arrived
+    assert "streamed_prefill_tokens" in done["spiritlm"]["timings"]
+
+
+def test_paced_speech_is_prefilled_while_it_arrives(server, engine, clip):
+    """Audio sent at twice real time: the Listening encodes and prefills during the turn,
+    and only the rest is left when it ends."""
+    # an earlier test may have left this very prompt in the cache (KV reuse across connections)
+    engine.spirit_lm.lm.reset()
+
+    async def main():
+        async with Client(server.url) as client:
+            await client.recv()
+            await update_session(
+                client,
+                max_output_tokens=20,
+                audio={"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 2000}}},
+            )
+            signal_ = np.concatenate([clip_24k(clip), np.zeros(int(2.5 * 24000), np.float32)])
+            for piece in chunks(signal_):
+                await client.send({"type": "input_audio_buffer.append", "audio": pcm16_b64(piece)})
+                await asyncio.sleep(len(piece) / 24000 / 2)
+            return await client.until("response.done", timeout=90)
+
+    done = run(main())[-1]["response"]
+    timings = done["spiritlm"]["timings"]
+    assert timings["streamed_windows"] >= 2 and timings["streamed_prefill_tokens"] > 0
+    # the 2.5 s of trailing silence let the turn be finished on trial before the detector ended it
+    assert timings["streamed_finish"] == 1.0
 
 
 def test_text_turn_and_kv_reuse(server, engine):
