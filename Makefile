@@ -20,8 +20,11 @@ $(BIN)/spiritlm-edge: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	@# llama-cpp-python compiles llama.cpp the first time (~10 min on 2 cores); pip's wheel
 	@# cache makes later set-ups instant. Its verbose log goes to a file, progress to the screen.
+	@# spiritlm_edge/llama_build.py picks the compiler where llama.cpp's AMX kernels would be
+	@# built (GCC < 13 miscompiles them); elsewhere it runs the plain `pip install`.
 	@echo "llama-cpp-python $(LLAMA_CPP_VERSION): compiling llama.cpp unless pip has it cached (log: $(VENV)/llama-cpp-build.log)"
-	@$(BIN)/pip install -v "llama-cpp-python==$(LLAMA_CPP_VERSION)" 2>&1 | tee $(VENV)/llama-cpp-build.log \
+	@$(BIN)/python spiritlm_edge/llama_build.py plan
+	@$(BIN)/python spiritlm_edge/llama_build.py install "llama-cpp-python==$(LLAMA_CPP_VERSION)" 2>&1 | tee $(VENV)/llama-cpp-build.log \
 		| awk '/\[ *[0-9]+%\]/ { match($$0, /[0-9]+%/); p = substr($$0, RSTART, RLENGTH - 1) + 0; \
 		  if (p >= shown + 10) { printf "  llama.cpp build: %d%%\n", p; shown = p } }' \
 		|| { tail -n 40 $(VENV)/llama-cpp-build.log; exit 1; }

@@ -468,6 +468,33 @@ def reference_units(hubert: HubertCheckpoint, quantizer: LinearQuantizer, audio:
 # ----------------------------------------------------------------------------- ONNX graph
 
 
+class _Conv1dAs2d(nn.Module):
+    """A Conv1d exported as a 1 x k Conv2d on [B, C, 1, T] (same weights, same sums).
+
+    ONNX Runtime's CPU provider runs 2-D convolutions in its blocked NCHWc kernels and 1-D ones
+    through im2col + GEMM: on the full-size front end (strided 512-channel convs over up to
+    29k frames) and the grouped positional conv, the 2-D form took ~10% off HuBERT's whole
+    time on an AMD Zen 4 (`python -m spiritlm_edge.bench.encoder`), with the same units."""
+
+    def __init__(self, conv: nn.Conv1d):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach()[:, :, None, :].clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.stride = (1, int(conv.stride[0]))
+        self.padding = (0, int(cast(tuple, conv.padding)[0]))
+        self.groups = conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T] -> [B, C', T']
+        y = F.conv2d(x[:, :, None, :], self.weight, self.bias, self.stride, self.padding, groups=self.groups)
+        return y[:, :, 0, :]
+
+
+def _as_2d(block: nn.Module) -> nn.Module:
+    """A front-end block (conv, dropout, [norm], GELU) whose conv runs as a Conv2d."""
+    modules = list(cast(nn.Sequential, block))
+    return nn.Sequential(_Conv1dAs2d(cast(nn.Conv1d, modules[0])), *modules[1:])
+
+
 class _FrontEnd(nn.Module):
     """Export form of the conv front end: audio [1, N] -> features [T, C].
 
@@ -477,11 +504,11 @@ class _FrontEnd(nn.Module):
     (mean = mean(p) W, var = diag(W^T Cov(p) W)), so normalisation and affine fold into
     that GEMM's weight and bias. This removes the InstanceNormalization and its affine
     passes over the largest tensor of the model (measured ~10% of the whole graph on CPU).
-    The other convs stay ORT Convs, whose blocked NCHWc kernels beat im2col + MatMul here
-    (measured).
+    The other convs stay ORT Convs, exported as 2-D convs (:class:`_Conv1dAs2d`) so that ORT
+    runs its blocked NCHWc kernels, which beat im2col + MatMul here (measured).
     """
 
-    def __init__(self, extractor: ConvFeatureExtractor, config: EncoderConfig):
+    def __init__(self, extractor: ConvFeatureExtractor, config: EncoderConfig, conv_dims: int = 2):
         super().__init__()
         self.kernel, self.stride = config.conv_layers[0][1:]
         # Typed views of what _conv_block built (a ModuleList does not know its element types).
@@ -492,7 +519,8 @@ class _FrontEnd(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         # GroupNorm (extractor_mode "default"), or LayerNorm between transposes ("layer_norm")
         self.first_norm = cast(nn.GroupNorm | nn.Sequential, first[2]) if len(first) == 4 else None
-        self.convs = nn.ModuleList(extractor.conv_layers[1:])
+        blocks = extractor.conv_layers[1:]
+        self.convs = nn.ModuleList(_as_2d(block) if conv_dims == 2 else block for block in blocks)
 
     def patches(self, audio: torch.Tensor) -> torch.Tensor:
         """[1, N] -> [T, k]: row t = audio[t * stride : t * stride + k]."""
@@ -565,22 +593,31 @@ class EncoderGraph(nn.Module):
     """Export form of :class:`SpeechEncoder`: batch 1, time-major [T, D], weight norm folded,
     QKV fused, only the layers that are read. Audio [1, N] -> features [T, D]."""
 
-    def __init__(self, encoder: SpeechEncoder, n_layers: int, normalize: str | None = None, frontend: str = "fused"):
+    def __init__(
+        self,
+        encoder: SpeechEncoder,
+        n_layers: int,
+        normalize: str | None = None,
+        frontend: str = "fused",
+        conv_dims: int = 2,
+    ):
         super().__init__()
         config = encoder.config
         self.normalize = normalize  # None, "layer_norm" (fairseq), "zero_mean_unit_var" (HF)
         # "fused": see _FrontEnd; "conv": the module as is (kept to measure against)
+        # conv_dims 2: the convs as 1 x k Conv2d (_Conv1dAs2d); 1: as Conv1d (kept to compare against)
         self.frontend = (
-            _FrontEnd(encoder.feature_extractor, config) if frontend == "fused" else encoder.feature_extractor
+            _FrontEnd(encoder.feature_extractor, config, conv_dims)
+            if frontend == "fused"
+            else encoder.feature_extractor
         )
         self.frontend_kind = frontend
         self.layer_norm = encoder.layer_norm
         self.post_extract_proj = encoder.post_extract_proj
         pos = cast(WeightNormConv1d, encoder.encoder.pos_conv[0])  # the Sequential holds only it
-        self.pos_conv = nn.Conv1d(
-            config.embed_dim, config.embed_dim, pos.kernel, padding=pos.kernel // 2, groups=pos.groups
-        )
-        self.pos_conv.load_state_dict({"weight": pos.weight().detach(), "bias": pos.bias.detach()})
+        pos_conv = nn.Conv1d(config.embed_dim, config.embed_dim, pos.kernel, padding=pos.kernel // 2, groups=pos.groups)
+        pos_conv.load_state_dict({"weight": pos.weight().detach(), "bias": pos.bias.detach()})
+        self.pos_conv: nn.Module = _Conv1dAs2d(pos_conv) if conv_dims == 2 else pos_conv
         self.pos_trim = pos.kernel % 2 == 0
         self.encoder_layer_norm = encoder.encoder.layer_norm
         self.layers = nn.ModuleList(_Layer2d(cast(EncoderLayer, layer)) for layer in encoder.encoder.layers[:n_layers])
@@ -609,9 +646,12 @@ class EncoderGraph(nn.Module):
 class HubertGraph(nn.Module):
     """Audio [1, N] -> (units int64 [T], layer-11 features [T, D])."""
 
-    def __init__(self, hubert: HubertCheckpoint, quantizer: LinearQuantizer, frontend: str = "fused"):
+    def __init__(
+        self, hubert: HubertCheckpoint, quantizer: LinearQuantizer, frontend: str = "fused", conv_dims: int = 2
+    ):
         super().__init__()
-        self.encoder = EncoderGraph(hubert.encoder, OUTPUT_LAYER, "layer_norm" if hubert.normalize else None, frontend)
+        normalize = "layer_norm" if hubert.normalize else None
+        self.encoder = EncoderGraph(hubert.encoder, OUTPUT_LAYER, normalize, frontend, conv_dims)
         self.quantizer = quantizer.encoder
         self.blank = quantizer.vocab_size
 
@@ -649,7 +689,12 @@ def export_graph_onnx(
 
 
 def export_onnx(
-    paths: CheckpointPaths, variant: str, bundle_dir: str | Path, opset: int = 17, frontend: str = "fused"
+    paths: CheckpointPaths,
+    variant: str,
+    bundle_dir: str | Path,
+    opset: int = 17,
+    frontend: str = "fused",
+    conv_dims: int = 2,
 ) -> dict:
     """Export HuBERT + quantizer + blank filling to ``<bundle>/hubert.onnx`` and register it."""
     bundle_dir = Path(bundle_dir)
@@ -658,7 +703,7 @@ def export_onnx(
     quantizer = load_quantizer(paths)
     check_pair(hubert, quantizer, paths)
     config = hubert.encoder.config
-    graph = HubertGraph(hubert, quantizer, frontend)
+    graph = HubertGraph(hubert, quantizer, frontend, conv_dims)
     example = torch.zeros(1, 16000)
     export_graph_onnx(
         graph,

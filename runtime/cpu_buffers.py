@@ -7,8 +7,9 @@ Rapids with llama-cpp-python 0.3.36 built by GCC 12 a 7B dies with SIGSEGV insid
 choice is made per machine by a one-time check (:func:`check`): each setting loads the model
 in a child process (a crash is reported, never taken), prefills and decodes, and the buffers
 are turned on only if they survived and were faster for prefill or decode. The decision is
-cached (platformdirs user cache) per CPU model + llama.cpp build (llama-cpp-python version
-and ``llama_print_system_info``) + quant type, and :func:`resolve` reads it at each load.
+cached (platformdirs user cache) per CPU model + llama.cpp build (llama-cpp-python version,
+``llama_print_system_info`` and a fingerprint of its libraries, so a rebuild by another compiler
+or with other flags decides anew) + quant type, and :func:`resolve` reads it at each load.
 
 Without a cached decision the buffers stay off and nothing is measured at load: the check
 loads the model twice more (seconds to tens of seconds for a 7B on a small CPU, and a second
@@ -19,11 +20,13 @@ to run everywhere; ``spiritlm-edge info BUNDLE --check-cpu-buffers`` makes the d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +98,19 @@ def quant_type(meta: dict[str, Any]) -> str:
         return f"file_type_{int(value)}"
 
 
+@functools.cache
+def build_id() -> str:
+    """A fingerprint of the llama.cpp libraries this process loads: the same version and
+    features built by another compiler (GCC 12 vs clang, with or without AMX) is another build."""
+    import llama_cpp
+
+    digest = hashlib.sha256()
+    folder = os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib"  # llama_cpp's own override
+    for lib in sorted(Path(folder).glob("lib*.so")):
+        digest.update(lib.name.encode() + lib.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def machine_key(quant: str) -> dict[str, str]:
     """What the decision depends on: the CPU, the llama.cpp build, the quant type."""
     import llama_cpp
@@ -104,7 +120,7 @@ def machine_key(quant: str) -> dict[str, str]:
     except metadata.PackageNotFoundError:
         version = getattr(llama_cpp, "__version__", "unknown")
     system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
-    return {"cpu": cpu_model(), "llama_cpp_python": version, "system_info": system, "quant": quant}
+    return {"cpu": cpu_model(), "llama_cpp_python": version, "system_info": system, "build": build_id(), "quant": quant}
 
 
 def _key_id(key: dict[str, str]) -> str:
@@ -160,7 +176,12 @@ def run_setting(
     except subprocess.TimeoutExpired:
         return {"survived": False, "error": f"no answer within {timeout:.0f} s"}
     if result.returncode != 0:
-        reason = f"signal {-result.returncode}" if result.returncode < 0 else f"exit code {result.returncode}"
+        reason = f"exit code {result.returncode}"
+        if result.returncode < 0:  # killed by a signal, e.g. the AMX crash's SIGSEGV
+            try:
+                reason = f"signal {-result.returncode} ({signal.Signals(-result.returncode).name})"
+            except ValueError:
+                reason = f"signal {-result.returncode}"
         tail = result.stderr.strip().splitlines()[-1:]
         return {"survived": False, "error": " ".join([reason, *tail])[:300]}
     try:

@@ -72,10 +72,34 @@ def test_a_crashing_child_means_off(gguf, monkeypatch):
     )
     entry = cpu_buffers.check(gguf, QUANT, n_threads=1, n_prompt=8, n_new=2, timeout=180)
     assert entry["off"]["survived"]
-    assert not entry["on"]["survived"] and "signal 6" in entry["on"]["error"]
+    assert not entry["on"]["survived"] and "signal 6 (SIGABRT)" in entry["on"]["error"]
     assert entry["enabled"] is False and "crashed" in entry["reason"]
     with _load(gguf) as lm:
         assert lm.model_params.use_extra_bufts is False and lm.cpu_buffers.source == "cache"
+
+
+def test_a_segfault_in_the_check_means_off_and_info_says_why(tiny_base_bundle, gguf, monkeypatch):
+    # the AMX crash: a real SIGSEGV inside native code, after the model has loaded, in prefill
+    crash = "if sys.argv[2] == 'on':\n    import ctypes\n    ctypes.string_at(0)\nlm.prefill(ids)"
+    monkeypatch.setattr(cpu_buffers, "CHILD", cpu_buffers.CHILD.replace("lm.prefill(ids)", crash, 1))
+    entry = cpu_buffers.check(gguf, QUANT, n_threads=1, n_prompt=8, n_new=2, timeout=180)
+    assert entry["off"]["survived"] and not entry["on"]["survived"]
+    assert entry["on"]["error"].startswith("signal 11 (SIGSEGV)")
+    result = CliRunner().invoke(app, ["info", str(tiny_base_bundle)])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("llama.cpp extra CPU buffers:"))
+    assert line.startswith("llama.cpp extra CPU buffers: off (they crashed in the check (signal 11 (SIGSEGV)")
+
+
+def test_the_decision_is_keyed_by_the_llama_cpp_build(monkeypatch):
+    key = cpu_buffers.machine_key(QUANT)
+    assert set(key) == {"cpu", "llama_cpp_python", "system_info", "build", "quant"}
+    assert len(key["build"]) == 16 and int(key["build"], 16) >= 0 and key["build"] == cpu_buffers.build_id()
+    cpu_buffers._store(key, {"enabled": True, "reason": "they were faster", "date": "x"})
+    assert cpu_buffers.resolve("auto", QUANT).source == "cache"
+    # the same llama-cpp-python version rebuilt by another compiler (or without AMX): not decided
+    monkeypatch.setattr(cpu_buffers, "build_id", lambda: "0123456789abcdef")
+    assert cpu_buffers.resolve("auto", QUANT).source == "default"
 
 
 def test_unchecked_machine_is_off_and_says_how_to_check(gguf):

@@ -306,6 +306,57 @@ def test_layer_norm_front_end_and_normalize(tmp_path, clip):
     del checkpoint
 
 
+def _units_of(bundle: Path, samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(bundle / "hubert.onnx"), options, providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "Conv" for n in _graph_nodes(bundle))
+    return {name: session.run(["units"], {"audio": audio[None]})[0] for name, audio in samples.items()}
+
+
+def _graph_nodes(bundle: Path):
+    import onnx
+
+    return onnx.load(str(bundle / "hubert.onnx"), load_external_data=False).graph.node
+
+
+def _conv_ranks(bundle: Path) -> set[int]:
+    import onnx
+
+    ranks = set()
+    for node in _graph_nodes(bundle):
+        if node.op_type == "Conv":
+            kernel = next(a for a in node.attribute if a.name == "kernel_shape")
+            ranks.add(len(onnx.helper.get_attribute_value(kernel)))
+    return ranks
+
+
+def test_2d_convs_give_todays_units(tiny, bundle_dir, clip, tmp_path):
+    """The convs exported as 1 x k Conv2d (the default, for ORT's NCHWc kernels) give exactly
+    the units of the 1-D graph exported before, on every test signal."""
+    H.export_onnx(tiny, "base", tmp_path, conv_dims=1)
+    assert _conv_ranks(tmp_path) == {1} and _conv_ranks(bundle_dir) == {2}
+    before, after = _units_of(tmp_path, signals(clip)), _units_of(bundle_dir, signals(clip))
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_2d_convs_give_todays_units_at_release_size(tmp_path, clip):
+    """The same on the release-size HuBERT (random weights, 95M parameters): ~30 s."""
+    paths = CheckpointPaths(tmp_path / "ckpt")
+    RS.write_hubert(paths, size="full", seed=5)
+    H.export_onnx(paths, "base", tmp_path / "conv1d", conv_dims=1)
+    H.export_onnx(paths, "base", tmp_path / "conv2d")
+    samples = {k: v for k, v in signals(clip).items() if k in ("librispeech", "noise", "odd_length")}
+    before, after = _units_of(tmp_path / "conv1d", samples), _units_of(tmp_path / "conv2d", samples)
+    for name in before:
+        assert len(after[name]) >= 40  # 2 s of noise: 49 frames
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+
+
 def test_reexport_is_byte_identical(tiny, bundle_dir, tmp_path):
     H.export_onnx(tiny, "base", tmp_path)
     assert (tmp_path / "hubert.onnx").read_bytes() == (bundle_dir / "hubert.onnx").read_bytes()
