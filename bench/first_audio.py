@@ -21,7 +21,10 @@ By default neither includes a turn detector's end-of-speech silence. ``--end-sil
 the speech, the whole-turn mode waits that long before it starts, and the streaming mode is fed
 that much silence the way the detector feeds it (the turn's committed audio no longer grows), so
 it can finish the turn on trial meanwhile. Each figure is the median of ``--repeat`` runs after
-one warm-up; the modes alternate so that a noisy neighbour slows both.
+one warm-up; the modes alternate so that a noisy neighbour slows both. The table gives the
+first token too: it is what encoding while the user speaks brings forward, while the number of
+answer tokens before the first audio depends on the answer (with random weights, on its random
+durations) and is the same work in both modes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from spiritlm_edge.bench.latency import ClockedLM
 from spiritlm_edge.bench.machine import PeakRSS, machine_info
 from spiritlm_edge.runtime.audio import BUNDLED_CLIP, SAMPLE_RATE, load_audio
 from spiritlm_edge.runtime.events import AudioChunk, TurnEnd
@@ -55,18 +59,25 @@ def question(seconds: float, clip: np.ndarray) -> np.ndarray:
     return np.tile(clip, -(-samples // len(clip)))[:samples].astype(np.float32)
 
 
-def _first_audio(events) -> tuple[float | None, dict[str, float]]:
-    """Seconds from now to the first AudioChunk of ``events`` (which is then closed)."""
+def _first_audio(events, clock: ClockedLM) -> dict[str, Any]:
+    """From now: seconds to the LM's first token and to the first AudioChunk of ``events``
+    (which is then closed), and how many tokens the answer had by then. The first token is
+    what encoding while the user speaks brings forward; the tokens before the first audio are
+    the answer's (a random-weight model's durations decide how many the vocoder needs)."""
     start = time.perf_counter()
+    result: dict[str, Any] = {"first_audio_s": None}
     try:
         for event in events:
-            if isinstance(event, AudioChunk):
-                return time.perf_counter() - start, {}
-            if isinstance(event, TurnEnd):
-                return None, dict(event.timings)
+            if isinstance(event, (AudioChunk, TurnEnd)):
+                if isinstance(event, AudioChunk):
+                    result["first_audio_s"] = time.perf_counter() - start
+                break
     finally:
         events.close()
-    return None, {}
+    if clock.token_times:
+        result["first_token_s"] = clock.token_times[0] - start
+        result["tokens_before_audio"] = len(clock.token_times)
+    return result
 
 
 def run_turn(
@@ -79,23 +90,25 @@ def run_turn(
 ):
     """One turn; returns its measurements."""
     spirit_lm.lm.reset()
+    clock = spirit_lm.lm
+    assert isinstance(clock, ClockedLM), "measure() installs the clock"
     conversation = Conversation(spirit_lm, output_modality="SPEECH", max_new_tokens=max_new_tokens)
     result: dict[str, Any] = {"mode": mode, "question_s": len(audio) / SAMPLE_RATE}
     if mode == "whole":
         time.sleep(end_silence_s)
-        ttfa, _ = _first_audio(conversation.stream([("SPEECH", audio)]))
+        answer = _first_audio(conversation.stream([("SPEECH", audio)]), clock)
     else:
         listening = conversation.listen(window)
         silence = np.zeros(round(end_silence_s * SAMPLE_RATE), np.float32)
         signal = np.concatenate([audio, silence])
-        clock = time.perf_counter()
+        due = time.perf_counter()
         for start in range(0, len(signal), BLOCK_SAMPLES):
-            clock += BLOCK_SAMPLES / SAMPLE_RATE
-            time.sleep(max(0.0, clock - time.perf_counter()))  # the microphone's pace
+            due += BLOCK_SAMPLES / SAMPLE_RATE
+            time.sleep(max(0.0, due - time.perf_counter()))  # the microphone's pace
             listening.feed(signal[start : start + BLOCK_SAMPLES], committed=len(audio))
         stats = dict(listening.stats)
         result["unencoded_at_end_s"] = (len(audio) - listening.encoder.final_samples) / SAMPLE_RATE
-        ttfa, _ = _first_audio(listening.respond(audio))
+        answer = _first_audio(listening.respond(audio), clock)
         result["finished_in_pause"] = float(listening._trial is not None and listening.encoder is listening._trial[1])
         result["prefilled_while_speaking"] = stats["prefilled_tokens"]
         result["prefill_while_speaking_s"] = stats["prefill_s"]
@@ -104,7 +117,10 @@ def run_turn(
         spirit_lm.build_prompt([("SPEECH", audio)], "SPEECH", speech_encoding=mode)
     )  # what the answer's prompt held
     result["prompt_tokens"] = len(prompt)
-    result["first_audio_s"] = None if ttfa is None else end_silence_s + ttfa  # from the end of speech
+    for key in ("first_token_s", "first_audio_s"):  # from the end of speech
+        if answer.get(key) is not None:
+            result[key] = end_silence_s + answer[key]
+    result["tokens_before_audio"] = answer.get("tokens_before_audio")
     return result
 
 
@@ -118,6 +134,8 @@ def measure(
     end_silence_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     clip = load_audio(BUNDLED_CLIP)
+    if not isinstance(spirit_lm.lm, ClockedLM):
+        spirit_lm.lm = ClockedLM(spirit_lm.lm)  # type: ignore[assignment]
     runs: list[dict[str, Any]] = []
     for seconds in questions:
         audio = question(seconds, clip)
@@ -156,7 +174,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = [
         "question",
         "mode",
-        "first audio after end of speech (median)",
+        "first token after end of speech",
+        "first audio after end of speech",
+        "answer tokens before it",
         "prompt tokens",
         "prefilled while speaking",
         "left at end",
@@ -168,7 +188,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             [
                 f"{row['question_s']:g} s",
                 row["mode"],
+                f"{row['first_token_s']:.2f} s" if row.get("first_token_s") is not None else "-",
                 f"{row['first_audio_s']:.2f} s" if row.get("first_audio_s") is not None else "-",
+                f"{row['tokens_before_audio']:.0f}" if row.get("tokens_before_audio") is not None else "-",
                 f"{row['prompt_tokens']:.0f}",
                 "-" if streamed is None else f"{streamed:.0f} tokens",
                 "-" if streamed is None else _left_at_end(row),

@@ -85,7 +85,7 @@ class _Recorder:
         return summarize(self.samples[name]) if self.samples.get(name) else None
 
 
-class _ClockedLM:
+class ClockedLM:
     """Wraps the pipeline's LanguageModel to time its token iterator: when each token came
     out, and how long the LM itself took for it (the vocoder runs between tokens)."""
 
@@ -247,7 +247,7 @@ def run_benchmark(
     report["settings"]["llama_cpp_extra_cpu_buffers"] = {"enabled": decision.enabled, "why": decision.reason}
     report["settings"]["kv_cache"] = spirit_lm.lm.kv_cache
     speech = spirit_lm.speech_tokenizer
-    clocked = _ClockedLM(spirit_lm.lm)
+    clocked = ClockedLM(spirit_lm.lm)
     spirit_lm.lm = clocked
     tokenizer, vocab = spirit_lm.tokenizer, spirit_lm.tokenizer.vocab
     expressive = bundle.variant == "expressive"
