@@ -246,6 +246,8 @@ def _show_cpu_buffers(gguf: Path, check: bool) -> None:
             if run["survived"]:
                 prefill, decode = run["prefill_tokens_per_s"], run["decode_tokens_per_s"]
                 figures = f"prefill {prefill:8.1f} tok/s   decode {decode:6.2f} tok/s"
+                if run.get("peak_rss_bytes"):
+                    figures += f"   peak memory {run['peak_rss_bytes'] / 1e9:5.2f} GB"
             else:
                 figures = f"CRASHED  {run['error']}"
             typer.echo(f"  extra buffers {name:<3}  {figures}")

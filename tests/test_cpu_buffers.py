@@ -48,7 +48,9 @@ def test_check_runs_in_child_processes_and_its_decision_is_reused(gguf, monkeypa
             on["prefill_tokens_per_s"] > cpu_buffers.FASTER * off["prefill_tokens_per_s"]
             or on["decode_tokens_per_s"] > cpu_buffers.FASTER * off["decode_tokens_per_s"]
         )
+        and on["peak_rss_bytes"] <= cpu_buffers.MEMORY_SLACK * off["peak_rss_bytes"]
     )
+    assert off["peak_rss_bytes"] > 10e6  # a process that loaded a model
     stored = json.loads(cpu_buffers.cache_path().read_text())
     assert len(stored) == 1 and next(iter(stored.values()))["key"]["quant"] == QUANT
 
@@ -129,10 +131,21 @@ def test_explicit_option_overrides_the_cached_decision(gguf):
         ({"survived": True, "prefill_tokens_per_s": 19.0, "decode_tokens_per_s": 6.2}, False, "not faster"),
         ({"survived": True, "prefill_tokens_per_s": 50.0, "decode_tokens_per_s": 6.0}, True, "prefill x1.72"),
         ({"survived": True, "prefill_tokens_per_s": 29.0, "decode_tokens_per_s": 8.0}, True, "decode x1.29"),
+        # the Zen 4 figures: faster decode, but the repacked weights beside the originals
+        (
+            {"survived": True, "prefill_tokens_per_s": 16.9, "decode_tokens_per_s": 7.5, "peak_rss_bytes": 7.8e9},
+            False,
+            "3.0 GB more memory",
+        ),
+        (
+            {"survived": True, "prefill_tokens_per_s": 16.9, "decode_tokens_per_s": 7.5, "peak_rss_bytes": 4.9e9},
+            True,
+            "decode x1.21",
+        ),
     ],
 )
-def test_verdict_needs_survival_and_speed(on, enabled, words):
-    off = {"survived": True, "prefill_tokens_per_s": 29.0, "decode_tokens_per_s": 6.2}
+def test_verdict_needs_survival_speed_and_no_more_memory(on, enabled, words):
+    off = {"survived": True, "prefill_tokens_per_s": 29.0, "decode_tokens_per_s": 6.2, "peak_rss_bytes": 4.8e9}
     decided, reason = cpu_buffers._verdict(off, on)
     assert decided is enabled and words in reason
     with pytest.raises(ModelError, match="does not run even without"):
