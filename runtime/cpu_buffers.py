@@ -8,9 +8,9 @@ choice is made per machine by a one-time check (:func:`check`): each setting loa
 in a child process (a crash is reported, never taken), prefills and decodes, and the buffers
 are turned on only if they survived, were faster for prefill or decode, and did not take more
 memory: llama.cpp keeps the weights it repacks beside the original ones, so on a 7B Q4_K_M
-they cost about 3 GB more (7.8 vs 4.8 GB resident on a Zen 4), which an 8 GB device cannot give
-(``--cpu-buffers on`` takes them anyway). The decision is
-cached (platformdirs user cache) per CPU model + llama.cpp build (llama-cpp-python version,
+they cost about 3 GB more (7.35 vs 4.29 GB peak on a Zen 4, ``info --check-cpu-buffers``), which
+an 8 GB device cannot give (``--cpu-buffers on`` takes them anyway). The decision is cached
+(platformdirs user cache) per CPU model + llama.cpp build (llama-cpp-python version,
 ``llama_print_system_info`` and a fingerprint of its libraries, so a rebuild by another compiler
 or with other flags decides anew) + quant type, and :func:`resolve` reads it at each load.
 

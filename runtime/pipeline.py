@@ -625,14 +625,15 @@ class Conversation:
 
     def _fit(
         self, segments: list[tuple[str, str]], modality: OutputModality, sampling: SamplingConfig
-    ) -> tuple[str, int]:
+    ) -> tuple[str, list[int], int]:
         """The prompt of ``segments`` less as many of its oldest segments as the context
-        needs dropped (at least the newest one is kept); returns it and that count."""
+        needs dropped (at least the newest one is kept); returns it, its token ids and that count."""
         tokenizer, n_ctx = self.spirit_lm.tokenizer, self.spirit_lm.lm.n_ctx
         dropped = 0
         while True:
             prompt = build_prompt(segments[dropped:], modality, vocab=tokenizer.vocab)
-            n_tokens = len(tokenizer.encode(prompt))
+            ids = tokenizer.encode(prompt)
+            n_tokens = len(ids)
             if n_tokens + sampling.new_token_limit(n_tokens) <= n_ctx or len(segments) - dropped <= 1:
                 break
             log.debug(
@@ -650,7 +651,7 @@ class Conversation:
                 "from now on (each turn's timings report how many)",
                 n_ctx,
             )
-        return prompt, dropped
+        return prompt, ids, dropped
 
     def stream(
         self, interleaved_inputs, output_modality=None, speech_encoding: str = "whole", **options: Any
@@ -669,7 +670,7 @@ class Conversation:
         modality = OutputModality.parse(output_modality or self.output_modality)
         sampling = SamplingConfig.from_generation_config(None, base=self.sampling, **(options or {}))
         segments = self.segments + user_segments
-        prompt, dropped = self._fit(segments, modality, sampling)
+        prompt, _, dropped = self._fit(segments, modality, sampling)
         segments = segments[dropped:]
         for event in self.spirit_lm.generate_stream(
             prompt=prompt, output_modality=modality, speaker_id=self.speaker_id, generation_config=sampling
@@ -853,12 +854,10 @@ class Listening:
 
     def _prefill_prompt(self, units: str) -> None:
         conversation = self.conversation
-        spirit_lm = conversation.spirit_lm
         segments = conversation.segments + [("SPEECH", units)]
         # ARBITRARY: no trailing modality marker, so this prompt is a prefix of the answer's
-        prompt, _ = conversation._fit(segments, OutputModality.ARBITRARY, conversation.sampling)
-        ids = spirit_lm.tokenizer.encode(prompt)
-        lm = spirit_lm.lm
+        _, ids, _ = conversation._fit(segments, OutputModality.ARBITRARY, conversation.sampling)
+        lm = conversation.spirit_lm.lm
         done = lm.cached_prefix(ids)
         while done < len(ids) and self._state == "listening":
             end = min(len(ids), done + PREFILL_SLICE_TOKENS)
